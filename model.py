@@ -1,0 +1,323 @@
+"""Frozen backbones written from scratch (ViT, AST), loaders for real checkpoints, and the audio-visual model."""
+import json
+import math
+import os
+import re
+import struct
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- backbones
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection, as in timm."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, D/h)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, D/h)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, dim, heads, mlp_dim, eps):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, mlp_dim), act=nn.GELU(), fc2=nn.Linear(mlp_dim, dim)))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Encoder(nn.Module):
+    """What ViT and AST share: prefix tokens + position embedding, a stack of blocks, a final LayerNorm."""
+
+    def __init__(self, in_chans, dim, depth, heads, mlp_dim, eps, patch, stride, grid, prefix):
+        super().__init__()
+        self.dim, self.grid, self.prefix = dim, grid, prefix
+        self.patch_embed = nn.Conv2d(in_chans, dim, patch, stride)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, prefix + grid[0] * grid[1], dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, eps) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def prefix_tokens(self):
+        return self.cls_token
+
+    def embed(self, x):
+        """Image-like input (B, C, H, W) -> tokens with position embedding (B, prefix + N, D)."""
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        return torch.cat([self.prefix_tokens().expand(len(x), -1, -1), x], 1) + self.pos_embed
+
+    def forward_features(self, x):
+        x = self.embed(self.to_image(x))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+
+class ViT(Encoder):
+    """Vision Transformer: images (B, 3, H, W) -> tokens (B, 1 + N, D); pooled output is the class token."""
+
+    def __init__(self, image_size=32, patch_size=8, dim=64, depth=4, heads=4, mlp_dim=256, eps=1e-6):
+        g = image_size // patch_size
+        super().__init__(3, dim, depth, heads, mlp_dim, eps, patch_size, patch_size, (g, g), prefix=1)
+
+    def to_image(self, x):
+        return x
+
+    def pool(self, tokens):
+        return tokens[:, 0]
+
+
+class AST(Encoder):
+    """Audio Spectrogram Transformer: fbank (B, T, F) -> tokens (B, 2 + N, D); pooled output (x0 + x1) / 2."""
+
+    def __init__(self, num_mel_bins=64, target_length=100, fstride=10, tstride=10, dim=64, depth=4, heads=4,
+                 mlp_dim=256, eps=1e-6, patch_size=16):
+        grid = ((num_mel_bins - patch_size) // fstride + 1, (target_length - patch_size) // tstride + 1)
+        super().__init__(1, dim, depth, heads, mlp_dim, eps, patch_size, (fstride, tstride), grid, prefix=2)
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, dim))
+
+    def prefix_tokens(self):
+        return torch.cat([self.cls_token, self.dist_token], 1)  # (1, 2, D)
+
+    def to_image(self, x):
+        return x.unsqueeze(1).transpose(2, 3)  # (B, 1, F, T): frequency on the rows, as in the AST repo and HF
+
+    def pool(self, tokens):
+        return (tokens[:, 0] + tokens[:, 1]) / 2
+
+
+# ----------------------------------------------------------------------------- checkpoint loading
+
+HEAD_PREFIXES = ("head.", "head_dist.", "heads.", "mlp_head.", "classifier.")
+# Source key pattern -> our key, per layout. q/k/v of HF are renamed to attn.q/k/v and concatenated below.
+_BLOCK_RULES = {
+    "timm": (r"blocks\.(\d+)\.", [("norm1.", "norm1."), ("attn.qkv.", "attn.qkv."), ("attn.proj.", "attn.proj."),
+                                  ("norm2.", "norm2."), ("mlp.fc1.", "mlp.fc1."), ("mlp.fc2.", "mlp.fc2.")]),
+    "torchvision": (r"encoder\.layers\.encoder_layer_(\d+)\.", [
+        ("ln_1.", "norm1."), ("self_attention.in_proj_", "attn.qkv."), ("self_attention.out_proj.", "attn.proj."),
+        ("ln_2.", "norm2."), ("mlp.0.", "mlp.fc1."), ("mlp.3.", "mlp.fc2.")]),
+    "hf": (r"(?:encoder\.)?layers?\.(\d+)\.", [
+        ("layernorm_before.", "norm1."), ("attention.attention.query.", "attn.q."),
+        ("attention.attention.key.", "attn.k."), ("attention.attention.value.", "attn.v."),
+        ("attention.output.dense.", "attn.proj."), ("layernorm_after.", "norm2."),
+        ("intermediate.dense.", "mlp.fc1."), ("output.dense.", "mlp.fc2."),
+        # transformers 5 in-memory names
+        ("attention.q_proj.", "attn.q."), ("attention.k_proj.", "attn.k."), ("attention.v_proj.", "attn.v."),
+        ("attention.o_proj.", "attn.proj."), ("mlp.fc1.", "mlp.fc1."), ("mlp.fc2.", "mlp.fc2.")]),
+}
+_TOP_RULES = {
+    "timm": {"cls_token": "cls_token", "dist_token": "dist_token", "pos_embed": "pos_embed",
+             "patch_embed.proj.weight": "patch_embed.weight", "patch_embed.proj.bias": "patch_embed.bias",
+             "norm.weight": "norm.weight", "norm.bias": "norm.bias"},
+    "torchvision": {"class_token": "cls_token", "encoder.pos_embedding": "pos_embed",
+                    "conv_proj.weight": "patch_embed.weight", "conv_proj.bias": "patch_embed.bias",
+                    "encoder.ln.weight": "norm.weight", "encoder.ln.bias": "norm.bias"},
+    "hf": {"embeddings.cls_token": "cls_token", "embeddings.distillation_token": "dist_token",
+           "embeddings.position_embeddings": "pos_embed",
+           "embeddings.patch_embeddings.projection.weight": "patch_embed.weight",
+           "embeddings.patch_embeddings.projection.bias": "patch_embed.bias",
+           "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"},
+}
+LAYOUTS = "timm ViT, torchvision VisionTransformer (load_vit); AST repo (module.v.*), HF AST hub or transformers-5 names (load_ast)"
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """A .safetensors file: 8-byte little-endian header size, a JSON header (name -> dtype, shape, offsets), raw bytes."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+    state = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        flat = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
+        state[name] = flat.reshape(info["shape"])
+    return state
+
+
+def read_state(src):
+    """A path (.pth/.pt/.bin via torch.load(weights_only=True), .safetensors) or a state dict -> flat state dict."""
+    if isinstance(src, (str, os.PathLike)):
+        path = os.fspath(src)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        try:
+            state = read_safetensors(path) if path.endswith(".safetensors") else \
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"could not read checkpoint {path}: {e}\n(save a state dict, e.g. "
+                             "torch.save(model.state_dict(), path), or use a .safetensors file)") from e
+    else:
+        state = src
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise ValueError(f"expected a state dict, got {type(state).__name__}")
+    return {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
+
+
+def _detect_layout(state):
+    keys = set(state)
+    if "conv_proj.weight" in keys or "class_token" in keys:
+        return "torchvision", ""
+    for prefix in ("", "v.", "audio_spectrogram_transformer."):
+        if prefix + "patch_embed.proj.weight" in keys:
+            return "timm", prefix
+        if prefix + "embeddings.patch_embeddings.projection.weight" in keys:
+            return "hf", prefix
+    raise ValueError(f"unknown checkpoint layout (first keys: {sorted(keys)[:5]}); supported layouts: {LAYOUTS}")
+
+
+def _to_ours(state, layout, prefix):
+    """Rename a source state dict to our key names; ignore classifier heads; reject anything else unknown."""
+    out, heads, unknown = {}, [], []
+    block_re, block_rules = _BLOCK_RULES[layout]
+    for key, value in state.items():
+        name = key.removeprefix(prefix)
+        if name.startswith(HEAD_PREFIXES):
+            heads.append(key)
+            continue
+        new = _TOP_RULES[layout].get(name)
+        m = re.match(block_re, name)
+        if m:
+            rest = name[m.end():]
+            new = next((f"blocks.{m.group(1)}.{dst}{rest[len(src):]}" for src, dst in block_rules
+                        if rest.startswith(src)), None)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    if unknown:
+        raise ValueError(f"unexpected keys in a {layout} checkpoint (they would change the output, so they are not "
+                         f"dropped silently): {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+    if heads:
+        print(f"note: ignoring {len(heads)} classifier-head tensors ({heads[0]} ...)")
+    for key in [k for k in out if ".attn.q." in k]:  # HF: separate q, k, v -> one fused qkv
+        k_key, v_key = key.replace(".attn.q.", ".attn.k."), key.replace(".attn.q.", ".attn.v.")
+        if k_key in out and v_key in out:
+            out[key.replace(".attn.q.", ".attn.qkv.")] = torch.cat([out.pop(key), out.pop(k_key), out.pop(v_key)])
+    return out
+
+
+def _dims(state, num_heads):
+    dim = state["pos_embed"].shape[-1]
+    if num_heads is None:
+        if dim % 64:
+            raise ValueError(f"width {dim} is not a multiple of 64, so the number of heads cannot be guessed: "
+                             "pass num_heads=")
+        num_heads = dim // 64
+    depth = len({int(k.split(".")[1]) for k in state if k.startswith("blocks.")})
+    return dict(dim=dim, depth=depth, heads=num_heads, mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0])
+
+
+def _load_into(model, state):
+    """Copy tensors into the model; a missing, extra or mis-shaped tensor is an error naming the key."""
+    ours = model.state_dict()
+    for key, value in ours.items():
+        if key not in state:
+            raise ValueError(f"checkpoint is missing tensor {key} (shape {tuple(value.shape)})")
+        if state[key].shape != value.shape:
+            raise ValueError(f"tensor {key}: checkpoint shape {tuple(state[key].shape)}, model expects {tuple(value.shape)}")
+    extra = sorted(set(state) - set(ours))
+    if extra:
+        raise ValueError(f"unexpected tensors in checkpoint: {extra[:8]}")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.eval()
+
+
+def _require(state, keys, what):
+    for key in keys:
+        if key not in state:
+            raise ValueError(f"checkpoint is missing tensor {key}, needed to read the {what}")
+
+
+def load_vit(src, image_size=None, num_heads=None):
+    """timm or torchvision ViT weights (path or state dict) -> our ViT; position grid resized as timm does."""
+    state = read_state(src)
+    layout, prefix = _detect_layout(state)
+    state = _to_ours(state, layout, prefix)
+    if "dist_token" in state:
+        raise ValueError("this checkpoint has a distillation token (AST / DeiT-distilled): use load_ast")
+    _require(state, ["pos_embed", "patch_embed.weight", "blocks.0.mlp.fc1.weight"], "ViT size")
+    dims = _dims(state, num_heads)
+    patch = state["patch_embed.weight"].shape[-1]
+    old = math.isqrt(state["pos_embed"].shape[1] - 1)
+    if old * old != state["pos_embed"].shape[1] - 1:
+        raise ValueError(f"position embedding {tuple(state['pos_embed'].shape)} is not 1 + a square grid")
+    image_size = image_size or old * patch
+    new = image_size // patch
+    if new != old:  # timm resample_abs_pos_embed: bicubic with antialias on the patch grid, prefix kept
+        pos = state["pos_embed"].float()
+        grid = pos[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, D, old, old)
+        grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False, antialias=True)
+        state["pos_embed"] = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, new * new, -1)], 1)  # (1, 1+N, D)
+    return _load_into(ViT(image_size, patch, eps=1e-6, **dims), state)
+
+
+def _fit_axis(pos, axis, new):
+    """AST repo rule for one axis of the (1, D, f, t) grid: center-crop when smaller, bilinear when larger."""
+    old = pos.shape[axis]
+    if new < old:
+        start = int(old / 2) - int(new / 2)
+        return pos.narrow(axis, start, new)
+    if new > old:
+        size = list(pos.shape[2:])
+        size[axis - 2] = new
+        return F.interpolate(pos, size=size, mode="bilinear", align_corners=False)
+    return pos
+
+
+def load_ast(src, num_mel_bins=128, target_length=1024, fstride=10, tstride=10, num_heads=None):
+    """AST-repo or HF AST weights -> our AST for inputs of (target_length, num_mel_bins)."""
+    state = read_state(src)
+    layout, prefix = _detect_layout(state)
+    if layout == "torchvision":
+        raise ValueError("this is a torchvision ViT checkpoint: use load_vit")
+    state = _to_ours(state, layout, prefix)
+    _require(state, ["pos_embed", "patch_embed.weight", "dist_token", "blocks.0.mlp.fc1.weight"], "AST size")
+    dims = _dims(state, num_heads)
+    patch = state["patch_embed.weight"].shape[-1]
+    model = AST(num_mel_bins, target_length, fstride, tstride, eps=1e-12 if layout == "hf" else 1e-6,
+                patch_size=patch, **dims)
+    pos = state["pos_embed"].float()
+    f_old, n = (num_mel_bins - patch) // fstride + 1, pos.shape[1] - 2
+    if n % f_old:
+        raise ValueError(f"position embedding has {n} patches, not a multiple of the {f_old} frequency patches "
+                         f"that num_mel_bins={num_mel_bins}, fstride={fstride} give: check those arguments")
+    grid = pos[:, 2:].reshape(1, f_old, n // f_old, -1).permute(0, 3, 1, 2)  # (1, D, f, t)
+    grid = _fit_axis(_fit_axis(grid, 3, model.grid[1]), 2, model.grid[0])
+    state["pos_embed"] = torch.cat([pos[:, :2], grid.flatten(2).transpose(1, 2)], 1)  # (1, 2+N, D)
+    return _load_into(model, state)
+
+
+def timm_state_dict(model, prefix=""):
+    """Our backbone's weights in the timm layout (prefix "module.v." gives the AST-repo layout)."""
+    return {prefix + k.replace("patch_embed.", "patch_embed.proj."): v.detach().clone()
+            for k, v in model.state_dict().items()}

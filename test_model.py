@@ -1,0 +1,279 @@
+"""Tests: each checks behaviour against an independent reference (torchvision, torchaudio, hand-computed values)."""
+import json
+import struct
+from functools import partial
+
+import pytest
+import torch
+import torch.nn as nn
+import torchaudio
+import torchvision
+from torchvision.models.vision_transformer import EncoderBlock
+from torchvision.transforms.v2 import functional as TF
+
+import data
+from model import AST, ViT, load_ast, load_vit, read_safetensors, timm_state_dict
+
+
+def randomize(module, std=0.3):
+    """Random weights of a visible size, so that a wrong mapping cannot hide behind near-zero init."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, std)
+    return module.eval()
+
+
+def tv_vit(image_size=32, patch=8, layers=2, heads=3, dim=48, mlp=192):
+    return randomize(torchvision.models.VisionTransformer(image_size, patch, layers, heads, dim, mlp, num_classes=5))
+
+
+def tv_tokens(m, x):
+    """torchvision's own forward up to the final LayerNorm, keeping every token."""
+    return m.encoder(torch.cat([m.class_token.expand(len(x), -1, -1), m._process_input(x)], 1))
+
+
+# ----------------------------------------------------------------------------- ViT
+
+
+@pytest.mark.parametrize("heads,dim", [(3, 48), (None, 64)])
+def test_vit_matches_torchvision(heads, dim):
+    ref = tv_vit(heads=heads or 1, dim=dim, mlp=2 * dim)
+    x = torch.randn(2, 3, 32, 32)
+    ours = load_vit(ref.state_dict(), num_heads=heads)
+    assert len(ours.blocks) == 2 and ours.blocks[0].attn.heads == (heads or 1)
+    assert (ours.forward_features(x) - tv_tokens(ref, x)).abs().max() < 1e-4
+
+
+def test_vit_timm_layout_round_trip_and_wrappers(tmp_path):
+    ref = tv_vit()
+    x = torch.randn(2, 3, 32, 32)
+    timm_keys = {"module." + k: v for k, v in timm_state_dict(load_vit(ref.state_dict(), num_heads=3)).items()}
+    assert "module.patch_embed.proj.weight" in timm_keys and "module.blocks.1.mlp.fc2.bias" in timm_keys
+    torch.save({"state_dict": timm_keys, "epoch": 3}, tmp_path / "vit.pth")
+    ours = load_vit(tmp_path / "vit.pth", num_heads=3)
+    assert (ours.forward_features(x) - tv_tokens(ref, x)).abs().max() < 1e-4
+
+
+def test_vit_position_grid_resized_like_timm():
+    ref = tv_vit()
+    ours = load_vit(ref.state_dict(), image_size=48, num_heads=3)
+    old = ref.encoder.pos_embedding.detach()
+    grid = old[0, 1:].reshape(4, 4, 48).permute(2, 0, 1)  # (D, 4, 4)
+    expect = TF.resize(grid, [6, 6], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)  # (D, 6, 6)
+    assert torch.allclose(ours.pos_embed[0, 0], old[0, 0])
+    assert (ours.pos_embed[0, 1:] - expect.flatten(1).T).abs().max() < 1e-5
+    assert ours.forward_features(torch.randn(1, 3, 48, 48)).shape == (1, 37, 48)
+
+
+def test_vit_needs_heads_when_width_is_not_a_multiple_of_64():
+    with pytest.raises(ValueError, match="num_heads"):
+        load_vit(tv_vit().state_dict())
+
+
+# ----------------------------------------------------------------------------- AST
+
+
+def ast_repo_state(dim=48, depth=2, mels=64, t_patches=9, mlp=192):
+    """Random tensors under the AST repo's key names (module.v.* plus its heads)."""
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
+    f = (mels - 16) // 10 + 1
+    s = {"module.v.cls_token": r(1, 1, dim), "module.v.dist_token": r(1, 1, dim),
+         "module.v.pos_embed": r(1, 2 + f * t_patches, dim), "module.v.patch_embed.proj.weight": r(dim, 1, 16, 16),
+         "module.v.patch_embed.proj.bias": r(dim), "module.v.norm.weight": 1 + r(dim), "module.v.norm.bias": r(dim),
+         "module.v.head.weight": r(5, dim), "module.v.head_dist.weight": r(5, dim),
+         "module.mlp_head.0.weight": r(dim), "module.mlp_head.1.weight": r(5, dim)}
+    for i in range(depth):
+        b = f"module.v.blocks.{i}."
+        s.update({b + "norm1.weight": 1 + r(dim), b + "norm1.bias": r(dim), b + "attn.qkv.weight": r(3 * dim, dim),
+                  b + "attn.qkv.bias": r(3 * dim), b + "attn.proj.weight": r(dim, dim), b + "attn.proj.bias": r(dim),
+                  b + "norm2.weight": 1 + r(dim), b + "norm2.bias": r(dim), b + "mlp.fc1.weight": r(mlp, dim),
+                  b + "mlp.fc1.bias": r(mlp), b + "mlp.fc2.weight": r(dim, mlp), b + "mlp.fc2.bias": r(dim)})
+    return s
+
+
+def hf_state(repo, prefix="audio_spectrogram_transformer."):
+    """The same tensors under HF hub names: q, k, v split, different module names."""
+    s = {"embeddings.cls_token": repo["module.v.cls_token"],
+         "embeddings.distillation_token": repo["module.v.dist_token"],
+         "embeddings.position_embeddings": repo["module.v.pos_embed"],
+         "embeddings.patch_embeddings.projection.weight": repo["module.v.patch_embed.proj.weight"],
+         "embeddings.patch_embeddings.projection.bias": repo["module.v.patch_embed.proj.bias"],
+         "layernorm.weight": repo["module.v.norm.weight"], "layernorm.bias": repo["module.v.norm.bias"]}
+    i = 0
+    while f"module.v.blocks.{i}.norm1.weight" in repo:
+        b, h = f"module.v.blocks.{i}.", f"encoder.layer.{i}."
+        for w in ("weight", "bias"):
+            q, k, v = repo[b + "attn.qkv." + w].chunk(3)
+            s.update({h + "layernorm_before." + w: repo[b + "norm1." + w], h + "attention.attention.query." + w: q,
+                      h + "attention.attention.key." + w: k, h + "attention.attention.value." + w: v,
+                      h + "attention.output.dense." + w: repo[b + "attn.proj." + w],
+                      h + "layernorm_after." + w: repo[b + "norm2." + w],
+                      h + "intermediate.dense." + w: repo[b + "mlp.fc1." + w], h + "output.dense." + w: repo[b + "mlp.fc2." + w]})
+        i += 1
+    s = {prefix + k: v for k, v in s.items()}
+    s["classifier.dense.weight"] = torch.zeros(5, 48)
+    return s
+
+
+def reference_ast(repo, fb, eps, t_keep=None):
+    """AST forward built from torchvision's EncoderBlock and plain tensor ops, with the repo's weights."""
+    p = {k.removeprefix("module.v."): v for k, v in repo.items()}
+    dim = p["cls_token"].shape[-1]
+    x = nn.functional.conv2d(fb.unsqueeze(1).transpose(2, 3), p["patch_embed.proj.weight"], p["patch_embed.proj.bias"],
+                             stride=10)  # (B, D, f, t)
+    pos = p["pos_embed"][:, 2:].reshape(1, 5, -1, dim)  # (1, f, t, D)
+    if t_keep is not None:
+        pos = pos[:, :, t_keep]
+    x = x.flatten(2).transpose(1, 2) + pos.reshape(1, -1, dim)  # (B, N, D)
+    prefix = torch.cat([p["cls_token"], p["dist_token"]], 1) + p["pos_embed"][:, :2]  # (1, 2, D)
+    x = torch.cat([prefix.expand(len(x), -1, -1), x], 1)  # (B, 2 + N, D)
+    i = 0
+    while f"blocks.{i}.norm1.weight" in p:
+        blk = EncoderBlock(3, dim, p[f"blocks.{i}.mlp.fc1.weight"].shape[0], 0.0, 0.0,
+                           partial(nn.LayerNorm, eps=eps)).eval()
+        blk.load_state_dict({"ln_1.weight": p[f"blocks.{i}.norm1.weight"], "ln_1.bias": p[f"blocks.{i}.norm1.bias"],
+                             "self_attention.in_proj_weight": p[f"blocks.{i}.attn.qkv.weight"],
+                             "self_attention.in_proj_bias": p[f"blocks.{i}.attn.qkv.bias"],
+                             "self_attention.out_proj.weight": p[f"blocks.{i}.attn.proj.weight"],
+                             "self_attention.out_proj.bias": p[f"blocks.{i}.attn.proj.bias"],
+                             "ln_2.weight": p[f"blocks.{i}.norm2.weight"], "ln_2.bias": p[f"blocks.{i}.norm2.bias"],
+                             "mlp.0.weight": p[f"blocks.{i}.mlp.fc1.weight"], "mlp.0.bias": p[f"blocks.{i}.mlp.fc1.bias"],
+                             "mlp.3.weight": p[f"blocks.{i}.mlp.fc2.weight"], "mlp.3.bias": p[f"blocks.{i}.mlp.fc2.bias"]})
+        x = blk(x)
+        i += 1
+    return nn.functional.layer_norm(x, (dim,), p["norm.weight"], p["norm.bias"], eps)
+
+
+@pytest.mark.parametrize("layout", ["ast_repo", "hf", "hf_no_prefix"])
+def test_ast_matches_reference(layout, capsys):
+    repo = ast_repo_state()
+    src = {"ast_repo": repo, "hf": hf_state(repo), "hf_no_prefix": hf_state(repo, prefix="")}[layout]
+    eps = 1e-6 if layout == "ast_repo" else 1e-12
+    fb = torch.randn(2, 100, 64)
+    ours = load_ast(src, num_mel_bins=64, target_length=100, num_heads=3)
+    assert ours.norm.eps == eps
+    assert "ignoring" in capsys.readouterr().out
+    tokens = ours.forward_features(fb)
+    ref = reference_ast(repo, fb, eps)
+    assert tokens.shape == (2, 2 + 5 * 9, 48)
+    assert (tokens - ref).abs().max() < 1e-4
+    assert torch.allclose(ours.pool(tokens), (ref[:, 0] + ref[:, 1]) / 2, atol=1e-4)
+
+
+def test_ast_transformers5_names():
+    hub = hf_state(ast_repo_state(), prefix="")
+    rename = {"encoder.layer.": "layers.", "attention.attention.query": "attention.q_proj",
+              "attention.attention.key": "attention.k_proj", "attention.attention.value": "attention.v_proj",
+              "attention.output.dense": "attention.o_proj", "intermediate.dense": "mlp.fc1", ".output.dense": ".mlp.fc2"}
+    t5 = {}
+    for k, v in hub.items():
+        for a, b in rename.items():
+            k = k.replace(a, b)
+        t5[k] = v
+    assert "layers.1.attention.o_proj.weight" in t5 and "layers.0.mlp.fc2.bias" in t5
+    fb = torch.randn(2, 100, 64)
+    a = load_ast(hub, num_mel_bins=64, target_length=100, num_heads=3).forward_features(fb)
+    b = load_ast(t5, num_mel_bins=64, target_length=100, num_heads=3).forward_features(fb)
+    assert torch.equal(a, b)
+
+
+def test_ast_shorter_input_center_crops_time_grid():
+    repo = ast_repo_state()
+    fb = torch.randn(2, 60, 64)  # t = (60 - 16) // 10 + 1 = 5 patches; the checkpoint has 9
+    ours = load_ast(repo, num_mel_bins=64, target_length=60, num_heads=3)
+    keep = list(range(2, 7))  # int(9 / 2) - int(5 / 2) = 2, so patches 2..6
+    assert (ours.forward_features(fb) - reference_ast(repo, fb, 1e-6, t_keep=keep)).abs().max() < 1e-4
+
+
+def test_ast_longer_input_interpolates_time_grid():
+    repo = ast_repo_state()
+    ours = load_ast(repo, num_mel_bins=64, target_length=150, num_heads=3)  # t = 14 > 9
+    grid = repo["module.v.pos_embed"][0, 2:].reshape(5, 9, 48).permute(2, 0, 1)  # (D, f, t)
+    expect = TF.resize(grid, [5, 14], interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
+    assert (ours.pos_embed[0, 2:] - expect.flatten(1).T).abs().max() < 1e-5
+    assert ours.forward_features(torch.randn(1, 150, 64)).shape == (1, 2 + 5 * 14, 48)
+
+
+def test_ast_checkpoint_and_mel_bins_must_agree():
+    with pytest.raises(ValueError, match="num_mel_bins"):
+        load_ast(ast_repo_state(), num_mel_bins=128, target_length=100, num_heads=3)  # 12 freq patches do not divide 45
+
+
+# ----------------------------------------------------------------------------- loader errors and file formats
+
+
+def test_loader_errors_name_the_problem():
+    good = ast_repo_state()
+    bad_shape = dict(good, **{"module.v.blocks.1.attn.proj.weight": torch.zeros(48, 47)})
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.proj\.weight.*\(48, 47\).*\(48, 48\)"):
+        load_ast(bad_shape, num_mel_bins=64, target_length=100, num_heads=3)
+    layer_scale = dict(good, **{"module.v.blocks.0.ls1.gamma": torch.ones(48)})
+    with pytest.raises(ValueError, match="ls1.gamma"):
+        load_ast(layer_scale, num_mel_bins=64, target_length=100, num_heads=3)
+    missing = {k: v for k, v in good.items() if k != "module.v.blocks.0.norm2.bias"}
+    with pytest.raises(ValueError, match=r"blocks\.0\.norm2\.bias"):
+        load_ast(missing, num_mel_bins=64, target_length=100, num_heads=3)
+    with pytest.raises(ValueError, match="supported layouts"):
+        load_vit({"encoder.weight": torch.zeros(3), "decoder.bias": torch.zeros(3)})
+    reg = dict(timm_state_dict(load_vit(tv_vit().state_dict(), num_heads=3)), reg_token=torch.zeros(1, 4, 48))
+    with pytest.raises(ValueError, match="reg_token"):
+        load_vit(reg, num_heads=3)
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        load_vit("/nowhere.pth")
+
+
+def write_safetensors(path, tensors):
+    """Independent writer of the format: u64 header size, JSON header, raw little-endian bytes."""
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for k, t in tensors.items():
+        raw = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[k] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)  # the format pads the header with spaces to 8 bytes
+    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def test_safetensors_round_trip(tmp_path):
+    t = {"a": torch.randn(3, 4), "b": torch.randn(5).half(), "c": torch.randn(2, 2).bfloat16(),
+         "d": torch.arange(6).reshape(2, 3), "e": torch.zeros(0)}
+    write_safetensors(tmp_path / "t.safetensors", t)
+    back = read_safetensors(tmp_path / "t.safetensors")
+    assert set(back) == set(t) and all(back[k].dtype == t[k].dtype and torch.equal(back[k], t[k]) for k in t)
+    repo = ast_repo_state()
+    write_safetensors(tmp_path / "model.safetensors", hf_state(repo))
+    fb = torch.randn(1, 100, 64)
+    ours = load_ast(tmp_path / "model.safetensors", num_mel_bins=64, target_length=100, num_heads=3)
+    assert (ours.forward_features(fb) - reference_ast(repo, fb, 1e-12)).abs().max() < 1e-4
+
+
+# ----------------------------------------------------------------------------- fbank
+
+
+def test_fbank_recipe_shape_normalisation_and_padding():
+    torch.manual_seed(0)
+    wave = 0.3 * torch.sin(torch.arange(16000) / 16000 * 2 * torch.pi * 440) + 0.01 * torch.randn(16000)
+    fb = data.fbank(wave, num_mel_bins=128, target_length=100)
+    assert fb.shape == (100, 128)
+    raw = torchaudio.compliance.kaldi.fbank((wave - wave.mean())[None], htk_compat=True, sample_frequency=16000,
+                                            use_energy=False, window_type="hanning", num_mel_bins=128, dither=0.0,
+                                            frame_shift=10)
+    assert raw.shape[0] == 98  # 1 s at a 10 ms shift with 25 ms windows
+    assert (fb[:98] - (raw + 4.2677393) / (4.5689974 * 2)).abs().max() < 5e-4
+    # frames 98, 99 are zero padding, normalised: (0 + 4.2677393) / 9.1379948 = 0.46703
+    assert torch.allclose(fb[98:], torch.full((2, 128), 0.46703), atol=1e-4)
+    assert data.fbank(wave, target_length=50).shape == (50, 128)  # cropped
+    assert data.fbank(torch.zeros(100), num_mel_bins=64, target_length=100).shape == (100, 64)  # < one window
+
+
+def test_fbank_resamples_other_rates():
+    t = torch.arange(32000) / 32000
+    wave = 0.3 * torch.sin(2 * torch.pi * 440 * t)
+    at16 = data.fbank(wave[::2], num_mel_bins=64, target_length=100)
+    at32 = data.fbank(wave, sample_rate=32000, num_mel_bins=64, target_length=100)
+    peak = at16[:98].mean(0).argmax()
+    assert at32[:98].mean(0).argmax() == peak and (at16[:98, peak] - at32[:98, peak]).abs().max() < 0.05
