@@ -1,1 +1,192 @@
-"""AVMoE adapters (CMA, UA, noisy router) and MoLT token fusion: lands with issue 4."""
+"""The trainable parts: AVMoE's experts (CMA, UA) and noisy router; MoLT's layer-wise token experts, token fusion
+and orthogonality loss.
+
+Notation follows the papers: X_a (B, N_a, D_a) audio tokens, X_v (B, N_v, D_v) visual tokens, L latent tokens.
+MoLT's full text is not available to us: its part below is our reconstruction from the abstract (SPEC 4).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def f_c(q, k, v):
+    """Attention-based token compression. We scale by 1/sqrt(D) (LAVisH's latent-token adapter omits it)."""
+    # AVMoE CMA-1: f_c(Q, K, V) = Q + softmax(Q K^T / sqrt(D)) V
+    attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)  # (B, N_q, N_k)
+    return q + attn @ v  # (B, N_q, D)
+
+
+class Bottleneck(nn.Module):
+    """Z = up(sigma(down(LN(X)))), width D / reduction. (AVMoE's code uses grouped 1x1 convs + BatchNorm here.)"""
+
+    def __init__(self, dim, reduction):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.down = nn.Linear(dim, max(1, dim // reduction))
+        self.up = nn.Linear(max(1, dim // reduction), dim)
+
+    def forward(self, x):
+        # AVMoE CMA-3: Z = theta_up(sigma(theta_down(LN(X))))
+        return self.up(F.gelu(self.down(self.norm(x))))
+
+
+def latents(n, dim):
+    return nn.Parameter(torch.randn(1, n, dim) / math.sqrt(dim))
+
+
+def project(dim_in, dim_out):
+    """Maps the other modality's tokens to this stream's width when D_a != D_v."""
+    return nn.Identity() if dim_in == dim_out else nn.Linear(dim_in, dim_out)
+
+
+# ----------------------------------------------------------------------------- AVMoE (sequential, in every layer)
+
+
+class CMA(nn.Module):
+    """Cross-modal adapter for stream m: compress the other modality o into latent tokens, let X_m attend to them."""
+
+    def __init__(self, dim, dim_other, n_latents, reduction):
+        super().__init__()
+        self.proj = project(dim_other, dim)
+        self.latents = latents(n_latents, dim)
+        self.bottleneck = Bottleneck(dim, reduction)
+
+    def forward(self, x, other):
+        other = self.proj(other)  # (B, N_o, D_m)
+        # AVMoE CMA-1: S_o = f_c(L_o, X_o, X_o)
+        s = f_c(self.latents.expand(len(x), -1, -1), other, other)  # (B, n, D_m)
+        # AVMoE CMA-2: X_mo = f_c(X_m, S_o, S_o)
+        fused = f_c(x, s, s)
+        return self.bottleneck(fused)  # AVMoE CMA-3
+
+
+class UA(nn.Module):
+    """Unimodal adapter: the same path within one modality. The explainer prints UA with S_v (which would make it
+    cross-modal); AVMoE describes UA as intra-modal, so we use the modality's own summary S_m."""
+
+    def __init__(self, dim, n_latents, reduction):
+        super().__init__()
+        self.latents = latents(n_latents, dim)
+        self.bottleneck = Bottleneck(dim, reduction)
+
+    def forward(self, x, other=None):
+        # AVMoE UA: S_m = f_c(L'_m, X_m, X_m); X_mm = f_c(X_m, S_m, S_m); Z = bottleneck(X_mm)
+        s = f_c(self.latents.expand(len(x), -1, -1), x, x)  # (B, n, D_m)
+        return self.bottleneck(f_c(x, s, s))
+
+
+class NoisyRouter(nn.Module):
+    """Weights the experts of one stream from i = [mean X_self; mean X_other]. Concatenating the two means and
+    applying the MLP's first Linear is the same family as projecting X_other first (mean and Linear commute)."""
+
+    def __init__(self, in_dim, n_experts, sigma, hidden=64):
+        super().__init__()
+        self.sigma = sigma
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, n_experts))
+        nn.init.zeros_(self.mlp[2].weight)  # uniform weights at the start
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, context, expert_outputs):
+        # AVMoE router: g = r(i_t), i_t = [mean X_self; mean X_other]
+        g = self.mlp(context)  # (B, E)
+        if self.training and self.sigma > 0:
+            # AVMoE router noise: g' = g + eps, eps ~ N(0, sigma^2), training only
+            g = g + self.sigma * torch.randn_like(g)
+        # AVMoE router: w_e = exp(g'_e) / sum_k exp(g'_k); output = sum_e w_e Z_e
+        w = torch.softmax(g, dim=-1)  # (B, E)
+        out = torch.einsum("be,be...->b...", w, torch.stack(expert_outputs, 1))  # (B, ...) from (B, E, ...)
+        return out, w
+
+
+def balance_loss(weights):
+    """Load balance: KL(uniform || mean routing weights over the batch) = -log E - mean_e log(mean_b w_be)."""
+    mean = weights.mean(0)  # (E,)
+    return -math.log(len(mean)) - mean.clamp_min(1e-9).log().mean()
+
+
+# ----------------------------------------------------------------------------- MoLT (parallel, late layers only)
+
+
+class TokenUA(nn.Module):
+    """MoLT unimodal expert: latent queries read one layer's hidden states of their own modality."""
+
+    def __init__(self, dim, n_latents, reduction):
+        super().__init__()
+        self.latents = latents(n_latents, dim)
+        self.bottleneck = Bottleneck(dim, reduction)
+
+    def forward(self, h, other=None):
+        # MoLT tokens (UA): T = f_c(Q_m^l, H_m^l, H_m^l); T + bottleneck(T)
+        t = f_c(self.latents.expand(len(h), -1, -1), h, h)  # (B, n, D_m)
+        return t + self.bottleneck(t)
+
+
+class TokenCMA(nn.Module):
+    """MoLT cross-modal expert: latent queries summarise their own modality, then read the other one."""
+
+    def __init__(self, dim, dim_other, n_latents, reduction):
+        super().__init__()
+        self.proj = project(dim_other, dim)
+        self.latents = latents(n_latents, dim)
+        self.bottleneck = Bottleneck(dim, reduction)
+
+    def forward(self, h, other):
+        other = self.proj(other)  # (B, N_o, D_m)
+        # MoLT tokens (CMA): S = f_c(Q_m^l, H_m^l, H_m^l); T = f_c(S, H_o^l, H_o^l); T + bottleneck(T)
+        s = f_c(self.latents.expand(len(h), -1, -1), h, h)  # (B, n, D_m)
+        t = f_c(s, other, other)  # (B, n, D_m)
+        return t + self.bottleneck(t)
+
+
+# ----------------------------------------------------------------------------- one mixture, both methods
+
+
+class MoE(nn.Module):
+    """One mixture of experts for one stream: n_cma cross-modal + n_ua unimodal experts and a noisy router.
+    AVMoE (sequential) uses CMA/UA, which return a residual for every token; MoLT (parallel) uses TokenCMA/TokenUA,
+    which return n latent tokens. Without the other modality (unimodal baseline) there are only UA experts."""
+
+    def __init__(self, dim, dim_other, cfg, tokens=False):
+        super().__init__()
+        cma, ua = (TokenCMA, TokenUA) if tokens else (CMA, UA)
+        n_cma = cfg.n_cma if dim_other else 0
+        self.experts = nn.ModuleList([cma(dim, dim_other, cfg.latent_tokens, cfg.reduction) for _ in range(n_cma)] +
+                                     [ua(dim, cfg.latent_tokens, cfg.reduction) for _ in range(cfg.n_ua)])
+        self.router = NoisyRouter(dim + (dim_other or 0), len(self.experts), cfg.router_sigma)
+
+    def forward(self, x, other):
+        """-> mixed expert output and the router weights (B, E), CMA experts first."""
+        # AVMoE router input: i = [mean X_self; mean X_other] per sample (only the own mean for one modality)
+        ctx = x.mean(1) if other is None else torch.cat([x.mean(1), other.mean(1)], -1)  # (B, D_m + D_o)
+        return self.router(ctx, [e(x, other) for e in self.experts])
+
+
+# ----------------------------------------------------------------------------- MoLT fusion and regularizer
+
+
+class TokenFusion(nn.Module):
+    """Fuses the layer-wise tokens of one modality by their relative significance."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.score = nn.Linear(dim, 1, bias=False)
+
+    def forward(self, tokens):
+        """tokens (B, K, n, D), one set per late layer -> fused (B, n, D) and layer weights alpha (B, K)."""
+        # MoLT fusion: s_l = w . LN(mean_n T^l); alpha = softmax_l(s); F = sum_l alpha_l T^l
+        s = self.score(self.norm(tokens.mean(2))).squeeze(-1)  # (B, K)
+        alpha = torch.softmax(s, dim=-1)
+        return torch.einsum("bk,bknd->bnd", alpha, tokens), alpha  # (B, n, D)
+
+
+def orthogonality_loss(tokens):
+    """tokens (B, K, n, D): mean squared off-diagonal cosine similarity between all K * n layer-wise tokens."""
+    # MoLT orthogonality: G = T_hat T_hat^T over normalised tokens; L_orth = mean_{i != j} G_ij^2
+    t = F.normalize(tokens.flatten(1, 2), dim=-1)  # (B, K*n, D)
+    g = t @ t.transpose(1, 2)  # (B, K*n, K*n)
+    m = g.shape[-1]
+    off = ~torch.eye(m, dtype=torch.bool, device=g.device)
+    return g[:, off].pow(2).mean()

@@ -5,10 +5,13 @@ import os
 import re
 import struct
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from adapters import MoE, TokenFusion, balance_loss, orthogonality_loss
 
 # ----------------------------------------------------------------------------- backbones
 
@@ -321,3 +324,156 @@ def timm_state_dict(model, prefix=""):
     """Our backbone's weights in the timm layout (prefix "module.v." gives the AST-repo layout)."""
     return {prefix + k.replace("patch_embed.", "patch_embed.proj."): v.detach().clone()
             for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- the audio-visual model
+
+
+@dataclass
+class AVConfig:
+    mode: str = "molt"  # "molt" (parallel late-layer tokens), "avmoe" (sequential, every layer), "frozen" (no adapters)
+    modalities: str = "av"  # "av", or "a" / "v" for a unimodal baseline (one backbone, UA experts only)
+    num_classes: int = 10  # event classes; the model predicts num_classes + 1, background last
+    n_cma: int = 1  # cross-modal experts per mixture
+    n_ua: int = 1  # unimodal experts per mixture
+    latent_tokens: int = 8
+    reduction: int = 8  # bottleneck width D / reduction
+    router_sigma: float = 0.01  # router noise std in training (AVMoE's AVS code)
+    late_layers: int = 0  # MoLT: use the last K layers; 0 = half the depth
+    head_dim: int = 128
+
+
+class Head(nn.Module):
+    """Shared by every mode: per-segment features -> one kernel-3 temporal conv over the segments -> logits.
+    (The official AVE code uses CMBS's head: cross-modal relation attention and background suppression.)"""
+
+    def __init__(self, in_dim, hidden, n_out):
+        super().__init__()
+        self.inp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU())
+        self.temporal = nn.Conv1d(hidden, hidden, 3, padding=1)
+        self.out = nn.Linear(hidden, n_out)
+
+    def forward(self, x):
+        h = self.inp(x)  # (B, S, hidden)
+        h = h + F.gelu(self.temporal(h.transpose(1, 2)).transpose(1, 2))  # (B, S, hidden)
+        return self.out(h)  # (B, S, classes + 1)
+
+
+class AVModel(nn.Module):
+    """Frozen ViT + AST with AVMoE or MoLT adapters and a shared head; clips (B, S, ...) -> logits (B, S, C + 1)."""
+
+    def __init__(self, cfg, vit=None, ast=None):
+        super().__init__()
+        if cfg.mode not in ("molt", "avmoe", "frozen") or cfg.modalities not in ("av", "a", "v"):
+            raise ValueError(f"mode must be molt/avmoe/frozen and modalities av/a/v, got {cfg.mode}/{cfg.modalities}")
+        self.cfg, self.mods = cfg, cfg.modalities[::-1]  # "va": vision first, as in the papers' figures
+        self.enc = nn.ModuleDict({m: {"v": vit, "a": ast}[m] for m in self.mods})
+        self.enc.requires_grad_(False).eval()
+        dim = {m: e.dim for m, e in self.enc.items()}
+        other = {m: next((o for o in self.mods if o != m), None) for m in self.mods}
+        self.other = other
+        if cfg.mode == "avmoe":  # two mixtures per block and stream (before attention, before MLP), gates start at 0
+            self.moe = nn.ModuleDict({m: nn.ModuleList(MoE(dim[m], dim.get(other[m]), cfg)
+                                                       for _ in range(2 * len(self.enc[m].blocks))) for m in self.mods})
+            self.gates = nn.ParameterDict({m: nn.Parameter(torch.zeros(2 * len(self.enc[m].blocks))) for m in self.mods})
+        if cfg.mode == "molt":
+            depth = min(len(e.blocks) for e in self.enc.values())
+            self.k = cfg.late_layers or depth // 2
+            if not 1 <= self.k <= depth:
+                raise ValueError(f"late_layers={cfg.late_layers} must be between 1 and the depth {depth}")
+            self.tokens = nn.ModuleDict({m: nn.ModuleList(MoE(dim[m], dim.get(other[m]), cfg, tokens=True)
+                                                          for _ in range(self.k)) for m in self.mods})
+            self.fusion = nn.ModuleDict({m: TokenFusion(dim[m]) for m in self.mods})
+            self.readout = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(dim[m]), nn.Linear(dim[m], dim[m]))
+                                          for m in self.mods})
+            for r in self.readout.values():  # zero: at step 0 the head sees exactly the frozen features
+                nn.init.zeros_(r[1].weight)
+                nn.init.zeros_(r[1].bias)
+        self.head = Head(sum(dim.values()), cfg.head_dim, cfg.num_classes + 1)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.enc.eval()  # frozen backbones keep dropout off and never change
+        return self
+
+    def inputs(self, frames, fbank):
+        """Clips (B, S, 3, H, W) and (B, S, T, F) -> per-segment backbone inputs, keyed by modality."""
+        x = {"v": frames, "a": fbank}
+        return {m: self.enc[m].to_image(x[m].flatten(0, 1)) for m in self.mods}  # (B*S, C, H, W)
+
+    def frozen_states(self, frames, fbank):
+        """MoLT's backbone pass, without gradients: pooled final features (B*S, D) and the block outputs of the last
+        K layers before the final LayerNorm, stacked (B*S, K, N, D). Nothing here depends on the adapters."""
+        states = {}
+        with torch.no_grad():
+            for m, x in self.inputs(frames, fbank).items():
+                enc, late = self.enc[m], []
+                x = enc.embed(x)
+                for i, blk in enumerate(enc.blocks):
+                    x = blk(x)
+                    # MoLT late layers: keep the hidden states of the last K blocks only
+                    if i >= len(enc.blocks) - getattr(self, "k", 0):
+                        late.append(x)
+                states[m] = (enc.pool(enc.norm(x)), torch.stack(late, 1) if late else None)
+        return states
+
+    def forward(self, frames, fbank, states=None):
+        """-> logits (B, S, C + 1) and aux: router weights {m: (B*S, P, E)}, layer weights {m: (B*S, K)}, losses."""
+        B, S = (frames if frames is not None else fbank).shape[:2]
+        aux = {"router": {}, "alpha": {}, "orth": torch.zeros(()), "balance": torch.zeros(())}
+        if self.cfg.mode == "avmoe":
+            feats = self.avmoe(self.inputs(frames, fbank), aux)
+        else:
+            states = states if states is not None else self.frozen_states(frames, fbank)
+            feats = {m: pooled for m, (pooled, _) in states.items()}
+            if self.cfg.mode == "molt":
+                feats = self.molt(states, feats, aux)
+        for m, w in aux["router"].items():
+            aux["balance"] = aux["balance"] + sum(balance_loss(w[:, p]) for p in range(w.shape[1])) / w.shape[1]
+        x = torch.cat([feats[m] for m in self.mods], -1).reshape(B, S, -1)  # (B, S, sum D)
+        return self.head(x), aux
+
+    def avmoe(self, x, aux):
+        """Sequential adaptation: in every block, r = MoE(X, X_other) read before each sub-layer, added after it."""
+        x = {m: self.enc[m].embed(xm) for m, xm in x.items()}  # (B*S, prefix + N, D)
+        depth = {m: len(self.enc[m].blocks) for m in self.mods}
+        L, done, weights = max(depth.values()), {m: -1 for m in self.mods}, {m: [] for m in self.mods}
+        for i in range(L):
+            # layer i of the deeper backbone meets layer floor(i * L_other / L) of the shallower; each block runs once
+            idx = {m: i * depth[m] // L for m in self.mods}
+            run = [m for m in self.mods if idx[m] != done[m]]
+            for pos, sub in enumerate(("attn", "mlp")):
+                r = {}
+                for m in run:
+                    o = self.other[m]
+                    r[m], w = self.moe[m][2 * idx[m] + pos](x[m], x[o] if o else None)
+                    weights[m].append(w)
+                for m in run:
+                    blk = self.enc[m].blocks[idx[m]]
+                    norm, layer = (blk.norm1, blk.attn) if sub == "attn" else (blk.norm2, blk.mlp)
+                    # AVMoE insertion: X = X + sublayer(LN(X)) + gate * MoE(X, X_other), gate initialised to 0
+                    x[m] = x[m] + layer(norm(x[m])) + self.gates[m][2 * idx[m] + pos] * r[m]
+            done.update(idx)
+        aux["router"] = {m: torch.stack(w, 1) for m, w in weights.items()}  # (B*S, 2 L_m, E)
+        return {m: self.enc[m].pool(self.enc[m].norm(x[m])) for m in self.mods}
+
+    def molt(self, states, feats, aux):
+        """Parallel adaptation: latent tokens per late layer, fused over layers, added to the frozen features."""
+        out = {}
+        for m in self.mods:
+            o = self.other[m]
+            h, h_o = states[m][1], states[o][1] if o else None  # (B*S, K, N, D)
+            mixed = [self.tokens[m][k](h[:, k], h_o[:, k] if o else None) for k in range(self.k)]
+            tokens = torch.stack([t for t, _ in mixed], 1)  # (B*S, K, n, D)
+            aux["router"][m] = torch.stack([w for _, w in mixed], 1)  # (B*S, K, E)
+            fused, aux["alpha"][m] = self.fusion[m](tokens)  # (B*S, n, D), (B*S, K)
+            aux["orth"] = aux["orth"] + orthogonality_loss(tokens)
+            out[m] = feats[m] + self.readout[m](fused.mean(1))  # (B*S, D)
+        return out
+
+
+def param_counts(model):
+    """Trainable parameters of the adapters (everything trainable but the head), of the head, and all parameters."""
+    head = sum(p.numel() for p in model.head.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"adapters": trainable - head, "head": head, "total": sum(p.numel() for p in model.parameters())}

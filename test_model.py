@@ -277,3 +277,162 @@ def test_fbank_resamples_other_rates():
     at32 = data.fbank(wave, sample_rate=32000, num_mel_bins=64, target_length=100)
     peak = at16[:98].mean(0).argmax()
     assert at32[:98].mean(0).argmax() == peak and (at16[:98, peak] - at32[:98, peak]).abs().max() < 0.05
+
+
+# ----------------------------------------------------------------------------- adapters
+
+from adapters import CMA, NoisyRouter, TokenFusion, TokenUA, balance_loss, f_c, orthogonality_loss  # noqa: E402
+from model import AVConfig, AVModel, param_counts  # noqa: E402
+
+
+def sdpa(q, k, v):
+    return nn.functional.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(D)) v
+
+
+def bottleneck_ref(b, x):
+    h = nn.functional.layer_norm(x, x.shape[-1:], b.norm.weight, b.norm.bias)
+    return nn.functional.linear(nn.functional.gelu(nn.functional.linear(h, b.down.weight, b.down.bias)),
+                                b.up.weight, b.up.bias)
+
+
+def test_f_c_and_cma_match_their_equations():
+    torch.manual_seed(0)
+    q, kv = torch.randn(2, 3, 16), torch.randn(2, 7, 16)
+    assert torch.allclose(f_c(q, kv, kv), q + sdpa(q, kv, kv), atol=1e-5)
+    cma = CMA(16, 24, n_latents=4, reduction=4)
+    x, other = torch.randn(2, 5, 16), torch.randn(2, 9, 24)  # D_a != D_v: the other stream is projected first
+    o = cma.proj(other)
+    s = cma.latents.expand(2, -1, -1) + sdpa(cma.latents.expand(2, -1, -1), o, o)
+    fused = x + sdpa(x, s, s)
+    assert torch.allclose(cma(x, other), bottleneck_ref(cma.bottleneck, fused), atol=1e-5)
+
+
+def test_molt_expert_returns_tokens_plus_bottleneck():
+    torch.manual_seed(0)
+    ua = TokenUA(16, n_latents=4, reduction=8)
+    h = torch.randn(3, 9, 16)
+    q = ua.latents.expand(3, -1, -1)
+    t = q + sdpa(q, h, h)
+    out = ua(h)
+    assert out.shape == (3, 4, 16)
+    assert torch.allclose(out, t + bottleneck_ref(ua.bottleneck, t), atol=1e-5)
+
+
+def test_router_weights_sum_to_one_noisy_in_training_only():
+    torch.manual_seed(0)
+    router = NoisyRouter(8, 3, sigma=0.5)
+    nn.init.normal_(router.mlp[2].weight)
+    ctx, experts = torch.randn(4, 8), [torch.randn(4, 5, 2) for _ in range(3)]
+    out1, w1 = router(ctx, experts)
+    out2, w2 = router(ctx, experts)
+    assert torch.allclose(w1.sum(-1), torch.ones(4)) and not torch.allclose(w1, w2)
+    router.eval()
+    out3, w3 = router(ctx, experts)
+    out4, w4 = router(ctx, experts)
+    assert torch.equal(w3, w4) and torch.allclose(w3.sum(-1), torch.ones(4))
+    assert torch.allclose(out3, sum(w3[:, e, None, None] * experts[e] for e in range(3)), atol=1e-6)
+
+
+def test_balance_loss_is_kl_from_uniform():
+    assert balance_loss(torch.full((6, 4), 0.25)).abs() < 1e-6
+    w = torch.tensor([[1.0, 0.0], [0.5, 0.5]])  # mean (0.75, 0.25)
+    expect = -torch.log(torch.tensor(2.0)) - 0.5 * (torch.log(torch.tensor(0.75)) + torch.log(torch.tensor(0.25)))
+    assert torch.allclose(balance_loss(w), expect)
+
+
+def test_orthogonality_loss_and_token_fusion():
+    eye = torch.eye(8).reshape(1, 2, 4, 8)  # 8 orthonormal tokens in 2 layers
+    assert orthogonality_loss(eye).abs() < 1e-7
+    same = torch.randn(1, 8).expand(6, 8).reshape(1, 3, 2, 8)  # 6 identical tokens
+    assert torch.allclose(orthogonality_loss(same), torch.tensor(1.0))
+    torch.manual_seed(0)
+    fusion = TokenFusion(8)
+    nn.init.normal_(fusion.score.weight)
+    tokens = torch.randn(5, 3, 4, 8)
+    fused, alpha = fusion(tokens)
+    assert alpha.shape == (5, 3) and torch.allclose(alpha.sum(-1), torch.ones(5)) and alpha.std() > 0
+    assert torch.allclose(fused, (alpha[:, :, None, None] * tokens).sum(1), atol=1e-6)
+    nn.init.zeros_(fusion.score.weight)
+    assert torch.allclose(fusion(tokens)[0], tokens.mean(1), atol=1e-6)  # equal significance -> plain mean
+
+
+def small_backbones(dim_v=32, dim_a=32, depth_v=2, depth_a=2):
+    torch.manual_seed(0)
+    vit = ViT(image_size=16, patch_size=8, dim=dim_v, depth=depth_v, heads=2, mlp_dim=2 * dim_v)
+    ast = AST(num_mel_bins=32, target_length=40, dim=dim_a, depth=depth_a, heads=2, mlp_dim=2 * dim_a)
+    return vit, ast
+
+
+def clip_batch(b=2, s=10, classes=4):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(b, s, 3, 16, 16, generator=g), torch.randn(b, s, 40, 32, generator=g),
+            torch.randint(0, classes + 1, (b, s), generator=g))
+
+
+def test_avmoe_starts_at_the_frozen_backbones_and_trains_only_adapters():
+    vit, ast = small_backbones()
+    model = AVModel(AVConfig(mode="avmoe", num_classes=4, latent_tokens=4), vit, ast)
+    frames, fb, labels = clip_batch()
+    feats = model.avmoe(model.inputs(frames, fb), {})
+    with torch.no_grad():
+        assert torch.equal(feats["v"], vit.pool(vit.forward_features(frames.flatten(0, 1))))
+        assert torch.equal(feats["a"], ast.pool(ast.forward_features(fb.flatten(0, 1))))
+    backbone = {k: v.clone() for k, v in model.enc.state_dict().items()}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    logits, _ = model(frames, fb)
+    nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+    assert all(p.grad is None for p in model.enc.parameters())
+    opt.step()
+    assert all((g != 0).all() for g in model.gates.values())
+    assert all(torch.equal(v, backbone[k]) for k, v in model.enc.state_dict().items())
+
+
+def test_molt_never_sends_gradient_into_the_backbones():
+    vit, ast = small_backbones()
+    model = AVModel(AVConfig(mode="molt", num_classes=4, latent_tokens=4), vit, ast)
+    model.enc.requires_grad_(True)  # even if a user switches them back on
+    frames, fb, labels = clip_batch()
+    model.train()
+    logits, aux = model(frames, fb)
+    (nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()) + aux["orth"]).backward()
+    assert all(p.grad is None for p in model.enc.parameters())
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith(("tokens.", "fusion.", "head.")))
+    with torch.no_grad():  # the frozen pass is the plain backbone pass: the adapters change nothing inside it
+        states = model.frozen_states(frames, fb)
+        x = vit.embed(frames.flatten(0, 1))
+        for blk in vit.blocks:
+            x = blk(x)
+        assert torch.equal(states["v"][1][:, -1], x)  # last late layer = last block output, before the final LN
+        assert torch.equal(states["a"][0], ast.pool(ast.forward_features(fb.flatten(0, 1))))
+    assert aux["alpha"]["v"].shape == (20, 1) and torch.allclose(aux["router"]["a"].sum(-1), torch.ones(20, 1))
+
+
+@pytest.mark.parametrize("mode", ["avmoe", "molt"])
+def test_both_modes_overfit_one_batch_with_different_widths(mode):
+    vit, ast = small_backbones(dim_v=48, dim_a=32, depth_v=3, depth_a=2)  # D_v != D_a and different depths
+    model = AVModel(AVConfig(mode=mode, num_classes=4, latent_tokens=4, head_dim=64, late_layers=2), vit, ast)
+    frames, fb, labels = clip_batch()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(150):
+        logits, aux = model(frames, fb)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()) + 0.1 * aux["orth"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert (model(frames, fb)[0].argmax(-1) == labels).all()
+
+
+def test_parameter_counts_and_unimodal_variant():
+    vit, ast = small_backbones()
+    counts = {mode: param_counts(AVModel(AVConfig(mode=mode, num_classes=4), vit, ast)) for mode in ("avmoe", "molt")}
+    assert counts["molt"]["adapters"] < counts["avmoe"]["adapters"]
+    assert counts["molt"]["adapters"] + counts["molt"]["head"] < counts["avmoe"]["adapters"] + counts["avmoe"]["head"]
+    assert counts["molt"]["head"] == counts["avmoe"]["head"]  # one shared head
+    audio = AVModel(AVConfig(mode="avmoe", modalities="a", num_classes=4, n_ua=2), None, ast)
+    assert list(audio.enc) == ["a"] and all(type(e).__name__ == "UA" for e in audio.moe["a"][0].experts)
+    logits, aux = audio(None, clip_batch()[1])
+    assert logits.shape == (2, 10, 5) and aux["router"]["a"].shape == (20, 4, 2)
