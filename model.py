@@ -337,7 +337,7 @@ class AVConfig:
     n_cma: int = 1  # cross-modal experts per mixture
     n_ua: int = 1  # unimodal experts per mixture
     latent_tokens: int = 8
-    reduction: int = 8  # bottleneck width D / reduction
+    reduction: int = 2  # bottleneck width D / reduction: D/2 for the tiny demo backbones (the papers: D/8 at D=768)
     router_sigma: float = 0.01  # router noise std in training (AVMoE's AVS code)
     late_layers: int = 0  # MoLT: use the last K layers; 0 = half the depth
     head_dim: int = 128
@@ -349,13 +349,13 @@ class Head(nn.Module):
 
     def __init__(self, in_dim, hidden, n_out):
         super().__init__()
-        self.inp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU())
+        self.inp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden))
         self.temporal = nn.Conv1d(hidden, hidden, 3, padding=1)
         self.out = nn.Linear(hidden, n_out)
 
     def forward(self, x):
         h = self.inp(x)  # (B, S, hidden)
-        h = h + F.gelu(self.temporal(h.transpose(1, 2)).transpose(1, 2))  # (B, S, hidden)
+        h = h + self.temporal(h.transpose(1, 2)).transpose(1, 2)  # (B, S, hidden)
         return self.out(h)  # (B, S, classes + 1)
 
 
@@ -417,9 +417,10 @@ class AVModel(nn.Module):
                 states[m] = (enc.pool(enc.norm(x)), torch.stack(late, 1) if late else None)
         return states
 
-    def forward(self, frames, fbank, states=None):
-        """-> logits (B, S, C + 1) and aux: router weights {m: (B*S, P, E)}, layer weights {m: (B*S, K)}, losses."""
-        B, S = (frames if frames is not None else fbank).shape[:2]
+    def forward(self, frames, fbank, states=None, clips=None):
+        """Clips of S segments -> logits (B, S, C + 1) and aux: router weights {m: (B*S, P, E)}, layer weights
+        {m: (B*S, K)}, losses. MoLT and frozen may be given precomputed frozen_states (then clips=(B, S))."""
+        B, S = clips or (frames if frames is not None else fbank).shape[:2]
         aux = {"router": {}, "alpha": {}, "orth": torch.zeros(()), "balance": torch.zeros(())}
         if self.cfg.mode == "avmoe":
             feats = self.avmoe(self.inputs(frames, fbank), aux)

@@ -1,14 +1,422 @@
-"""Training and evaluation (work in progress: the adaptation stage lands with the adapters)."""
-import torch
+"""Train and evaluate AVMoE / MoLT adapters on audio-visual event localization.
 
-from model import AST, ViT, load_ast, load_vit, timm_state_dict
+    python train.py                                   MoLT on the synthetic AVE (about 2 min on a 2-core CPU)
+    python train.py --mode=avmoe                      sequential AVMoE adapters in every layer
+    python train.py --mode=frozen                     the same head on frozen features: what the adapters add
+    python train.py --modalities=a                    audio only (or v)
+    python train.py --data=ave --data_root=AVE_Dataset --prepared_dir=prepared --vit_ckpt=... --ast_ckpt=...
+    torchrun --nproc_per_node=2 train.py              data parallel (gloo on CPU, nccl on GPU)
+
+Stage 0 pre-trains the small backbones on a task of their own (unless --vit_ckpt/--ast_ckpt are given), saves them
+in the timm and AST-repo layouts and loads them back through load_vit/load_ast. Stage 1 freezes them and trains the
+adapters; the model is selected on val and reported on test. Every setting below is a --key=value flag.
+"""
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import data
+from model import AST, AVConfig, AVModel, ViT, load_ast, load_vit, param_counts, timm_state_dict
+
+
+@dataclass
+class Config(AVConfig):
+    # data
+    data: str = "synthetic"  # "synthetic" or "ave" (prepared with data.py --prepare_ave)
+    data_root: str = ""  # real AVE: the folder with Annotations.txt and the split files
+    prepared_dir: str = ""  # real AVE: the output of data.py --prepare_ave
+    image_size: int = 32
+    num_mel_bins: int = 64
+    train_clips: int = 1500  # synthetic split sizes
+    val_clips: int = 200
+    test_clips: int = 300
+    seed: int = 0
+    # backbones: real checkpoints, or stage 0 pre-training of small ones
+    vit_ckpt: str = ""
+    ast_ckpt: str = ""
+    vit_heads: int = 0  # 0: D // 64
+    ast_heads: int = 0
+    fstride: int = 10
+    tstride: int = 10
+    dim: int = 64  # stage-0 backbones
+    depth: int = 4
+    heads: int = 4
+    pretrain_samples: int = 4000
+    pretrain_epochs: int = 3
+    # adaptation
+    epochs: int = 12
+    batch_size: int = 16  # clips of 10 segments
+    lr: float = 3e-3
+    lr_step: int = 5  # StepLR: lr x 0.35 every lr_step epochs (the official AVE recipe uses 3)
+    weight_decay: float = 0.01
+    lambda_orth: float = 0.1
+    lambda_balance: float = 0.01
+    modality_dropout: float = 0.0  # training: remove a segment's audio, or its frames, with this probability each
+    cache_features: bool = True  # MoLT / frozen: compute the frozen backbone states once (synthetic data)
+    # run
+    out_dir: str = "out"
+    resume: bool = False
+    device: str = "auto"
+
+
+RESUME_MAY_DIFFER = {"epochs", "out_dir", "device", "resume"}
+
+
+def parse_config(argv):
+    cfg = Config()
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(__doc__)
+            for f in dataclasses.fields(cfg):
+                print(f"  --{f.name}={getattr(cfg, f.name)}")
+            sys.exit(0)
+        key, _, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not hasattr(cfg, key):
+            sys.exit(f"unknown argument {arg}: see python train.py --help")
+        kind = type(getattr(cfg, key))
+        setattr(cfg, key, value.lower() in ("1", "true", "yes", "") if kind is bool else kind(value))
+    return cfg
+
+
+def log(*args):
+    if RANK == 0:
+        print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------------- stage 0: backbones
+
+
+def pretrain(enc, x, y, cfg, name):
+    """Supervised pre-training of one backbone on single frames or single 1 s fbanks (a task of its own)."""
+    head = nn.Linear(enc.dim, int(y.max()) + 1)
+    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.05)
+    g = torch.Generator().manual_seed(cfg.seed)
+    for epoch in range(cfg.pretrain_epochs):
+        correct, t0 = 0, time.time()
+        for idx in torch.randperm(len(x), generator=g).split(64):
+            logits = head(enc.pool(enc.forward_features(x[idx])))
+            loss = F.cross_entropy(logits, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            correct += (logits.argmax(-1) == y[idx]).sum().item()
+        log(f"  stage 0 {name} epoch {epoch + 1}/{cfg.pretrain_epochs}: train acc {correct / len(x):.3f} "
+            f"({time.time() - t0:.0f} s)")
+
+
+def backbones(cfg):
+    """The frozen ViT and AST: from the user's checkpoints, or pre-trained here once and cached in out_dir."""
+    vit_path, ast_path = cfg.vit_ckpt, cfg.ast_ckpt
+    if not (vit_path and ast_path):
+        key = f"s{cfg.seed}_d{cfg.dim}x{cfg.depth}_{cfg.image_size}px_{cfg.num_mel_bins}mel_" \
+              f"{cfg.pretrain_samples}x{cfg.pretrain_epochs}"
+        vit_path = vit_path or os.path.join(cfg.out_dir, "backbones", f"vit_timm_{key}.pth")
+        ast_path = ast_path or os.path.join(cfg.out_dir, "backbones", f"ast_repo_{key}.pth")
+        if RANK == 0 and not (os.path.exists(vit_path) and os.path.exists(ast_path)):
+            log(f"stage 0: pre-training small backbones (shapes for the ViT, timbres for the AST) -> {vit_path}")
+            torch.manual_seed(cfg.seed)
+            frames, fbanks, shape, timbre = data.generate_pretraining(cfg.seed + 7, cfg.pretrain_samples,
+                                                                      cfg.image_size, cfg.num_mel_bins)
+            vit = ViT(cfg.image_size, 8, cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim)
+            ast = AST(cfg.num_mel_bins, 100, cfg.fstride, cfg.tstride, cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim)
+            pretrain(vit, frames, shape, cfg, "ViT")
+            pretrain(ast, fbanks, timbre, cfg, "AST")
+            os.makedirs(os.path.dirname(vit_path), exist_ok=True)
+            torch.save(timm_state_dict(vit), vit_path)  # the layout timm writes
+            torch.save(timm_state_dict(ast, "module.v."), ast_path)  # the layout the AST repo writes
+        if WORLD > 1:
+            dist.barrier()
+        heads = cfg.vit_heads or cfg.heads, cfg.ast_heads or cfg.heads
+    else:
+        heads = cfg.vit_heads or None, cfg.ast_heads or None
+    vit = load_vit(vit_path, image_size=cfg.image_size, num_heads=heads[0])
+    ast = load_ast(ast_path, cfg.num_mel_bins, 100, cfg.fstride, cfg.tstride, num_heads=heads[1])
+    return vit, ast
+
+
+# ----------------------------------------------------------------------------- data and the feature cache
+
+
+def datasets(cfg):
+    if cfg.data == "synthetic":
+        splits = data.synthetic_splits(cfg, os.path.join(cfg.out_dir, "data"))
+        return {name: data.SyntheticAVE(s) for name, s in splits.items()}, cfg.num_classes
+    if cfg.data == "ave":
+        if not (cfg.data_root and cfg.prepared_dir):
+            sys.exit("--data=ave needs --data_root=DIR (Annotations.txt, split files) and --prepared_dir=DIR "
+                     "(made by: python data.py --prepare_ave DIR --out PREPARED)")
+        sets = {s: data.AVEDataset(cfg.prepared_dir, cfg.data_root, s, cfg.image_size, cfg.num_mel_bins)
+                for s in ("train", "val", "test")}
+        return sets, sets["train"].num_classes
+    sys.exit(f"--data must be synthetic or ave, not {cfg.data}")
+
+
+class Indexed(torch.utils.data.Dataset):
+    """Adds the item index, so cached backbone states can be looked up per clip."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return (*self.ds[i], i)
+
+
+def remove(frames, fbank, drop_frames, drop_audio):
+    """Remove frames / audio of the segments where the (B, S) masks are true, as SPEC 2 defines removal."""
+    if frames is not None and drop_frames.any():
+        frames = torch.where(drop_frames[..., None, None, None], data.remove_frames(frames), frames)
+    if fbank is not None and drop_audio.any():
+        fbank = torch.where(drop_audio[..., None, None], data.remove_audio(fbank), fbank)
+    return frames, fbank
+
+
+class FeatureCache:
+    """MoLT never changes the backbones, so their states are computed once: per segment, the pooled features and the
+    late-layer hidden states; plus the states of a removed frame and of silence, for modality dropout."""
+
+    def __init__(self, model, ds, device, batch_size=32):
+        parts = []
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size)
+        for frames, fbank, _ in loader:
+            parts.append(model.frozen_states(*inputs(model, frames, fbank, device)))
+        self.states = {m: [None if parts[0][m][j] is None else torch.cat([q[m][j] for q in parts]) for j in range(2)]
+                       for m in parts[0]}
+        frames, fbank, _ = ds[0]
+        blank = model.frozen_states(*inputs(model, *remove(frames[None], fbank[None], torch.ones(1, 10, dtype=bool),
+                                                           torch.ones(1, 10, dtype=bool)), device))
+        self.removed = {m: [None if s is None else s[:1] for s in blank[m]] for m in blank}
+
+    def get(self, idx, removed):
+        """States of clips idx (B,) with segments replaced where removed[m] (B, S) is true -> {m: (pooled, late)}."""
+        seg = (idx[:, None] * 10 + torch.arange(10)).flatten()  # (B*S,)
+        out = {}
+        for m, (pooled, late) in self.states.items():
+            drop = removed[m].flatten().to(pooled.device)
+            pick = [None if s is None else s[seg] for s in (pooled, late)]
+            out[m] = tuple(None if s is None else torch.where(drop.view(-1, *[1] * (s.dim() - 1)), r, s)
+                           for s, r in zip(pick, self.removed[m]))
+        return out
+
+
+def inputs(model, frames, fbank, device):
+    return (frames.to(device) if "v" in model.mods else None), (fbank.to(device) if "a" in model.mods else None)
+
+
+# ----------------------------------------------------------------------------- training and evaluation
+
+
+def run_batch(model, batch, device, cache=None, drop=("none",), p_drop=0.0):
+    """One forward pass. drop: "audio"/"frames" removes that modality everywhere; p_drop removes per segment."""
+    frames, fbank, labels, idx = batch
+    B, S = labels.shape
+    drop_a = torch.full((B, S), drop[0] == "audio")
+    drop_v = torch.full((B, S), drop[0] == "frames")
+    if p_drop > 0:  # modality dropout: never both modalities of one segment
+        u = torch.rand(B, S)
+        drop_a, drop_v = drop_a | (u < p_drop), drop_v | ((u >= p_drop) & (u < 2 * p_drop))
+    if cache is not None:
+        states = cache.get(idx, {"a": drop_a, "v": drop_v})
+        states = {m: tuple(None if s is None else s.to(device) for s in st) for m, st in states.items()}
+        logits, aux = model(None, None, states=states, clips=(B, S))
+    else:
+        frames, fbank = remove(frames, fbank, drop_v, drop_a)
+        logits, aux = model(*inputs(model, frames, fbank, device))
+    return logits, aux, labels.to(device)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, cache=None, drop="none"):
+    """Segment accuracy; router weights (mean and how often each expert is the largest) and layer weights."""
+    model.eval()
+    correct = total = 0
+    router, alpha = {}, {}
+    for batch in loader:
+        logits, aux, labels = run_batch(model, batch, device, cache, (drop,))
+        correct += (logits.argmax(-1) == labels).sum().item()
+        total += labels.numel()
+        for m, w in aux["router"].items():  # (B*S, positions, experts)
+            top = F.one_hot(w.argmax(-1), w.shape[-1]).float()
+            r = router.setdefault(m, [0, 0])
+            r[0], r[1] = r[0] + w.sum(0).cpu(), r[1] + top.sum(0).cpu()
+        for m, a in aux["alpha"].items():
+            alpha[m] = alpha.get(m, 0) + a.sum(0).cpu()
+    n = total
+    return correct / total, {m: {"mean": (r[0] / n).tolist(), "top1": (r[1] / n).tolist()} for m, r in router.items()}, \
+        {m: (a / n).tolist() for m, a in alpha.items()}
+
+
+def save_checkpoint(path, state):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write never corrupts the last good checkpoint
+
+
+def trainable_state(model):
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def router_table(report, names):
+    """Rows: modality x position; columns: experts (CMA first, then UA)."""
+    lines = []
+    for m, r in report.items():
+        for p, (mean, top) in enumerate(zip(r["mean"], r["top1"])):
+            lines.append(f"  {names.get(m, m)} {p:>2}  mean " + " ".join(f"{x:.2f}" for x in mean) +
+                         "   top-1 " + " ".join(f"{x:.2f}" for x in top))
+    return "\n".join(lines)
+
+
+def write_heatmap(path, reports):
+    """Router mean weights as a grey-scale PNG: one block per (report, modality), rows = positions, cols = experts."""
+    blocks = [torch.tensor(r["mean"]) for rep in reports for r in rep.values()]
+    if not blocks:
+        return
+    rows = max(b.shape[0] for b in blocks)
+    img = torch.ones(rows, sum(b.shape[1] + 1 for b in blocks))
+    col = 0
+    for b in blocks:
+        img[:b.shape[0], col:col + b.shape[1]] = b
+        col += b.shape[1] + 1
+    img = (img * 255).byte().repeat_interleave(24, 0).repeat_interleave(24, 1)
+    torchvision.io.write_png(img[None], path)
+
+
+def main(cfg):
+    global RANK, WORLD
+    t_start = time.time()
+    if WORLD > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" and WORLD > 1 else cfg.device
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    sets, num_classes = datasets(cfg)
+    cfg.num_classes = num_classes
+    vit, ast = backbones(cfg)
+    torch.manual_seed(cfg.seed)
+    model = AVModel(cfg, vit, ast).to(device)
+    counts = param_counts(model)
+    log(f"{cfg.mode} ({cfg.modalities}): trainable {counts['adapters']:,} adapter + {counts['head']:,} head "
+        f"parameters of {counts['total']:,} in all")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, cfg.lr_step, gamma=0.35)
+
+    caching = cfg.cache_features and cfg.mode != "avmoe" and cfg.data == "synthetic"
+    t0 = time.time()
+    caches = {s: FeatureCache(model, sets[s], device) for s in sets} if caching else {s: None for s in sets}
+    if caching:
+        log(f"cached the frozen backbone states of {sum(len(s) for s in sets.values())} clips in {time.time() - t0:.0f} s")
+    train = Indexed(sets["train"])
+    sampler = torch.utils.data.DistributedSampler(train, seed=cfg.seed) if WORLD > 1 else None
+    loaders = {s: torch.utils.data.DataLoader(Indexed(sets[s]), batch_size=2 * cfg.batch_size) for s in ("val", "test")}
+
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    start, best_val, best = 0, -1.0, trainable_state(model)
+    if cfg.resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        diff = {k: (v, getattr(cfg, k)) for k, v in ck["config"].items()
+                if k not in RESUME_MAY_DIFFER and getattr(cfg, k, None) != v}
+        if diff:
+            sys.exit(f"{ckpt_path} is from another configuration: " +
+                     ", ".join(f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items()) +
+                     " (only epochs, out_dir and device may change on --resume)")
+        model.load_state_dict(ck["model"], strict=False)
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        start, best_val, best = ck["epoch"], ck["best_val"], ck["best"]
+        torch.set_rng_state(ck["rng"])
+        log(f"resumed from {ckpt_path} after epoch {start}")
+
+    log_path = os.path.join(cfg.out_dir, "log.csv")
+    for epoch in range(start, cfg.epochs):
+        t0 = time.time()
+        model.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # the same order after a resume
+        loader = torch.utils.data.DataLoader(train, cfg.batch_size, sampler=sampler, shuffle=sampler is None,
+                                             generator=g)
+        total_loss = steps = 0
+        for step, batch in enumerate(loader):
+            logits, aux, labels = run_batch(model, batch, device, caches["train"], p_drop=cfg.modality_dropout)
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten()) + cfg.lambda_orth * aux["orth"] + \
+                cfg.lambda_balance * aux["balance"]
+            if not torch.isfinite(loss):
+                log(f"loss is {loss.item()} at epoch {epoch + 1} step {step}: stopping; {ckpt_path} still holds the "
+                    "last good epoch (try a lower --lr)")
+                sys.exit(1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if WORLD > 1:  # average the gradients over the processes
+                for p in params:
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= WORLD
+            opt.step()
+            total_loss, steps = total_loss + loss.item(), steps + 1
+            if RANK == 0 and sys.stdout.isatty():
+                print(f"\r  epoch {epoch + 1}: step {step + 1}/{len(loader)} loss {loss.item():.3f}", end="", flush=True)
+        sched.step()
+        if RANK == 0:
+            val_acc = evaluate(model, loaders["val"], device, caches["val"])[0]
+            if val_acc > best_val:  # model selection on val, never on test
+                best_val, best = val_acc, trainable_state(model)
+            secs = time.time() - t0
+            print(f"\repoch {epoch + 1}/{cfg.epochs}: loss {total_loss / steps:.3f}  val acc {val_acc:.3f}  "
+                  f"{secs:.1f} s  ETA {secs * (cfg.epochs - epoch - 1):.0f} s", flush=True)
+            with open(log_path, "a", newline="") as f:
+                csv.writer(f).writerow([cfg.mode, cfg.modalities, epoch + 1, round(total_loss / steps, 4),
+                                        round(val_acc, 4)])
+            save_checkpoint(ckpt_path, {"model": trainable_state(model), "optimizer": opt.state_dict(),
+                                        "scheduler": sched.state_dict(), "epoch": epoch + 1, "best_val": best_val,
+                                        "best": best, "rng": torch.get_rng_state(),
+                                        "config": dataclasses.asdict(cfg)})
+
+    if RANK == 0:
+        model.load_state_dict(best, strict=False)
+        test_acc, router, alpha = evaluate(model, loaders["test"], device, caches["test"])
+        visual_only, router_v, _ = evaluate(model, loaders["test"], device, caches["test"], drop="audio")
+        audio_only = evaluate(model, loaders["test"], device, caches["test"], drop="frames")[0]
+        metrics = {"test_acc": test_acc, "val_acc": best_val, "test_acc_visual_only": visual_only,
+                   "test_acc_audio_only": audio_only, "trainable_params": counts["adapters"] + counts["head"],
+                   "trainable_adapter_params": counts["adapters"], "head_params": counts["head"],
+                   "total_params": counts["total"], "seconds": round(time.time() - t_start, 1), "mode": cfg.mode,
+                   "modalities": cfg.modalities, "router_weights": {"normal": router, "visual_only": router_v},
+                   "layer_weights": alpha, "config": dataclasses.asdict(cfg)}
+        print(f"test acc {test_acc:.3f} (val {best_val:.3f}); audio removed {visual_only:.3f}; "
+              f"frames removed {audio_only:.3f}")
+        names = {"a": "audio ", "v": "visual"}
+        if router:
+            print("router weights per position (CMA experts first, then UA), normal input:\n" + router_table(router, names))
+            print("visual-only input (audio removed):\n" + router_table(router_v, names))
+            write_heatmap(os.path.join(cfg.out_dir, "router.png"), [router, router_v])
+        for m, a in alpha.items():
+            print(f"MoLT layer significance ({names[m].strip()}, last {len(a)} layers): " + " ".join(f"{x:.2f}" for x in a))
+        with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        print(f"wrote {cfg.out_dir}/metrics.json in {metrics['seconds']:.0f} s")
+    if WORLD > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 if __name__ == "__main__":
-    torch.manual_seed(0)
-    vit, ast = ViT().eval(), AST().eval()
-    vit2 = load_vit(timm_state_dict(vit), num_heads=4)
-    ast2 = load_ast(timm_state_dict(ast, "module.v."), num_mel_bins=64, target_length=100, num_heads=4)
-    x, fb = torch.randn(2, 3, 32, 32), torch.randn(2, 100, 64)
-    with torch.no_grad():
-        print("ViT round trip max diff", (vit.forward_features(x) - vit2.forward_features(x)).abs().max().item())
-        print("AST round trip max diff", (ast.forward_features(fb) - ast2.forward_features(fb)).abs().max().item())
+    main(parse_config(sys.argv[1:]))
