@@ -55,10 +55,10 @@ class Config(AVConfig):
     pretrain_samples: int = 4000
     pretrain_epochs: int = 3
     # adaptation
-    epochs: int = 12
+    epochs: int = 16
     batch_size: int = 16  # clips of 10 segments
     lr: float = 3e-3
-    lr_step: int = 5  # StepLR: lr x 0.35 every lr_step epochs (the official AVE recipe uses 3)
+    lr_step: int = 6  # StepLR: lr x 0.35 every lr_step epochs (the official AVE recipe uses 3)
     weight_decay: float = 0.01
     lambda_orth: float = 0.1
     lambda_balance: float = 0.01
