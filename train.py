@@ -14,7 +14,6 @@ adapters; the model is selected on val and reported on test. Every setting below
 import csv
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -295,7 +294,6 @@ def write_heatmap(path, reports):
 
 
 def main(cfg):
-    global RANK, WORLD
     t_start = time.time()
     if WORLD > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
