@@ -642,11 +642,11 @@ def test_dataset_rows_labels_and_tensors(ave, capsys):
 
 
 def test_synthetic_is_deterministic_and_needs_both_modalities():
-    a = data.generate(1, 40, 5, 16, 32)
-    b = data.generate(1, 40, 5, 16, 32)
-    c = data.generate(2, 40, 5, 16, 32)
+    a = data.generate(1, 12, 5, 16, 32)
+    b = data.generate(1, 12, 5, 16, 32)
+    c = data.generate(2, 12, 5, 16, 32)
     assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["frames"], c["frames"])
-    assert a["frames"].shape == (40, 10, 16, 16, 3) and a["fbank"].shape == (40, 10, 100, 32)
+    assert a["frames"].shape == (12, 10, 16, 16, 3) and a["fbank"].shape == (12, 10, 100, 32)
     heard, seen, labels = a["audible"] >= 0, a["visible"] >= 0, a["labels"]
     event = labels < 5
     assert torch.equal(event, heard & seen)  # an event is exactly a segment both heard and seen ...
@@ -664,10 +664,12 @@ def test_unimodal_ceiling_from_the_record():
              "visible": torch.where((run == 0) | (run == 2), 3, -1)}
     assert data.unimodal_ceiling(split, "a") == pytest.approx(0.75)
     assert data.unimodal_ceiling(split, "v") == pytest.approx((7 + 1.5) / 10)
-    big = data.generate(3, 300, 10, 8, 32)  # in expectation both ceilings equal the always-background rate
+    rng = np.random.default_rng(3)  # in expectation both ceilings equal the always-background rate
+    record = [data.make_clip(rng, 10) for _ in range(3000)]
+    big = {k: torch.from_numpy(np.stack([r[i] for r in record])) for i, k in enumerate(("audible", "visible", "labels", "run"))}
     stats = data.label_stats(big, 10)
     for m in ("audio_only_ceiling", "visual_only_ceiling"):
-        assert abs(stats[m] - stats["always_background_acc"]) < 0.03
+        assert abs(stats[m] - stats["always_background_acc"]) < 0.01
 
 
 def test_removed_modalities_follow_spec():

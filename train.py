@@ -149,7 +149,12 @@ def backbones(cfg):
 
 def datasets(cfg):
     if cfg.data == "synthetic":
-        splits = data.synthetic_splits(cfg, os.path.join(cfg.out_dir, "data"))
+        cache = os.path.join(cfg.out_dir, "data")
+        if RANK == 0:  # one process generates and caches, the others then read the cache
+            data.synthetic_splits(cfg, cache)
+        if WORLD > 1:
+            dist.barrier()
+        splits = data.synthetic_splits(cfg, cache)
         return {name: data.SyntheticAVE(s) for name, s in splits.items()}, cfg.num_classes
     if cfg.data == "ave":
         if not (cfg.data_root and cfg.prepared_dir):
