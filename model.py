@@ -376,6 +376,7 @@ class AVModel(nn.Module):
             self.moe = nn.ModuleDict({m: nn.ModuleList(MoE(dim[m], dim.get(other[m]), cfg)
                                                        for _ in range(2 * len(self.enc[m].blocks))) for m in self.mods})
             self.gates = nn.ParameterDict({m: nn.Parameter(torch.zeros(2 * len(self.enc[m].blocks))) for m in self.mods})
+        self.k = 0  # MoLT: how many late layers feed the adapters
         if cfg.mode == "molt":
             depth = min(len(e.blocks) for e in self.enc.values())
             self.k = cfg.late_layers or depth // 2
@@ -412,7 +413,7 @@ class AVModel(nn.Module):
                 for i, blk in enumerate(enc.blocks):
                     x = blk(x)
                     # MoLT late layers: keep the hidden states of the last K blocks only
-                    if i >= len(enc.blocks) - getattr(self, "k", 0):
+                    if i >= len(enc.blocks) - self.k:
                         late.append(x)
                 states[m] = (enc.pool(enc.norm(x)), torch.stack(late, 1) if late else None)
         return states
