@@ -206,10 +206,10 @@ class SyntheticAVE(torch.utils.data.Dataset):
     """Items like the real AVE: (frames (10,3,H,W) normalised, fbank (10,100,F), labels (10,))."""
 
     def __init__(self, split):
-        self.split = split
+        self.split, self.labels = split, split["labels"]
 
     def __len__(self):
-        return len(self.split["labels"])
+        return len(self.labels)
 
     def __getitem__(self, i):
         frames = self.split["frames"][i].permute(0, 3, 1, 2).float() / 255  # (10, 3, H, W)

@@ -339,7 +339,8 @@ class AVConfig:
     latent_tokens: int = 8
     reduction: int = 2  # bottleneck width D / reduction: D/2 for the tiny demo backbones (the papers: D/8 at D=768)
     router_sigma: float = 0.01  # router noise std in training (AVMoE's AVS code)
-    late_layers: int = 0  # MoLT: use the last K layers; 0 = half the depth
+    late_layers: int = 0  # MoLT: use K layers; 0 = half the depth
+    molt_layers: str = "late"  # which K layers (per backbone): "late" (the paper's choice), "early", or "all"
     head_dim: int = 128
 
 
@@ -376,12 +377,17 @@ class AVModel(nn.Module):
             self.moe = nn.ModuleDict({m: nn.ModuleList(MoE(dim[m], dim.get(other[m]), cfg)
                                                        for _ in range(2 * len(self.enc[m].blocks))) for m in self.mods})
             self.gates = nn.ParameterDict({m: nn.Parameter(torch.zeros(2 * len(self.enc[m].blocks))) for m in self.mods})
-        self.k = 0  # MoLT: how many late layers feed the adapters
+        self.layers = {m: [] for m in self.mods}  # MoLT: the blocks whose outputs feed the adapters
         if cfg.mode == "molt":
             depth = min(len(e.blocks) for e in self.enc.values())
-            self.k = cfg.late_layers or depth // 2
-            if not 1 <= self.k <= depth:
-                raise ValueError(f"late_layers={cfg.late_layers} must be between 1 and the depth {depth}")
+            self.k = depth if cfg.molt_layers == "all" else cfg.late_layers or depth // 2
+            if not 1 <= self.k <= depth or cfg.molt_layers not in ("late", "early", "all"):
+                raise ValueError(f"late_layers={cfg.late_layers} must be between 1 and the depth {depth}, "
+                                 f"molt_layers ({cfg.molt_layers}) late, early or all")
+            for m, e in self.enc.items():
+                # MoLT late layers: the last K blocks (K early ones for the ablation)
+                L = len(e.blocks)
+                self.layers[m] = list(range(self.k)) if cfg.molt_layers == "early" else list(range(L - self.k, L))
             self.tokens = nn.ModuleDict({m: nn.ModuleList(MoE(dim[m], dim.get(other[m]), cfg, tokens=True)
                                                           for _ in range(self.k)) for m in self.mods})
             self.fusion = nn.ModuleDict({m: TokenFusion(dim[m]) for m in self.mods})
@@ -403,8 +409,8 @@ class AVModel(nn.Module):
         return {m: self.enc[m].to_image(x[m].flatten(0, 1)) for m in self.mods}  # (B*S, C, H, W)
 
     def frozen_states(self, frames, fbank):
-        """MoLT's backbone pass, without gradients: pooled final features (B*S, D) and the block outputs of the last
-        K layers before the final LayerNorm, stacked (B*S, K, N, D). Nothing here depends on the adapters."""
+        """MoLT's backbone pass, without gradients: pooled final features (B*S, D) and the block outputs of the K
+        chosen layers before the final LayerNorm, stacked (B*S, K, N, D). Nothing here depends on the adapters."""
         states = {}
         with torch.no_grad():
             for m, x in self.inputs(frames, fbank).items():
@@ -412,8 +418,7 @@ class AVModel(nn.Module):
                 x = enc.embed(x)
                 for i, blk in enumerate(enc.blocks):
                     x = blk(x)
-                    # MoLT late layers: keep the hidden states of the last K blocks only
-                    if i >= len(enc.blocks) - self.k:
+                    if i in self.layers[m]:
                         late.append(x)
                 states[m] = (enc.pool(enc.norm(x)), torch.stack(late, 1) if late else None)
         return states

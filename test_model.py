@@ -753,12 +753,84 @@ def test_torchrun_two_processes(tmp_path):
 
 
 @needs_ffmpeg
-def test_train_on_prepared_real_ave(ave, tmp_path):
+def test_train_on_prepared_real_ave(ave, tmp_path, monkeypatch):
     root, out, _, _ = ave
     lists = tmp_path / "lists"  # the fixture's test split has no usable clip: give it one
     lists.mkdir()
     for name in ("Annotations.txt", "trainSet.txt", "valSet.txt"):
         shutil.copy(root / name, lists / name)
     write(lists / "testSet.txt", [ROWS["car_A"], ROWS["bell_short"]])
-    m, _ = run_train(tmp_path, "--data=ave", f"--data_root={lists}", f"--prepared_dir={out}", "--image_size=32")
+    args = ("--data=ave", f"--data_root={lists}", f"--prepared_dir={out}", "--image_size=32")
+    m, printed = run_train(tmp_path, *args)
     assert m["config"]["num_classes"] == 3 and 0 <= m["test_acc"] <= 1
+    cached = np.load(tmp_path / "features_rank0_train_v1.npy", mmap_mode="r")  # MoLT's states, fp16 on disk
+    assert cached.dtype == np.float16 and cached.shape[0] == 4 * 10 and "feature cache" in printed
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(SystemExit, match="free"):
+        run_train(tmp_path / "full_disk", *args)
+
+
+# ----------------------------------------------------------------------------- MoLT layer choice, feature cache, bench
+
+
+def test_molt_layer_choice():
+    vit, ast = small_backbones(depth_v=4, depth_a=4)
+    frames, fb, _ = clip_batch()
+    for choice, expect in (("late", [2, 3]), ("early", [0, 1]), ("all", [0, 1, 2, 3])):
+        model = AVModel(AVConfig(mode="molt", num_classes=4, molt_layers=choice), vit, ast)
+        assert model.layers["v"] == expect and len(model.tokens["a"]) == len(expect)
+    states = model.frozen_states(frames, fb)  # "all": every block output, in order
+    with torch.no_grad():
+        x = ast.embed(ast.to_image(fb.flatten(0, 1)))
+        for i, blk in enumerate(ast.blocks):
+            x = blk(x)
+            assert torch.equal(states["a"][1][:, i], x)
+
+
+def test_cached_states_give_the_uncached_results(tmp_path):
+    cfg = train.parse_config(TINY + [f"--out_dir={tmp_path}"])
+    sets, cfg.num_classes = train.datasets(cfg)
+    with contextlib.redirect_stdout(io.StringIO()):
+        vit, ast = train.backbones(cfg)
+    model = AVModel(cfg, vit, ast).eval()
+    cache = train.FeatureCache(model, sets["train"], "cpu")
+    batch = next(iter(torch.utils.data.DataLoader(train.Indexed(sets["train"]), batch_size=3)))
+    with torch.no_grad():
+        for drop in ("none", "audio", "frames"):
+            cached = train.run_batch(model, batch, "cpu", cache, (drop,))[0]
+            plain = train.run_batch(model, batch, "cpu", None, (drop,))[0]
+            assert (cached - plain).abs().max() < 1e-5, drop
+    a, _ = run_train(tmp_path / "a")
+    b, _ = run_train(tmp_path / "b", "--cache_features=false")
+    for k in ("test_acc", "val_acc", "test_acc_visual_only", "test_acc_audio_only"):
+        assert abs(a[k] - b[k]) < 1e-6, k
+
+
+def test_bench_counts_less_for_molt(tmp_path):
+    cfg = train.parse_config(TINY + [f"--out_dir={tmp_path}"])
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        train.bench(cfg, paper_scale=False)
+    r = json.loads((tmp_path / "bench.json").read_text())
+    assert "MoLT / AVMoE" in out.getvalue()
+    assert r["demo molt"]["adapter_params"] < r["demo avmoe"]["adapter_params"]
+    assert 0 < r["demo molt"]["saved_bytes"] < r["demo avmoe"]["saved_bytes"]
+
+
+def test_measure_counts_each_saved_storage_once():
+    class Tiny(nn.Module):  # run_batch's interface over a model that saves one known tensor of n floats
+        mods, head = "v", nn.Linear(1, 1)
+
+        def __init__(self, n):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(n))
+            self.frozen = nn.Parameter(torch.ones(n), requires_grad=False)
+
+        def forward(self, frames, fbank):
+            h = frames.flatten() * 2.0  # saved once below (4 n bytes); the product with a constant saves nothing
+            y = (h * self.w).sum() + (self.frozen.expand(5, -1) * self.w).sum()  # an expanded frozen weight: a param
+            return y.reshape(1, 1, 1).expand(1, 1, 2), {"orth": torch.zeros(()), "balance": torch.zeros(())}
+
+    def saved(n):
+        batch = (torch.ones(1, 1, n), None, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1))
+        return train.measure(Tiny(n), batch, "cpu", steps=1)["saved_bytes"]
+    assert saved(2000) - saved(1000) == 4000  # h alone: parameters and their views are left out

@@ -11,14 +11,18 @@ Stage 0 pre-trains the small backbones on a task of their own (unless --vit_ckpt
 in the timm and AST-repo layouts and loads them back through load_vit/load_ast. Stage 1 freezes them and trains the
 adapters; the model is selected on val and reported on test. Every setting below is a --key=value flag.
 """
+import contextlib
 import csv
 import dataclasses
 import json
+import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -167,16 +171,17 @@ def datasets(cfg):
 
 
 class Indexed(torch.utils.data.Dataset):
-    """Adds the item index, so cached backbone states can be looked up per clip."""
+    """Adds the item index, so cached backbone states can be looked up per clip; with a cache, the frames and fbanks
+    are not loaded at all (empty tensors stand in for them)."""
 
-    def __init__(self, ds):
-        self.ds = ds
+    def __init__(self, ds, inputs=True):
+        self.ds, self.inputs = ds, inputs
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, i):
-        return (*self.ds[i], i)
+        return (*self.ds[i], i) if self.inputs else (torch.empty(0), torch.empty(0), self.ds.labels[i], i)
 
 
 def remove(frames, fbank, drop_frames, drop_audio):
@@ -190,19 +195,41 @@ def remove(frames, fbank, drop_frames, drop_audio):
 
 class FeatureCache:
     """MoLT never changes the backbones, so their states are computed once: per segment, the pooled features and the
-    late-layer hidden states; plus the states of a removed frame and of silence, for modality dropout."""
+    chosen layers' hidden states (in memory, or for real AVE an fp16 file under out_dir); plus the states of a
+    removed frame and of silence, for modality dropout."""
 
-    def __init__(self, model, ds, device, batch_size=32):
-        parts = []
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size)
-        for frames, fbank, _ in loader:
-            parts.append(model.frozen_states(*inputs(model, frames, fbank, device)))
-        self.states = {m: [None if parts[0][m][j] is None else torch.cat([q[m][j] for q in parts]) for j in range(2)]
-                       for m in parts[0]}
+    def __init__(self, model, ds, device, path=None, batch_size=32):
+        self.states, pos, n = {}, 0, len(ds) * 10
+        for frames, fbank, _ in torch.utils.data.DataLoader(ds, batch_size=batch_size):
+            states = model.frozen_states(*inputs(model, frames, fbank, device))
+            if not self.states:
+                self.states = self.allocate(states, n, path)
+            for m, st in states.items():
+                for store, s in zip(self.states[m], st):
+                    if s is not None:
+                        store[pos:pos + len(s)] = s.cpu()
+            pos += len(frames) * 10
         frames, fbank, _ = ds[0]
-        blank = model.frozen_states(*inputs(model, *remove(frames[None], fbank[None], torch.ones(1, 10, dtype=bool),
-                                                           torch.ones(1, 10, dtype=bool)), device))
-        self.removed = {m: [None if s is None else s[:1] for s in blank[m]] for m in blank}
+        every = torch.ones(1, 10, dtype=torch.bool)
+        blank = model.frozen_states(*inputs(model, *remove(frames[None], fbank[None], every, every), device))
+        self.removed = {m: [None if s is None else s[:1].cpu() for s in blank[m]] for m in blank}
+
+    @staticmethod
+    def allocate(states, n, path):
+        """Float32 tensors in memory, or fp16 tensors mapped onto .npy files after checking the free disk."""
+        shapes = {(m, j): (n, *s.shape[1:]) for m, st in states.items() for j, s in enumerate(st) if s is not None}
+        if path is None:
+            store = {k: torch.empty(shape) for k, shape in shapes.items()}
+        else:
+            need = sum(2 * math.prod(shape) for shape in shapes.values())
+            free = shutil.disk_usage(os.path.dirname(path) or ".").free
+            if need > 0.9 * free:
+                sys.exit(f"the feature cache needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB are free in "
+                         f"{os.path.dirname(path)}: free some space or run with --cache_features=false")
+            log(f"feature cache: {need / 1e9:.2f} GB in {path}_*.npy")
+            store = {(m, j): torch.from_numpy(np.lib.format.open_memmap(f"{path}_{m}{j}.npy", "w+", np.float16, shape))
+                     for (m, j), shape in shapes.items()}
+        return {m: [store.get((m, j)) for j in range(2)] for m in states}
 
     def get(self, idx, removed):
         """States of clips idx (B,) with segments replaced where removed[m] (B, S) is true -> {m: (pooled, late)}."""
@@ -210,7 +237,7 @@ class FeatureCache:
         out = {}
         for m, (pooled, late) in self.states.items():
             drop = removed[m].flatten().to(pooled.device)
-            pick = [None if s is None else s[seg] for s in (pooled, late)]
+            pick = [None if s is None else s[seg].float() for s in (pooled, late)]
             out[m] = tuple(None if s is None else torch.where(drop.view(-1, *[1] * (s.dim() - 1)), r, s)
                            for s, r in zip(pick, self.removed[m]))
         return out
@@ -244,23 +271,25 @@ def run_batch(model, batch, device, cache=None, drop=("none",), p_drop=0.0):
 
 @torch.no_grad()
 def evaluate(model, loader, device, cache=None, drop="none"):
-    """Segment accuracy; router weights (mean and how often each expert is the largest) and layer weights."""
+    """Segment accuracy, router weights (mean, and how often each expert is the largest), MoLT's layer weights and
+    token redundancy (the orthogonality loss: mean squared cosine between different layer-wise tokens)."""
     model.eval()
-    correct = total = 0
+    correct = total = orth = 0
     router, alpha = {}, {}
     for batch in loader:
         logits, aux, labels = run_batch(model, batch, device, cache, (drop,))
         correct += (logits.argmax(-1) == labels).sum().item()
         total += labels.numel()
+        orth += aux["orth"].item() * labels.numel() / len(model.mods)
         for m, w in aux["router"].items():  # (B*S, positions, experts)
             top = F.one_hot(w.argmax(-1), w.shape[-1]).float()
             r = router.setdefault(m, [0, 0])
             r[0], r[1] = r[0] + w.sum(0).cpu(), r[1] + top.sum(0).cpu()
         for m, a in aux["alpha"].items():
             alpha[m] = alpha.get(m, 0) + a.sum(0).cpu()
-    n = total
-    return correct / total, {m: {"mean": (r[0] / n).tolist(), "top1": (r[1] / n).tolist()} for m, r in router.items()}, \
-        {m: (a / n).tolist() for m, a in alpha.items()}
+    return {"acc": correct / total, "orth": orth / total,
+            "router": {m: {"mean": (r[0] / total).tolist(), "top1": (r[1] / total).tolist()} for m, r in router.items()},
+            "alpha": {m: (a / total).tolist() for m, a in alpha.items()}}
 
 
 def save_checkpoint(path, state):
@@ -320,14 +349,16 @@ def main(cfg):
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, cfg.lr_step, gamma=0.35)
 
-    caching = cfg.cache_features and cfg.mode != "avmoe" and cfg.data == "synthetic"
+    caching = cfg.cache_features and cfg.mode != "avmoe"
     t0 = time.time()
-    caches = {s: FeatureCache(model, sets[s], device) for s in sets} if caching else {s: None for s in sets}
+    caches = {s: FeatureCache(model, sets[s], device, None if cfg.data == "synthetic" else
+                              os.path.join(cfg.out_dir, f"features_rank{RANK}_{s}")) if caching else None for s in sets}
     if caching:
         log(f"cached the frozen backbone states of {sum(len(s) for s in sets.values())} clips in {time.time() - t0:.0f} s")
-    train = Indexed(sets["train"])
+    train = Indexed(sets["train"], inputs=not caching)
     sampler = torch.utils.data.DistributedSampler(train, seed=cfg.seed) if WORLD > 1 else None
-    loaders = {s: torch.utils.data.DataLoader(Indexed(sets[s]), batch_size=2 * cfg.batch_size) for s in ("val", "test")}
+    loaders = {s: torch.utils.data.DataLoader(Indexed(sets[s], inputs=not caching), batch_size=2 * cfg.batch_size)
+               for s in ("val", "test")}
 
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     start, best_val, best = 0, -1.0, trainable_state(model)
@@ -346,7 +377,7 @@ def main(cfg):
         torch.set_rng_state(ck["rng"])
         log(f"resumed from {ckpt_path} after epoch {start}")
 
-    log_path = os.path.join(cfg.out_dir, "log.csv")
+    log_path, epoch_seconds = os.path.join(cfg.out_dir, "log.csv"), []
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
         model.train()
@@ -377,10 +408,11 @@ def main(cfg):
                 print(f"\r  epoch {epoch + 1}: step {step + 1}/{len(loader)} loss {loss.item():.3f}", end="", flush=True)
         sched.step()
         if RANK == 0:
-            val_acc = evaluate(model, loaders["val"], device, caches["val"])[0]
+            val_acc = evaluate(model, loaders["val"], device, caches["val"])["acc"]
             if val_acc > best_val:  # model selection on val, never on test
                 best_val, best = val_acc, trainable_state(model)
             secs = time.time() - t0
+            epoch_seconds.append(round(secs, 2))
             print(f"\repoch {epoch + 1}/{cfg.epochs}: loss {total_loss / steps:.3f}  val acc {val_acc:.3f}  "
                   f"{secs:.1f} s  ETA {secs * (cfg.epochs - epoch - 1):.0f} s", flush=True)
             with open(log_path, "a", newline="") as f:
@@ -393,15 +425,18 @@ def main(cfg):
 
     if RANK == 0:
         model.load_state_dict(best, strict=False)
-        test_acc, router, alpha = evaluate(model, loaders["test"], device, caches["test"])
-        visual_only, router_v, _ = evaluate(model, loaders["test"], device, caches["test"], drop="audio")
-        audio_only = evaluate(model, loaders["test"], device, caches["test"], drop="frames")[0]
+        test = evaluate(model, loaders["test"], device, caches["test"])
+        visual = evaluate(model, loaders["test"], device, caches["test"], drop="audio")
+        audio = evaluate(model, loaders["test"], device, caches["test"], drop="frames")
+        test_acc, visual_only, audio_only = test["acc"], visual["acc"], audio["acc"]
+        router, router_v, alpha = test["router"], visual["router"], test["alpha"]
         metrics = {"test_acc": test_acc, "val_acc": best_val, "test_acc_visual_only": visual_only,
                    "test_acc_audio_only": audio_only, "trainable_params": counts["adapters"] + counts["head"],
                    "trainable_adapter_params": counts["adapters"], "head_params": counts["head"],
                    "total_params": counts["total"], "seconds": round(time.time() - t_start, 1), "mode": cfg.mode,
                    "modalities": cfg.modalities, "router_weights": {"normal": router, "visual_only": router_v},
-                   "layer_weights": alpha, "config": dataclasses.asdict(cfg)}
+                   "layer_weights": alpha, "token_redundancy": test["orth"], "epoch_seconds": epoch_seconds,
+                   "config": dataclasses.asdict(cfg)}
         print(f"test acc {test_acc:.3f} (val {best_val:.3f}); audio removed {visual_only:.3f}; "
               f"frames removed {audio_only:.3f}")
         names = {"a": "audio ", "v": "visual"}
@@ -409,8 +444,10 @@ def main(cfg):
             print("router weights per position (CMA experts first, then UA), normal input:\n" + router_table(router, names))
             print("visual-only input (audio removed):\n" + router_table(router_v, names))
             write_heatmap(os.path.join(cfg.out_dir, "router.png"), [router, router_v])
+        if alpha:
+            print(f"MoLT token redundancy (mean squared cosine between layer-wise tokens): {test['orth']:.3f}")
         for m, a in alpha.items():
-            print(f"MoLT layer significance ({names[m].strip()}, last {len(a)} layers): " + " ".join(f"{x:.2f}" for x in a))
+            print(f"MoLT layer significance ({names[m].strip()}, {cfg.molt_layers} {len(a)} layers): " + " ".join(f"{x:.2f}" for x in a))
         with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)
         print(f"wrote {cfg.out_dir}/metrics.json in {metrics['seconds']:.0f} s")
@@ -419,7 +456,80 @@ def main(cfg):
         dist.destroy_process_group()
 
 
+# ----------------------------------------------------------------------------- --bench: the cost of each method
+
+
+def measure(model, batch, device, steps):
+    """Trainable adapter parameters, bytes autograd saves for backward in one training step (each storage once,
+    parameters left out: expanded views of frozen weights would otherwise count a hundredfold), median step time."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    times = []
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(steps + 1):  # the first step is warm-up
+        t0 = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if i == 0 else contextlib.nullcontext():
+            logits, aux, labels = run_batch(model, batch, device)
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten()) + aux["orth"] + aux["balance"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    out = {"adapter_params": param_counts(model)["adapters"], "saved_bytes": sum(saved.values()),
+           "step_seconds": sorted(times[1:])[len(times[1:]) // 2]}
+    if device.startswith("cuda"):
+        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def bench(cfg, paper_scale=True):
+    """AVMoE vs MoLT on the same backbones, batch and widths; then the same counts at the papers' scale."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sets, cfg.num_classes = datasets(cfg)
+    vit, ast = backbones(cfg)
+    batch = next(iter(torch.utils.data.DataLoader(Indexed(sets["train"]), batch_size=cfg.batch_size)))
+    results, scales = {}, {"demo": (vit, ast, batch, 5, cfg.reduction)}
+    if paper_scale:  # ViT-B/16 at 192 px and AST-base on a 1 s segment, random weights, one clip of 2 segments
+        torch.manual_seed(cfg.seed)
+        g = torch.Generator().manual_seed(0)
+        big_batch = (torch.randn(1, 2, 3, 192, 192, generator=g), torch.randn(1, 2, 100, 128, generator=g),
+                     torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+        scales["paper scale"] = (ViT(192, 16, 768, 12, 12, 3072), AST(128, 100, 10, 10, 768, 12, 12, 3072),
+                                 big_batch, 2, 8)
+    for scale, (v, a, b, steps, r) in scales.items():
+        for mode in ("avmoe", "molt"):  # the papers' bottleneck is D/8
+            model = AVModel(dataclasses.replace(cfg, mode=mode, reduction=r), v, a).to(device)
+            results[f"{scale} {mode}"] = measure(model, b, device, steps)
+    print(f"{'':24}{'adapter params':>16}{'saved for backward':>20}{'step time':>12}")
+    about = {"demo": f"{cfg.batch_size} clips x 10 segments", "paper scale": "1 clip x 2 segments, D/8 bottleneck"}
+    for scale in scales:
+        rows = [results[f"{scale} avmoe"], results[f"{scale} molt"]]
+        for mode, r in zip(("AVMoE", "MoLT"), rows):
+            print(f"{scale + ' ' + mode:24}{r['adapter_params']:>16,}{r['saved_bytes'] / 1e6:>17.1f} MB"
+                  f"{r['step_seconds']:>11.3f}s")
+        ratio = {k: rows[1][k] / rows[0][k] for k in ("adapter_params", "saved_bytes", "step_seconds")}
+        results[f"{scale} molt / avmoe"] = ratio
+        print(f"{scale + ' MoLT / AVMoE':24}{ratio['adapter_params']:>16.3f}{ratio['saved_bytes']:>20.3f}"
+              f"{ratio['step_seconds']:>12.3f}   ({about[scale]})")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:]))
+    if "--bench" in sys.argv:
+        bench(parse_config([a for a in sys.argv[1:] if a != "--bench"]))
+    else:
+        main(parse_config(sys.argv[1:]))
