@@ -797,8 +797,8 @@ def test_cached_states_give_the_uncached_results(tmp_path):
     batch = next(iter(torch.utils.data.DataLoader(train.Indexed(sets["train"]), batch_size=3)))
     with torch.no_grad():
         for drop in ("none", "audio", "frames"):
-            cached = train.run_batch(model, batch, "cpu", cache, (drop,))[0]
-            plain = train.run_batch(model, batch, "cpu", None, (drop,))[0]
+            cached = train.run_batch(model, batch, "cpu", cache, drop)[0]
+            plain = train.run_batch(model, batch, "cpu", None, drop)[0]
             assert (cached - plain).abs().max() < 1e-5, drop
     a, _ = run_train(tmp_path / "a")
     b, _ = run_train(tmp_path / "b", "--cache_features=false")

@@ -250,12 +250,12 @@ def inputs(model, frames, fbank, device):
 # ----------------------------------------------------------------------------- training and evaluation
 
 
-def run_batch(model, batch, device, cache=None, drop=("none",), p_drop=0.0):
+def run_batch(model, batch, device, cache=None, drop="none", p_drop=0.0):
     """One forward pass. drop: "audio"/"frames" removes that modality everywhere; p_drop removes per segment."""
     frames, fbank, labels, idx = batch
     B, S = labels.shape
-    drop_a = torch.full((B, S), drop[0] == "audio")
-    drop_v = torch.full((B, S), drop[0] == "frames")
+    drop_a = torch.full((B, S), drop == "audio")
+    drop_v = torch.full((B, S), drop == "frames")
     if p_drop > 0:  # modality dropout: never both modalities of one segment
         u = torch.rand(B, S)
         drop_a, drop_v = drop_a | (u < p_drop), drop_v | ((u >= p_drop) & (u < 2 * p_drop))
@@ -277,7 +277,7 @@ def evaluate(model, loader, device, cache=None, drop="none"):
     correct = total = orth = 0
     router, alpha = {}, {}
     for batch in loader:
-        logits, aux, labels = run_batch(model, batch, device, cache, (drop,))
+        logits, aux, labels = run_batch(model, batch, device, cache, drop)
         correct += (logits.argmax(-1) == labels).sum().item()
         total += labels.numel()
         orth += aux["orth"].item() * labels.numel() / len(model.mods)
