@@ -6,6 +6,7 @@
     python train.py --modalities=a                    audio only (or v)
     python train.py --data=ave --data_root=AVE_Dataset --prepared_dir=prepared --vit_ckpt=... --ast_ckpt=...
     torchrun --nproc_per_node=2 train.py              data parallel (gloo on CPU, nccl on GPU)
+    python train.py --bench                           parameters, activation memory and step time: AVMoE vs MoLT
 
 Stage 0 pre-trains the small backbones on a task of their own (unless --vit_ckpt/--ast_ckpt are given), saves them
 in the timm and AST-repo layouts and loads them back through load_vit/load_ast. Stage 1 freezes them and trains the
@@ -88,7 +89,10 @@ def parse_config(argv):
         if not arg.startswith("--") or not hasattr(cfg, key):
             sys.exit(f"unknown argument {arg}: see python train.py --help")
         kind = type(getattr(cfg, key))
-        setattr(cfg, key, value.lower() in ("1", "true", "yes", "") if kind is bool else kind(value))
+        try:
+            setattr(cfg, key, value.lower() in ("1", "true", "yes", "") if kind is bool else kind(value))
+        except ValueError:
+            sys.exit(f"--{key}={value}: expected a value of type {kind.__name__}")
     return cfg
 
 
