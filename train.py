@@ -42,7 +42,7 @@ class Config(AVConfig):
     prepared_dir: str = ""  # real AVE: the output of data.py --prepare_ave
     image_size: int = 32
     num_mel_bins: int = 64
-    train_clips: int = 1500  # synthetic split sizes
+    train_clips: int = 2500  # synthetic split sizes
     val_clips: int = 200
     test_clips: int = 300
     seed: int = 0
