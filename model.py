@@ -368,6 +368,8 @@ class AVModel(nn.Module):
         if cfg.mode not in ("molt", "avmoe", "frozen") or cfg.modalities not in ("av", "a", "v"):
             raise ValueError(f"mode must be molt/avmoe/frozen and modalities av/a/v, got {cfg.mode}/{cfg.modalities}")
         self.cfg, self.mods = cfg, cfg.modalities[::-1]  # "va": vision first, as in the papers' figures
+        if any({"v": vit, "a": ast}[m] is None for m in self.mods):
+            raise ValueError(f"modalities={cfg.modalities} needs {'a ViT' if vit is None else 'an AST'} backbone")
         self.enc = nn.ModuleDict({m: {"v": vit, "a": ast}[m] for m in self.mods})
         self.enc.requires_grad_(False).eval()
         dim = {m: e.dim for m, e in self.enc.items()}

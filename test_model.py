@@ -834,3 +834,20 @@ def test_measure_counts_each_saved_storage_once():
         batch = (torch.ones(1, 1, n), None, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1))
         return train.measure(Tiny(n), batch, "cpu", steps=1)["saved_bytes"]
     assert saved(2000) - saved(1000) == 4000  # h alone: parameters and their views are left out
+
+
+def test_a_users_checkpoint_is_read_never_written(tmp_path):
+    ref = tv_vit(image_size=16, patch=8, layers=2, heads=2, dim=64, mlp=128)
+    torch.save(ref.state_dict(), tmp_path / "vit.pth")
+    before = (tmp_path / "vit.pth").read_bytes()
+    m, printed = run_train(tmp_path / "run", f"--vit_ckpt={tmp_path / 'vit.pth'}", "--vit_heads=2", "--epochs=1")
+    assert (tmp_path / "vit.pth").read_bytes() == before
+    assert "AST" in printed and "ViT and AST" not in printed  # stage 0 pre-trained only the missing backbone
+    assert not list((tmp_path / "run" / "backbones").glob("vit_*"))
+
+
+def test_flags_are_checked_before_any_work():
+    for bad in ("--cache_features=flase", "--mode=moe", "--epochs=ten", "--modalities=x", "--no_such_flag=1"):
+        with pytest.raises(SystemExit):
+            train.parse_config([bad])
+    assert train.parse_config(["--cache_features=false", "--resume"]).resume is True

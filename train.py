@@ -67,7 +67,7 @@ class Config(AVConfig):
     lambda_orth: float = 0.1
     lambda_balance: float = 0.01
     modality_dropout: float = 0.0  # training: remove a segment's audio, or its frames, with this probability each
-    cache_features: bool = True  # MoLT / frozen: compute the frozen backbone states once (synthetic data)
+    cache_features: bool = True  # MoLT / frozen: compute the frozen backbone states once (real AVE: fp16 files)
     # run
     out_dir: str = "out"
     resume: bool = False
@@ -75,6 +75,8 @@ class Config(AVConfig):
 
 
 RESUME_MAY_DIFFER = {"epochs", "out_dir", "device", "resume"}
+CHOICES = {"mode": ("molt", "avmoe", "frozen"), "modalities": ("av", "a", "v"), "molt_layers": ("late", "early", "all"),
+           "data": ("synthetic", "ave"), "device": ("auto", "cuda", "mps", "cpu")}
 
 
 def parse_config(argv):
@@ -90,9 +92,14 @@ def parse_config(argv):
             sys.exit(f"unknown argument {arg}: see python train.py --help")
         kind = type(getattr(cfg, key))
         try:
-            setattr(cfg, key, value.lower() in ("1", "true", "yes", "") if kind is bool else kind(value))
+            if kind is bool and value.lower() not in ("", "1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            setattr(cfg, key, value.lower() in ("", "1", "true", "yes") if kind is bool else kind(value))
         except ValueError:
             sys.exit(f"--{key}={value}: expected a value of type {kind.__name__}")
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            sys.exit(f"--{key} must be one of {', '.join(choices)}, not {getattr(cfg, key)!r}")
     return cfg
 
 
@@ -124,31 +131,33 @@ def pretrain(enc, x, y, cfg, name):
 
 def backbones(cfg):
     """The frozen ViT and AST: from the user's checkpoints, or pre-trained here once and cached in out_dir."""
-    vit_path, ast_path = cfg.vit_ckpt, cfg.ast_ckpt
-    if not (vit_path and ast_path):
-        key = f"s{cfg.seed}_d{cfg.dim}x{cfg.depth}_{cfg.image_size}px_{cfg.num_mel_bins}mel_" \
-              f"{cfg.pretrain_samples}x{cfg.pretrain_epochs}"
-        vit_path = vit_path or os.path.join(cfg.out_dir, "backbones", f"vit_timm_{key}.pth")
-        ast_path = ast_path or os.path.join(cfg.out_dir, "backbones", f"ast_repo_{key}.pth")
-        if RANK == 0 and not (os.path.exists(vit_path) and os.path.exists(ast_path)):
-            log(f"stage 0: pre-training small backbones (shapes for the ViT, timbres for the AST) -> {vit_path}")
+    key = f"s{cfg.seed}_d{cfg.dim}x{cfg.depth}h{cfg.heads}_{cfg.image_size}px_{cfg.num_mel_bins}mel_" \
+          f"f{cfg.fstride}t{cfg.tstride}_{cfg.pretrain_samples}x{cfg.pretrain_epochs}"
+    vit_path = cfg.vit_ckpt or os.path.join(cfg.out_dir, "backbones", f"vit_timm_{key}.pth")
+    ast_path = cfg.ast_ckpt or os.path.join(cfg.out_dir, "backbones", f"ast_repo_{key}.pth")
+    todo = [name for name, given, path in (("ViT", cfg.vit_ckpt, vit_path), ("AST", cfg.ast_ckpt, ast_path))
+            if not given and not os.path.exists(path)]
+    if RANK == 0 and todo:
+        log(f"stage 0: pre-training small backbones ({' and '.join(todo)}: shapes for the ViT, timbres for the AST)")
+        frames, fbanks, shape, timbre = data.generate_pretraining(cfg.seed + 7, cfg.pretrain_samples,
+                                                                  cfg.image_size, cfg.num_mel_bins)
+        os.makedirs(os.path.join(cfg.out_dir, "backbones"), exist_ok=True)
+        if "ViT" in todo:
             torch.manual_seed(cfg.seed)
-            frames, fbanks, shape, timbre = data.generate_pretraining(cfg.seed + 7, cfg.pretrain_samples,
-                                                                      cfg.image_size, cfg.num_mel_bins)
             vit = ViT(cfg.image_size, 8, cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim)
-            ast = AST(cfg.num_mel_bins, 100, cfg.fstride, cfg.tstride, cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim)
             pretrain(vit, frames, shape, cfg, "ViT")
+            save_checkpoint(vit_path, timm_state_dict(vit))  # the layout timm writes
+        if "AST" in todo:
+            torch.manual_seed(cfg.seed + 1)
+            ast = AST(cfg.num_mel_bins, 100, cfg.fstride, cfg.tstride, cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim)
             pretrain(ast, fbanks, timbre, cfg, "AST")
-            os.makedirs(os.path.dirname(vit_path), exist_ok=True)
-            torch.save(timm_state_dict(vit), vit_path)  # the layout timm writes
-            torch.save(timm_state_dict(ast, "module.v."), ast_path)  # the layout the AST repo writes
-        if WORLD > 1:
-            dist.barrier()
-        heads = cfg.vit_heads or cfg.heads, cfg.ast_heads or cfg.heads
-    else:
-        heads = cfg.vit_heads or None, cfg.ast_heads or None
-    vit = load_vit(vit_path, image_size=cfg.image_size, num_heads=heads[0])
-    ast = load_ast(ast_path, cfg.num_mel_bins, 100, cfg.fstride, cfg.tstride, num_heads=heads[1])
+            save_checkpoint(ast_path, timm_state_dict(ast, "module.v."))  # the layout the AST repo writes
+    if WORLD > 1:
+        dist.barrier()
+    # heads cannot be read from weights: ours are known; a user's default to D // 64 unless given
+    vit = load_vit(vit_path, image_size=cfg.image_size, num_heads=cfg.vit_heads or (None if cfg.vit_ckpt else cfg.heads))
+    ast = load_ast(ast_path, cfg.num_mel_bins, 100, cfg.fstride, cfg.tstride,
+                   num_heads=cfg.ast_heads or (None if cfg.ast_ckpt else cfg.heads))
     return vit, ast
 
 
@@ -171,7 +180,6 @@ def datasets(cfg):
         sets = {s: data.AVEDataset(cfg.prepared_dir, cfg.data_root, s, cfg.image_size, cfg.num_mel_bins)
                 for s in ("train", "val", "test")}
         return sets, sets["train"].num_classes
-    sys.exit(f"--data must be synthetic or ave, not {cfg.data}")
 
 
 class Indexed(torch.utils.data.Dataset):
@@ -204,8 +212,8 @@ class FeatureCache:
 
     def __init__(self, model, ds, device, path=None, batch_size=32):
         self.states, pos, n = {}, 0, len(ds) * 10
-        for frames, fbank, _ in torch.utils.data.DataLoader(ds, batch_size=batch_size):
-            states = model.frozen_states(*inputs(model, frames, fbank, device))
+        for frames, fbank, _ in torch.utils.data.DataLoader(ds, batch_size, generator=torch.Generator()):
+            states = model.frozen_states(*to_device(model, frames, fbank, device))
             if not self.states:
                 self.states = self.allocate(states, n, path)
             for m, st in states.items():
@@ -215,7 +223,7 @@ class FeatureCache:
             pos += len(frames) * 10
         frames, fbank, _ = ds[0]
         every = torch.ones(1, 10, dtype=torch.bool)
-        blank = model.frozen_states(*inputs(model, *remove(frames[None], fbank[None], every, every), device))
+        blank = model.frozen_states(*to_device(model, *remove(frames[None], fbank[None], every, every), device))
         self.removed = {m: [None if s is None else s[:1].cpu() for s in blank[m]] for m in blank}
 
     @staticmethod
@@ -247,7 +255,8 @@ class FeatureCache:
         return out
 
 
-def inputs(model, frames, fbank, device):
+def to_device(model, frames, fbank, device):
+    """The inputs this model reads, on its device (None for a modality it does not have)."""
     return (frames.to(device) if "v" in model.mods else None), (fbank.to(device) if "a" in model.mods else None)
 
 
@@ -268,8 +277,8 @@ def run_batch(model, batch, device, cache=None, drop="none", p_drop=0.0):
         states = {m: tuple(None if s is None else s.to(device) for s in st) for m, st in states.items()}
         logits, aux = model(None, None, states=states, clips=(B, S))
     else:
-        frames, fbank = remove(frames, fbank, drop_v, drop_a)
-        logits, aux = model(*inputs(model, frames, fbank, device))
+        frames, fbank = remove(frames, fbank, drop_frames=drop_v, drop_audio=drop_a)
+        logits, aux = model(*to_device(model, frames, fbank, device))
     return logits, aux, labels.to(device)
 
 
@@ -333,11 +342,13 @@ def write_heatmap(path, reports):
 
 def main(cfg):
     t_start = time.time()
-    if WORLD > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" and WORLD > 1 else cfg.device
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(device)
+    if WORLD > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
 
@@ -356,12 +367,14 @@ def main(cfg):
     caching = cfg.cache_features and cfg.mode != "avmoe"
     t0 = time.time()
     caches = {s: FeatureCache(model, sets[s], device, None if cfg.data == "synthetic" else
-                              os.path.join(cfg.out_dir, f"features_rank{RANK}_{s}")) if caching else None for s in sets}
+                              os.path.join(cfg.out_dir, f"features_rank{RANK}_{s}"))
+              if caching and (s == "train" or RANK == 0) else None for s in sets}  # only rank 0 evaluates
     if caching:
         log(f"cached the frozen backbone states of {sum(len(s) for s in sets.values())} clips in {time.time() - t0:.0f} s")
     train = Indexed(sets["train"], inputs=not caching)
     sampler = torch.utils.data.DistributedSampler(train, seed=cfg.seed) if WORLD > 1 else None
-    loaders = {s: torch.utils.data.DataLoader(Indexed(sets[s], inputs=not caching), batch_size=2 * cfg.batch_size)
+    loaders = {s: torch.utils.data.DataLoader(Indexed(sets[s], inputs=not caching), 2 * cfg.batch_size,
+                                              generator=torch.Generator())  # own RNG: evaluating draws no random number
                for s in ("val", "test")}
 
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -374,12 +387,18 @@ def main(cfg):
             sys.exit(f"{ckpt_path} is from another configuration: " +
                      ", ".join(f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items()) +
                      " (only epochs, out_dir and device may change on --resume)")
-        model.load_state_dict(ck["model"], strict=False)
+        if set(ck["model"]) != set(trainable_state(model)):
+            sys.exit(f"{ckpt_path} holds other trainable tensors than this model: was it written by another version?")
+        model.load_state_dict(ck["model"], strict=False)  # the trainable part only; the backbones come from stage 0
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         start, best_val, best = ck["epoch"], ck["best_val"], ck["best"]
         torch.set_rng_state(ck["rng"])
+        if "cuda_rng" in ck and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["cuda_rng"])
         log(f"resumed from {ckpt_path} after epoch {start}")
+    elif cfg.resume:
+        log(f"--resume: no {ckpt_path} yet, starting from scratch")
 
     log_path, epoch_seconds = os.path.join(cfg.out_dir, "log.csv"), []
     for epoch in range(start, cfg.epochs):
@@ -396,8 +415,8 @@ def main(cfg):
             loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten()) + cfg.lambda_orth * aux["orth"] + \
                 cfg.lambda_balance * aux["balance"]
             if not torch.isfinite(loss):
-                log(f"loss is {loss.item()} at epoch {epoch + 1} step {step}: stopping; {ckpt_path} still holds the "
-                    "last good epoch (try a lower --lr)")
+                print(f"[rank {RANK}] loss is {loss.item()} at epoch {epoch + 1} step {step}: stopping; {ckpt_path} "
+                      "still holds the last good epoch (try a lower --lr)", flush=True)
                 sys.exit(1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -425,6 +444,7 @@ def main(cfg):
             save_checkpoint(ckpt_path, {"model": trainable_state(model), "optimizer": opt.state_dict(),
                                         "scheduler": sched.state_dict(), "epoch": epoch + 1, "best_val": best_val,
                                         "best": best, "rng": torch.get_rng_state(),
+                                        **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
                                         "config": dataclasses.asdict(cfg)})
 
     if RANK == 0:
