@@ -1,6 +1,6 @@
 """Train and evaluate AVMoE / MoLT adapters on audio-visual event localization.
 
-    python train.py                                   MoLT on the synthetic AVE (about 2 min on a 2-core CPU)
+    python train.py                                   MoLT on the synthetic AVE (about 2 min 15 s on a 2-core CPU)
     python train.py --mode=avmoe                      sequential AVMoE adapters in every layer
     python train.py --mode=frozen                     the same head on frozen features: what the adapters add
     python train.py --modalities=a                    audio only (or v)
