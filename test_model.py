@@ -743,13 +743,20 @@ def test_metrics_report_what_the_issue_lists(tmp_path):
     assert (tmp_path / "router.png").exists() and len((tmp_path / "log.csv").read_text().splitlines()) == 2
 
 
-def test_torchrun_two_processes(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py", *TINY,
-           f"--out_dir={tmp_path}"]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.count("test acc") == 1 and (tmp_path / "metrics.json").exists()
+def test_torchrun_two_processes_and_exact_resume(tmp_path):
+    def torchrun(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py", *TINY,
+               "--modality_dropout=0.3", f"--out_dir={out}", *extra]
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                           timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return p.stdout
+    printed = torchrun(tmp_path / "a")
+    assert printed.count("test acc") == 1 and (tmp_path / "a" / "metrics.json").exists()  # rank 0 alone reports
+    torchrun(tmp_path / "b", "--epochs=1")
+    torchrun(tmp_path / "b", "--resume")
+    a, b = (torch.load(p / "ckpt.pt", weights_only=True)["model"] for p in (tmp_path / "a", tmp_path / "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @needs_ffmpeg
