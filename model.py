@@ -373,8 +373,7 @@ class AVModel(nn.Module):
         self.enc = nn.ModuleDict({m: {"v": vit, "a": ast}[m] for m in self.mods})
         self.enc.requires_grad_(False).eval()
         dim = {m: e.dim for m, e in self.enc.items()}
-        other = {m: next((o for o in self.mods if o != m), None) for m in self.mods}
-        self.other = other
+        self.other = other = {m: next((o for o in self.mods if o != m), None) for m in self.mods}
         if cfg.mode == "avmoe":  # two mixtures per block and stream (before attention, before MLP), gates start at 0
             self.moe = nn.ModuleDict({m: nn.ModuleList(MoE(dim[m], dim.get(other[m]), cfg)
                                                        for _ in range(2 * len(self.enc[m].blocks))) for m in self.mods})

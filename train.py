@@ -387,7 +387,7 @@ def main(cfg):
             sys.exit(f"{ckpt_path} is from another configuration: " +
                      ", ".join(f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items()) +
                      " (only epochs, out_dir and device may change on --resume)")
-        if set(ck["model"]) != set(trainable_state(model)):
+        if set(ck["model"]) != {n for n, p in model.named_parameters() if p.requires_grad}:
             sys.exit(f"{ckpt_path} holds other trainable tensors than this model: was it written by another version?")
         model.load_state_dict(ck["model"], strict=False)  # the trainable part only; the backbones come from stage 0
         opt.load_state_dict(ck["optimizer"])
@@ -490,8 +490,9 @@ def measure(model, batch, device, steps):
     saved = {}
 
     def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
         return t
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
