@@ -4,13 +4,17 @@
     python data.py --prepare_ave ROOT --out DIR     decode the real AVE videos once (needs the ffmpeg CLI)
 """
 import argparse
+import contextlib
+import functools
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -21,11 +25,16 @@ import torchaudio
 FBANK_MEAN, FBANK_STD = -4.2677393, 4.5689974
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SAMPLE_RATE, SECONDS = 16000, 10  # AVE clips are 10 s, labelled per 1 s segment
+FRAMES_PER_SEGMENT = 100  # fbank frames per 1 s segment: 98, zero-padded to 100 (9 time patches at tstride 10)
 
 
 def fbank(wave, sample_rate=16000, num_mel_bins=128, target_length=1024):
-    """Mono waveform in [-1, 1] -> normalised log-mel fbank (target_length, num_mel_bins), AST recipe."""
-    wave = torch.as_tensor(wave, dtype=torch.float32).reshape(-1)
+    """Waveform (samples,) or (channels, samples) in [-1, 1] -> normalised log-mel fbank (target_length,
+    num_mel_bins), AST recipe. Channels are averaged to mono, as ffmpeg's -ac 1 does in preparation."""
+    wave = torch.as_tensor(wave, dtype=torch.float32)
+    if wave.dim() not in (1, 2):
+        raise ValueError(f"fbank expects a waveform (samples,) or (channels, samples), got shape {tuple(wave.shape)}")
+    wave = wave.mean(0) if wave.dim() == 2 else wave
     if sample_rate != 16000:
         wave = torchaudio.functional.resample(wave, sample_rate, 16000)
     if wave.numel() < 400:  # kaldi.fbank asserts on less than one 25 ms window
@@ -37,6 +46,34 @@ def fbank(wave, sample_rate=16000, num_mel_bins=128, target_length=1024):
     pad = target_length - fb.shape[0]
     fb = torch.nn.functional.pad(fb, (0, 0, 0, pad)) if pad > 0 else fb[:target_length]
     return (fb - FBANK_MEAN) / (FBANK_STD * 2)
+
+
+class Progress:
+    """What a long step does, how far it is and its ETA, on one line: rewritten in place on a terminal, else printed
+    at most every 10 s, so that a log is never silent for long and never flooded."""
+
+    def __init__(self, what, total, show=True):
+        self.what, self.total, self.show, self.done = what, total, show, 0
+        self.t0 = self.last = time.time()
+
+    def __call__(self, item=None, n=1):
+        self.done, now = self.done + n, time.time()
+        tty = sys.stdout.isatty()
+        if self.show and (self.done >= self.total or now - self.last >= (0.5 if tty else 10)):
+            self.last, eta = now, (now - self.t0) / self.done * (self.total - self.done)
+            print(f"\r{self.what}: {self.done}/{self.total} in {now - self.t0:.0f} s, ETA {eta:.0f} s",
+                  end="\n" if self.done >= self.total or not tty else "", flush=True)
+        return item
+
+
+@contextlib.contextmanager
+def single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def imagenet_normalise(x):
@@ -130,27 +167,39 @@ def make_clip(rng, num_classes):
     return audible, visible, np.where(run == 0, c, num_classes), run
 
 
-def generate(seed, n_clips, num_classes, image_size, num_mel_bins):
-    """A deterministic synthetic split: uint8 frames (N,10,H,W,3), fbank (N,10,100,F) and the generator's record."""
-    rng = np.random.default_rng(seed)
-    out = dict(frames=torch.zeros(n_clips, SECONDS, image_size, image_size, 3, dtype=torch.uint8),
-               fbank=torch.zeros(n_clips, SECONDS, 100, num_mel_bins, dtype=torch.float16))
-    record = [make_clip(rng, num_classes) for _ in range(n_clips)]
-    for key, k in (("audible", 0), ("visible", 1), ("labels", 2), ("run", 3)):
-        out[key] = torch.from_numpy(np.stack([r[k] for r in record]))  # (N, 10)
-    for i in range(n_clips):
-        for t in range(SECONDS):
-            objects = [(hue(rng.integers(num_classes) + 0.5, num_classes), rng.choice(SHAPES))]
-            tones = [(pitch(rng.integers(num_classes - 1) + 0.5, num_classes), rng.choice(TIMBRES))]
-            a, v = int(out["audible"][i, t]), int(out["visible"][i, t])
-            if v >= 0:
-                objects.append((hue(v, num_classes), rng.choice(SHAPES)))
-            if a >= 0:
-                tones.append((pitch(a, num_classes), rng.choice(TIMBRES)))
-            out["frames"][i, t] = torch.from_numpy(draw_frame(rng, image_size, objects))
-            wave = torch.from_numpy(draw_sound(rng, tones))
-            out["fbank"][i, t] = fbank(wave, num_mel_bins=num_mel_bins, target_length=100)
-    return out
+def render_clip(seed, i, num_classes, image_size, num_mel_bins):
+    """Clip i of a split, from its own random stream (so that clips can be drawn in parallel): the generator's record
+    (audible, visible, labels, run), frames uint8 (10, H, W, 3) and fbank float16 (10, 100, F)."""
+    rng = np.random.default_rng([seed, i])
+    record = make_clip(rng, num_classes)
+    frames, fbanks = [], []
+    for a, v in zip(record[0], record[1]):
+        objects = [(hue(rng.integers(num_classes) + 0.5, num_classes), rng.choice(SHAPES))]
+        tones = [(pitch(rng.integers(num_classes - 1) + 0.5, num_classes), rng.choice(TIMBRES))]
+        if v >= 0:
+            objects.append((hue(v, num_classes), rng.choice(SHAPES)))
+        if a >= 0:
+            tones.append((pitch(a, num_classes), rng.choice(TIMBRES)))
+        frames.append(draw_frame(rng, image_size, objects))
+        fbanks.append(fbank(draw_sound(rng, tones), num_mel_bins=num_mel_bins, target_length=FRAMES_PER_SEGMENT))
+    return (*record, np.stack(frames), torch.stack(fbanks).half().numpy())
+
+
+def generate(seed, n_clips, num_classes, image_size, num_mel_bins, workers=1):
+    """A deterministic synthetic split: uint8 frames (N,10,H,W,3), fbank (N,10,100,F) and the generator's record.
+    One torch thread per process: the many small fbank calls gain nothing from more, and lose much on a busy machine."""
+    job = functools.partial(render_clip, seed, num_classes=num_classes, image_size=image_size,
+                            num_mel_bins=num_mel_bins)
+    progress = Progress(f"synthetic AVE: drawing {n_clips} clips", n_clips)
+    if workers == 1:
+        with single_thread():
+            clips = [progress(job(i)) for i in range(n_clips)]
+    else:
+        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                                 initargs=(1,)) as pool:
+            clips = [progress(c) for c in pool.map(job, range(n_clips), chunksize=16)]
+    keys = ("audible", "visible", "labels", "run", "frames", "fbank")
+    return {k: torch.from_numpy(np.stack([c[j] for c in clips])) for j, k in enumerate(keys)}  # (N, 10, ...)
 
 
 def generate_pretraining(seed, n, image_size, num_mel_bins):
@@ -162,7 +211,7 @@ def generate_pretraining(seed, n, image_size, num_mel_bins):
     for s, t in zip(shape, timbre):
         frames.append(draw_frame(rng, image_size, [(rng.random(), SHAPES[s])] if s < len(SHAPES) else []))
         wave = draw_sound(rng, [(150 * 20 ** rng.random(), TIMBRES[t])] if t < len(TIMBRES) else [])
-        fbanks.append(fbank(torch.from_numpy(wave), num_mel_bins=num_mel_bins, target_length=100))
+        fbanks.append(fbank(torch.from_numpy(wave), num_mel_bins=num_mel_bins, target_length=FRAMES_PER_SEGMENT))
     frames = imagenet_normalise(torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255)
     return frames, torch.stack(fbanks), torch.from_numpy(shape), torch.from_numpy(timbre)
 
@@ -185,20 +234,34 @@ def label_stats(split, num_classes):
             "audio_only_ceiling": unimodal_ceiling(split, "a"), "visual_only_ceiling": unimodal_ceiling(split, "v")}
 
 
-def synthetic_splits(cfg, cache_dir):
+@dataclass
+class SynthConfig:
+    """The synthetic AVE's settings (train.Config extends them)."""
+    num_classes: int = 10  # event classes; background is one more
+    image_size: int = 32  # frame side in pixels (a multiple of the ViT's patch, 8 for stage 0)
+    num_mel_bins: int = 64  # fbank mel bins (at least the AST's patch, 16)
+    train_clips: int = 2500  # synthetic split sizes, in 10 s clips
+    val_clips: int = 200  # model selection
+    test_clips: int = 300  # the reported numbers
+    seed: int = 0  # data, stage 0 and training
+
+
+GENERATOR = "v2"  # part of the cache key: bump it when the generator changes what it draws
+
+
+def synthetic_splits(cfg, cache_dir, workers=2):
     """train/val/test splits from cfg's seed and sizes, generated once and cached in cache_dir."""
-    key = f"synthetic_s{cfg.seed}_c{cfg.num_classes}_{cfg.image_size}px_{cfg.num_mel_bins}mel_" \
+    key = f"synthetic_{GENERATOR}_s{cfg.seed}_c{cfg.num_classes}_{cfg.image_size}px_{cfg.num_mel_bins}mel_" \
           f"{cfg.train_clips}-{cfg.val_clips}-{cfg.test_clips}.pt"
     path = os.path.join(cache_dir, key)
     if os.path.exists(path):
         return torch.load(path, weights_only=True)
-    t0 = time.time()
-    splits = {name: generate(cfg.seed * 1000 + i, n, cfg.num_classes, cfg.image_size, cfg.num_mel_bins)
-              for i, (name, n) in enumerate((("train", cfg.train_clips), ("val", cfg.val_clips), ("test", cfg.test_clips)))}
+    sizes = {"train": cfg.train_clips, "val": cfg.val_clips, "test": cfg.test_clips}
+    splits = {name: generate(cfg.seed * 1000 + i, n, cfg.num_classes, cfg.image_size, cfg.num_mel_bins, workers)
+              for i, (name, n) in enumerate(sizes.items())}
     os.makedirs(cache_dir, exist_ok=True)
     torch.save(splits, path + ".tmp")
     os.replace(path + ".tmp", path)
-    print(f"generated synthetic AVE ({cfg.train_clips}/{cfg.val_clips}/{cfg.test_clips} clips) in {time.time() - t0:.0f} s")
     return splits
 
 
@@ -392,7 +455,7 @@ class AVEDataset(torch.utils.data.Dataset):
         if self.image_size and self.image_size != x.shape[-1]:
             x = torch.nn.functional.interpolate(x, size=(self.image_size,) * 2, mode="bilinear", antialias=True)
         x = imagenet_normalise(x)
-        fb = torch.stack([fbank(seg, num_mel_bins=self.num_mel_bins, target_length=100)
+        fb = torch.stack([fbank(seg, num_mel_bins=self.num_mel_bins, target_length=FRAMES_PER_SEGMENT)
                           for seg in audio.view(SECONDS, SAMPLE_RATE)])
         return x, fb, self.labels[i]
 
@@ -410,9 +473,8 @@ def main(argv=None):
             p.error("--prepare_ave needs --out DIR")
         prepare_ave(a.prepare_ave, a.out, a.image_size, a.workers)
     elif a.stats:
-        from train import Config  # the defaults of the demo run
-        cfg = Config()
-        for name, split in synthetic_splits(cfg, os.path.join(cfg.out_dir, "data")).items():
+        cfg = SynthConfig()  # the demo's defaults
+        for name, split in synthetic_splits(cfg, os.path.join("out", "data")).items():
             print(name, json.dumps({k: round(v, 3) for k, v in label_stats(split, cfg.num_classes).items()}))
     else:
         p.print_help()

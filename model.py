@@ -80,6 +80,9 @@ class ViT(Encoder):
     """Vision Transformer: images (B, 3, H, W) -> tokens (B, 1 + N, D); pooled output is the class token."""
 
     def __init__(self, image_size=32, patch_size=8, dim=64, depth=4, heads=4, mlp_dim=256, eps=1e-6):
+        if image_size % patch_size:  # timm raises too: the conv would silently drop the edge pixels
+            raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}: "
+                             f"use e.g. {image_size // patch_size * patch_size} or {(image_size // patch_size + 1) * patch_size}")
         g = image_size // patch_size
         super().__init__(3, dim, depth, heads, mlp_dim, eps, patch_size, patch_size, (g, g), prefix=1)
 
@@ -336,12 +339,40 @@ class AVConfig:
     num_classes: int = 10  # event classes; the model predicts num_classes + 1, background last
     n_cma: int = 1  # cross-modal experts per mixture
     n_ua: int = 1  # unimodal experts per mixture
-    latent_tokens: int = 8
+    latent_tokens: int = 8  # latent tokens per expert (the papers use 8 to 87)
     reduction: int = 2  # bottleneck width D / reduction: D/2 for the tiny demo backbones (the papers: D/8 at D=768)
     router_sigma: float = 0.01  # router noise std in training (AVMoE's AVS code)
-    late_layers: int = 0  # MoLT: use K layers; 0 = half the depth
-    molt_layers: str = "late"  # which K layers (per backbone): "late" (the paper's choice), "early", or "all"
-    head_dim: int = 128
+    late_layers: int = 0  # MoLT: K layers per backbone; 0 = half the shallower depth (at least 1)
+    molt_layers: str = "late"  # MoLT: the last K layers of each backbone (the paper), the first K, or "all" (K = shallower depth)
+    head_dim: int = 128  # width of the shared head
+
+
+CHOICES = {"mode": ("molt", "avmoe", "frozen"), "modalities": ("av", "a", "v"), "molt_layers": ("late", "early", "all")}
+
+
+def check_config(cfg):
+    """The model's settings, checked in one place (AVModel and train.parse_config call it)."""
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise ValueError(f"{key} must be one of {', '.join(choices)}, not {getattr(cfg, key)!r}")
+    if cfg.molt_layers == "all" and cfg.late_layers:
+        raise ValueError("late_layers does not apply to molt_layers=all (it uses every layer of the shallower "
+                         "backbone): drop one of the two")
+    for key in ("latent_tokens", "reduction", "head_dim", "n_ua"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be at least 1, not {getattr(cfg, key)}")
+    if cfg.n_cma < 0 or cfg.late_layers < 0 or cfg.router_sigma < 0:
+        raise ValueError("n_cma, late_layers and router_sigma cannot be negative")
+
+
+def chosen_layers(cfg, depths):
+    """MoLT late layers: K = late_layers, or half the shallower depth (at least 1), or all of it; each backbone gives
+    its last K blocks ("late"; the deeper one's last K when depths differ) or its first K ("early")."""
+    shallow = min(depths.values())
+    k = shallow if cfg.molt_layers == "all" else cfg.late_layers or max(1, shallow // 2)
+    if k > shallow:
+        raise ValueError(f"late_layers={k} is more than the shallower backbone's {shallow} layers")
+    return {m: list(range(k)) if cfg.molt_layers == "early" else list(range(L - k, L)) for m, L in depths.items()}
 
 
 class Head(nn.Module):
@@ -365,8 +396,7 @@ class AVModel(nn.Module):
 
     def __init__(self, cfg, vit=None, ast=None):
         super().__init__()
-        if cfg.mode not in ("molt", "avmoe", "frozen") or cfg.modalities not in ("av", "a", "v"):
-            raise ValueError(f"mode must be molt/avmoe/frozen and modalities av/a/v, got {cfg.mode}/{cfg.modalities}")
+        check_config(cfg)
         self.cfg, self.mods = cfg, cfg.modalities[::-1]  # "va": vision first, as in the papers' figures
         if any({"v": vit, "a": ast}[m] is None for m in self.mods):
             raise ValueError(f"modalities={cfg.modalities} needs {'a ViT' if vit is None else 'an AST'} backbone")
@@ -380,15 +410,8 @@ class AVModel(nn.Module):
             self.gates = nn.ParameterDict({m: nn.Parameter(torch.zeros(2 * len(self.enc[m].blocks))) for m in self.mods})
         self.layers = {m: [] for m in self.mods}  # MoLT: the blocks whose outputs feed the adapters
         if cfg.mode == "molt":
-            depth = min(len(e.blocks) for e in self.enc.values())
-            self.k = depth if cfg.molt_layers == "all" else cfg.late_layers or depth // 2
-            if not 1 <= self.k <= depth or cfg.molt_layers not in ("late", "early", "all"):
-                raise ValueError(f"late_layers={cfg.late_layers} must be between 1 and the depth {depth}, "
-                                 f"molt_layers ({cfg.molt_layers}) late, early or all")
-            for m, e in self.enc.items():
-                # MoLT late layers: the last K blocks (K early ones for the ablation)
-                L = len(e.blocks)
-                self.layers[m] = list(range(self.k)) if cfg.molt_layers == "early" else list(range(L - self.k, L))
+            self.layers = chosen_layers(cfg, {m: len(e.blocks) for m, e in self.enc.items()})
+            self.k = len(self.layers[self.mods[0]])
             self.tokens = nn.ModuleDict({m: nn.ModuleList(MoE(dim[m], dim.get(other[m]), cfg, tokens=True)
                                                           for _ in range(self.k)) for m in self.mods})
             self.fusion = nn.ModuleDict({m: TokenFusion(dim[m]) for m in self.mods})
@@ -404,14 +427,21 @@ class AVModel(nn.Module):
         self.enc.eval()  # frozen backbones keep dropout off and never change
         return self
 
+    def router_positions(self, m):
+        """Names of stream m's router positions, in the order of aux["router"][m]'s second axis (layers from 1)."""
+        if self.cfg.mode == "avmoe":
+            return [f"layer {i + 1} {sub}" for i in range(len(self.enc[m].blocks)) for sub in ("attn", "mlp")]
+        return [f"layer {i + 1}" for i in self.layers[m]]
+
     def inputs(self, frames, fbank):
         """Clips (B, S, 3, H, W) and (B, S, T, F) -> per-segment backbone inputs, keyed by modality."""
         x = {"v": frames, "a": fbank}
         return {m: self.enc[m].to_image(x[m].flatten(0, 1)) for m in self.mods}  # (B*S, C, H, W)
 
     def frozen_states(self, frames, fbank):
-        """MoLT's backbone pass, without gradients: pooled final features (B*S, D) and the block outputs of the K
-        chosen layers before the final LayerNorm, stacked (B*S, K, N, D). Nothing here depends on the adapters."""
+        """MoLT's backbone pass, without gradients: {m: {"pooled": final features (B*S, D), "late": the block outputs
+        of the K chosen layers before the final LayerNorm (B*S, K, N, D)}}, "late" only in MoLT mode. Nothing here
+        depends on the adapters."""
         states = {}
         with torch.no_grad():
             for m, x in self.inputs(frames, fbank).items():
@@ -421,7 +451,7 @@ class AVModel(nn.Module):
                     x = blk(x)
                     if i in self.layers[m]:
                         late.append(x)
-                states[m] = (enc.pool(enc.norm(x)), torch.stack(late, 1) if late else None)
+                states[m] = {"pooled": enc.pool(enc.norm(x))} | ({"late": torch.stack(late, 1)} if late else {})
         return states
 
     def forward(self, frames, fbank, states=None, clips=None):
@@ -433,7 +463,7 @@ class AVModel(nn.Module):
             feats = self.avmoe(self.inputs(frames, fbank), aux)
         else:
             states = states if states is not None else self.frozen_states(frames, fbank)
-            feats = {m: pooled for m, (pooled, _) in states.items()}
+            feats = {m: st["pooled"] for m, st in states.items()}
             if self.cfg.mode == "molt":
                 feats = self.molt(states, feats, aux)
         for m, w in aux["router"].items():
@@ -470,7 +500,7 @@ class AVModel(nn.Module):
         out = {}
         for m in self.mods:
             o = self.other[m]
-            h, h_o = states[m][1], states[o][1] if o else None  # (B*S, K, N, D)
+            h, h_o = states[m]["late"], states[o]["late"] if o else None  # (B*S, K, N, D)
             mixed = [self.tokens[m][k](h[:, k], h_o[:, k] if o else None) for k in range(self.k)]
             tokens = torch.stack([t for t, _ in mixed], 1)  # (B*S, K, n, D)
             aux["router"][m] = torch.stack([w for _, w in mixed], 1)  # (B*S, K, E)

@@ -1,9 +1,14 @@
-"""Tests: each checks behaviour against an independent reference (torchvision, torchaudio, hand-computed values)."""
+"""Tests. The equation and backbone tests compare with an independent reference: torchvision's ViT and EncoderBlock,
+torchaudio's kaldi fbank, PyTorch's scaled_dot_product_attention, forwards written by hand from the papers' equations
+(AVMoE insertion, MoLT tokens, fusion and readout), or hand-computed values. The others are contract and smoke tests
+with no outside reference: overfitting one batch, parameter counts, metrics.json and the report, the bench, resume,
+torchrun, the real AVE pipeline on clips made with ffmpeg, and the handling of bad input."""
 import contextlib
 import io
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -50,6 +55,15 @@ def test_vit_matches_torchvision(heads, dim):
     ours = load_vit(ref.state_dict(), num_heads=heads)
     assert len(ours.blocks) == 2 and ours.blocks[0].attn.heads == (heads or 1)
     assert (ours.forward_features(x) - tv_tokens(ref, x)).abs().max() < 1e-4
+    ref.heads = nn.Identity()  # torchvision's own pooled output: the class token after the final LayerNorm
+    assert (ours.pool(ours.forward_features(x)) - ref(x)).abs().max() < 1e-4
+
+
+def test_vit_image_size_must_be_a_multiple_of_the_patch():
+    with pytest.raises(ValueError, match="multiple of the patch size 8"):
+        ViT(image_size=36, patch_size=8)
+    with pytest.raises(ValueError, match="multiple of the patch size 8"):
+        load_vit(tv_vit().state_dict(), image_size=44, num_heads=3)
 
 
 def test_vit_timm_layout_round_trip_and_wrappers(tmp_path):
@@ -263,7 +277,7 @@ def test_safetensors_round_trip(tmp_path):
 
 def test_fbank_recipe_shape_normalisation_and_padding():
     torch.manual_seed(0)
-    wave = 0.3 * torch.sin(torch.arange(16000) / 16000 * 2 * torch.pi * 440) + 0.01 * torch.randn(16000)
+    wave = 0.3 * torch.sin(torch.arange(16000) / 16000 * 2 * torch.pi * 440) + 0.01 * torch.randn(16000) + 0.2  # DC
     fb = data.fbank(wave, num_mel_bins=128, target_length=100)
     assert fb.shape == (100, 128)
     raw = torchaudio.compliance.kaldi.fbank((wave - wave.mean())[None], htk_compat=True, sample_frequency=16000,
@@ -277,6 +291,19 @@ def test_fbank_recipe_shape_normalisation_and_padding():
     assert data.fbank(torch.zeros(100), num_mel_bins=64, target_length=100).shape == (100, 64)  # < one window
 
 
+def test_fbank_downmixes_channels_like_ffmpeg():
+    torch.manual_seed(0)
+    left, right = torch.randn(16000) * 0.1, 0.3 * torch.sin(torch.arange(16000) / 16000 * 2 * torch.pi * 440)
+    stereo = data.fbank(torch.stack([left, right]), num_mel_bins=64, target_length=300)
+    mono = (left + right) / 2
+    raw = torchaudio.compliance.kaldi.fbank((mono - mono.mean())[None], htk_compat=True, sample_frequency=16000,
+                                            use_energy=False, window_type="hanning", num_mel_bins=64, dither=0.0)
+    assert (stereo[:98] - (raw + 4.2677393) / (4.5689974 * 2)).abs().max() < 5e-4  # 98 frames of 1 s, not 198
+    assert torch.allclose(stereo[98:], torch.full((202, 64), 0.46703), atol=1e-4)
+    with pytest.raises(ValueError, match="channels"):
+        data.fbank(torch.zeros(2, 2, 16000))
+
+
 def test_fbank_resamples_other_rates():
     t = torch.arange(32000) / 32000
     wave = 0.3 * torch.sin(2 * torch.pi * 440 * t)
@@ -288,7 +315,7 @@ def test_fbank_resamples_other_rates():
 
 # ----------------------------------------------------------------------------- adapters
 
-from adapters import CMA, NoisyRouter, TokenFusion, TokenUA, balance_loss, f_c, orthogonality_loss  # noqa: E402
+from adapters import CMA, UA, MoE, NoisyRouter, TokenCMA, TokenFusion, TokenUA, balance_loss, f_c, orthogonality_loss  # noqa: E402
 from model import AVConfig, AVModel, param_counts  # noqa: E402
 
 
@@ -410,8 +437,8 @@ def test_molt_never_sends_gradient_into_the_backbones():
         x = vit.embed(frames.flatten(0, 1))
         for blk in vit.blocks:
             x = blk(x)
-        assert torch.equal(states["v"][1][:, -1], x)  # last late layer = last block output, before the final LN
-        assert torch.equal(states["a"][0], ast.pool(ast.forward_features(fb.flatten(0, 1))))
+        assert torch.equal(states["v"]["late"][:, -1], x)  # last late layer = last block output, before the final LN
+        assert torch.equal(states["a"]["pooled"], ast.pool(ast.forward_features(fb.flatten(0, 1))))
     assert aux["alpha"]["v"].shape == (20, 1) and torch.allclose(aux["router"]["a"].sum(-1), torch.ones(20, 1))
 
 
@@ -443,6 +470,128 @@ def test_parameter_counts_and_unimodal_variant():
     assert list(audio.enc) == ["a"] and all(type(e).__name__ == "UA" for e in audio.moe["a"][0].experts)
     logits, aux = audio(None, clip_batch()[1])
     assert logits.shape == (2, 10, 5) and aux["router"]["a"].shape == (20, 4, 2)
+
+
+def test_ua_attends_within_its_own_modality():
+    torch.manual_seed(0)
+    ua = UA(16, n_latents=4, reduction=4)
+    x = torch.randn(2, 7, 16)
+    q = ua.latents.expand(2, -1, -1)
+    s = q + sdpa(q, x, x)  # S_m = f_c(L'_m, X_m, X_m)
+    assert torch.allclose(ua(x, torch.randn(2, 9, 16)), bottleneck_ref(ua.bottleneck, x + sdpa(x, s, s)), atol=1e-5)
+
+
+def test_token_cma_reads_the_other_modality():
+    torch.manual_seed(0)
+    cma = TokenCMA(16, 24, n_latents=4, reduction=4)
+    h, h_o = torch.randn(2, 7, 16), torch.randn(2, 9, 24)
+    q, o = cma.latents.expand(2, -1, -1), cma.proj(h_o)
+    s = q + sdpa(q, h, h)  # S = f_c(Q_m, H_m, H_m)
+    t = s + sdpa(s, o, o)  # T = f_c(S, H_o, H_o)
+    assert torch.allclose(cma(h, h_o), t + bottleneck_ref(cma.bottleneck, t), atol=1e-5)
+
+
+def test_router_reads_both_means_and_its_noise_has_std_sigma():
+    torch.manual_seed(0)
+    moe = MoE(8, 8, AVConfig(latent_tokens=2, reduction=2, router_sigma=0.5)).eval()
+    nn.init.normal_(moe.router.mlp[2].weight)
+    x, other = torch.randn(3, 5, 8), torch.randn(3, 6, 8)
+    _, w = moe(x, other)
+    expect = torch.softmax(moe.router.mlp(torch.cat([x.mean(1), other.mean(1)], -1)), -1)  # i = [mean X; mean X_o]
+    assert torch.allclose(w, expect, atol=1e-6)
+    router = moe.router
+    ctx = torch.randn(20000, 16)
+    with torch.no_grad():
+        g_eval = router(ctx, [torch.zeros(20000)] * 2)[1].log()
+        router.train()
+        g_train = router(ctx, [torch.zeros(20000)] * 2)[1].log()
+    # log w = g' - logsumexp(g'): the difference between two experts' log weights moves by eps_0 - eps_1
+    shift = (g_train[:, 0] - g_train[:, 1]) - (g_eval[:, 0] - g_eval[:, 1])
+    assert abs(shift.std().item() - 0.5 * 2 ** 0.5) < 0.02 and abs(shift.mean().item()) < 0.02
+
+
+def test_token_fusion_scores_layers_by_layernorm_then_w():
+    torch.manual_seed(0)
+    fusion = TokenFusion(8)
+    randomize(fusion, std=0.5)
+    tokens = torch.randn(5, 3, 4, 8) * 3 + 1
+    m = tokens.mean(2)  # (B, K, D): mean over the n tokens of a layer
+    s = nn.functional.layer_norm(m, (8,), fusion.norm.weight, fusion.norm.bias) @ fusion.score.weight[0]
+    alpha = torch.softmax(s, dim=1)  # over layers
+    fused, got = fusion(tokens)
+    assert torch.allclose(got, alpha, atol=1e-6)
+    assert torch.allclose(fused, torch.einsum("bk,bknd->bnd", alpha, tokens), atol=1e-5)
+
+
+def test_orthogonality_loss_on_a_known_cosine():
+    a = torch.tensor([3.0, 0.0])
+    b = 2 * torch.tensor([0.5, 0.75 ** 0.5])  # cos(a, b) = 0.5, neither of unit length
+    tokens = torch.stack([a, b]).reshape(1, 2, 1, 2)  # (B, K, n, D): one token in each of two layers
+    assert torch.allclose(orthogonality_loss(tokens), torch.tensor(0.25))
+    three = torch.stack([a, b, -a]).reshape(1, 3, 1, 2)  # squared cosines 0.25, 1, 0.25 off the diagonal
+    assert torch.allclose(orthogonality_loss(three.expand(2, -1, -1, -1)), torch.tensor(1.5 / 3))
+
+
+def randomize_adapters(model):
+    """Non-zero gates, readouts and router layers, so that every wire of the adapters shows in the output."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def reference_avmoe(model, frames, fb):
+    """AVMoE insertion by hand, from SPEC 3: visual depth 5 meets audio depth 2 at floor(i * 2 / 5); each block runs
+    once; before each sub-layer a mixture reads both streams; its output is added after the sub-layer."""
+    vit, ast = model.enc["v"], model.enc["a"]
+    x = {"v": vit.embed(frames.flatten(0, 1)), "a": ast.embed(ast.to_image(fb.flatten(0, 1)))}
+    meets = [(0, 0), (1, None), (2, None), (3, 1), (4, None)]  # (visual block, audio block or None: already ran)
+    for i, j in meets:
+        for pos, (norm, layer) in enumerate((("norm1", "attn"), ("norm2", "mlp"))):
+            blocks = {"v": (vit.blocks[i], 2 * i + pos)} | ({"a": (ast.blocks[j], 2 * j + pos)} if j is not None else {})
+            r = {m: model.moe[m][k](x[m], x["a" if m == "v" else "v"])[0] for m, (_, k) in blocks.items()}
+            for m, (blk, k) in blocks.items():
+                x[m] = x[m] + getattr(blk, layer)(getattr(blk, norm)(x[m])) + model.gates[m][k] * r[m]
+    return vit.pool(vit.norm(x["v"])), ast.pool(ast.norm(x["a"]))
+
+
+def test_avmoe_insertion_with_open_gates_and_unequal_depths():
+    vit, ast = small_backbones(depth_v=5, depth_a=2)
+    model = randomize_adapters(AVModel(AVConfig(mode="avmoe", num_classes=4, latent_tokens=4), vit, ast))
+    frames, fb, _ = clip_batch(b=1, s=3)
+    with torch.no_grad():
+        feats = model.avmoe(model.inputs(frames, fb), {})
+        ref_v, ref_a = reference_avmoe(model, frames, fb)
+    assert (feats["v"] - ref_v).abs().max() < 1e-4 and (feats["a"] - ref_a).abs().max() < 1e-4
+    assert (feats["v"] - vit.pool(vit.forward_features(frames.flatten(0, 1)))).abs().max() > 1e-2  # the gates matter
+
+
+def test_molt_forward_against_a_hand_written_one():
+    vit, ast = small_backbones(dim_v=48, dim_a=32, depth_v=3, depth_a=2)
+    model = randomize_adapters(AVModel(AVConfig(mode="molt", num_classes=4, latent_tokens=4, late_layers=2), vit, ast))
+    frames, fb, _ = clip_batch(b=1, s=4)
+    x, h = {"v": vit.embed(frames.flatten(0, 1)), "a": ast.embed(ast.to_image(fb.flatten(0, 1)))}, {"v": [], "a": []}
+    with torch.no_grad():
+        for m, enc in (("v", vit), ("a", ast)):
+            for blk in enc.blocks:
+                x[m] = blk(x[m])
+                h[m].append(x[m])  # block outputs, before the final LayerNorm
+        late = {"v": h["v"][1:], "a": h["a"]}  # the last K = 2 layers of each
+        feats, orth = [], 0
+        for m, o, enc in (("v", "a", vit), ("a", "v", ast)):
+            tokens = torch.stack([model.tokens[m][k](late[m][k], late[o][k])[0] for k in range(2)], 1)  # (B, K, n, D)
+            fusion = model.fusion[m]
+            s = nn.functional.layer_norm(tokens.mean(2), tokens.shape[-1:], fusion.norm.weight, fusion.norm.bias)
+            alpha = torch.softmax(s @ fusion.score.weight[0], 1)  # (B, K)
+            fused = (alpha[:, :, None, None] * tokens).sum(1)  # (B, n, D)
+            ln, lin = model.readout[m]
+            feats.append(enc.pool(enc.norm(x[m])) + lin(ln(fused.mean(1))))
+            orth = orth + orthogonality_loss(tokens)
+        expect = model.head(torch.cat(feats, -1).reshape(1, 4, -1))
+        logits, aux = model(frames, fb)
+    assert (logits - expect).abs().max() < 1e-4 and torch.allclose(aux["orth"], orth, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- real AVE
@@ -687,11 +836,11 @@ import train  # noqa: E402
 
 TINY = ["--train_clips=8", "--val_clips=4", "--test_clips=4", "--num_classes=3", "--image_size=16",
         "--num_mel_bins=32", "--dim=16", "--depth=2", "--heads=2", "--pretrain_samples=32", "--pretrain_epochs=1",
-        "--epochs=2", "--batch_size=4", "--latent_tokens=2", "--head_dim=16"]
+        "--epochs=2", "--batch_size=4", "--latent_tokens=2", "--head_dim=16", "--workers=1"]
 
 
 def run_train(tmp, *extra):
-    cfg = train.parse_config(TINY + [f"--out_dir={tmp}", *extra])
+    cfg = train.parse_config(TINY + [f"--out_dir={tmp}", f"--cache_dir={tmp}", *extra])
     with contextlib.redirect_stdout(io.StringIO()) as out:
         train.main(cfg)
     return json.loads((tmp / "metrics.json").read_text()), out.getvalue()
@@ -739,14 +888,25 @@ def test_metrics_report_what_the_issue_lists(tmp_path):
         assert k in m
     w = m["router_weights"]["normal"]["v"]
     assert len(w["mean"]) == 1 and abs(sum(w["mean"][0]) - 1) < 1e-5 and abs(sum(w["top1"][0]) - 1) < 1e-5
-    assert abs(sum(m["layer_weights"]["a"]) - 1) < 1e-5
-    assert (tmp_path / "router.png").exists() and len((tmp_path / "log.csv").read_text().splitlines()) == 2
+    assert w["positions"] == ["layer 2"] and m["layer_weights"]["a"]["layers"] == [2]  # depth 2: K = 1, the last
+    assert "visual layer 2" in " ".join(printed.split()) or "layer 2" in printed
+    assert abs(sum(m["layer_weights"]["a"]["alpha"]) - 1) < 1e-5
+    assert set(m["phase_seconds"]) >= {"data", "stage 0", "feature cache", "training", "validation"}
+    assert abs(sum(m["phase_seconds"].values()) - m["seconds"]) < 1 and "seconds per phase" in printed
+    assert [h["epoch"] for h in m["history"]] == [1, 2] and np.array(m["confusion"]).sum() == 4 * 10
+    assert (tmp_path / "log.csv").read_text().splitlines()[0] == "epoch,train_loss,val_acc,seconds"
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 3
 
 
 def test_torchrun_two_processes_and_exact_resume(tmp_path):
+    busy = socket.socket()  # torchrun's default port is taken, as on a shared CI machine: --standalone picks a free one
+    with contextlib.suppress(OSError):
+        busy.bind(("", 29500))
+        busy.listen()
+
     def torchrun(out, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py", *TINY,
-               "--modality_dropout=0.3", f"--out_dir={out}", *extra]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
+               "--modality_dropout=0.3", f"--out_dir={out}", f"--cache_dir={out}", *extra]
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
                            timeout=300)
         assert p.returncode == 0, p.stderr[-2000:]
@@ -757,6 +917,7 @@ def test_torchrun_two_processes_and_exact_resume(tmp_path):
     torchrun(tmp_path / "b", "--resume")
     a, b = (torch.load(p / "ckpt.pt", weights_only=True)["model"] for p in (tmp_path / "a", tmp_path / "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    busy.close()
 
 
 @needs_ffmpeg
@@ -770,7 +931,7 @@ def test_train_on_prepared_real_ave(ave, tmp_path, monkeypatch):
     args = ("--data=ave", f"--data_root={lists}", f"--prepared_dir={out}", "--image_size=32")
     m, printed = run_train(tmp_path, *args)
     assert m["config"]["num_classes"] == 3 and 0 <= m["test_acc"] <= 1
-    cached = np.load(tmp_path / "features_rank0_train_v1.npy", mmap_mode="r")  # MoLT's states, fp16 on disk
+    cached = np.load(tmp_path / "features_rank0_train_v_late.npy", mmap_mode="r")  # MoLT's states, fp16 on disk
     assert cached.dtype == np.float16 and cached.shape[0] == 4 * 10 and "feature cache" in printed
     monkeypatch.setattr(train.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(SystemExit, match="free"):
@@ -791,11 +952,24 @@ def test_molt_layer_choice():
         x = ast.embed(ast.to_image(fb.flatten(0, 1)))
         for i, blk in enumerate(ast.blocks):
             x = blk(x)
-            assert torch.equal(states["a"][1][:, i], x)
+            assert torch.equal(states["a"]["late"][:, i], x)
+
+
+def test_molt_layer_rule_for_unequal_depths_and_depth_one():
+    vit, ast = small_backbones(depth_v=5, depth_a=2)
+    for choice, late, expect_v in (("late", 0, [4]), ("late", 2, [3, 4]), ("early", 2, [0, 1]), ("all", 0, [3, 4])):
+        model = AVModel(AVConfig(mode="molt", num_classes=4, molt_layers=choice, late_layers=late), vit, ast)
+        assert model.layers["v"] == expect_v and len(model.layers["a"]) == len(expect_v), choice
+    with pytest.raises(ValueError, match="does not apply to molt_layers=all"):
+        AVModel(AVConfig(mode="molt", molt_layers="all", late_layers=1), vit, ast)
+    with pytest.raises(ValueError, match="late_layers=3 is more than the shallower backbone's 2"):
+        AVModel(AVConfig(mode="molt", late_layers=3), vit, ast)
+    vit, ast = small_backbones(depth_v=1, depth_a=1)  # half of one layer: K = 1, not an error
+    assert AVModel(AVConfig(mode="molt", num_classes=4), vit, ast).layers == {"v": [0], "a": [0]}
 
 
 def test_cached_states_give_the_uncached_results(tmp_path):
-    cfg = train.parse_config(TINY + [f"--out_dir={tmp_path}"])
+    cfg = train.parse_config(TINY + [f"--out_dir={tmp_path}", f"--cache_dir={tmp_path}"])
     sets, cfg.num_classes = train.datasets(cfg)
     with contextlib.redirect_stdout(io.StringIO()):
         vit, ast = train.backbones(cfg)
@@ -814,7 +988,7 @@ def test_cached_states_give_the_uncached_results(tmp_path):
 
 
 def test_bench_counts_less_for_molt(tmp_path):
-    cfg = train.parse_config(TINY + [f"--out_dir={tmp_path}"])
+    cfg = train.parse_config(TINY + [f"--out_dir={tmp_path}", f"--cache_dir={tmp_path}"])
     with contextlib.redirect_stdout(io.StringIO()) as out:
         train.bench(cfg, paper_scale=False)
     r = json.loads((tmp_path / "bench.json").read_text())
@@ -839,7 +1013,7 @@ def test_measure_counts_each_saved_storage_once():
 
     def saved(n):
         batch = (torch.ones(1, 1, n), None, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1))
-        return train.measure(Tiny(n), batch, "cpu", steps=1)["saved_bytes"]
+        return train.measure(Tiny(n), batch, "cpu", steps=1, cfg=train.Config())["saved_bytes"]
     assert saved(2000) - saved(1000) == 4000  # h alone: parameters and their views are left out
 
 
@@ -853,8 +1027,33 @@ def test_a_users_checkpoint_is_read_never_written(tmp_path):
     assert not list((tmp_path / "run" / "backbones").glob("vit_*"))
 
 
-def test_flags_are_checked_before_any_work():
-    for bad in ("--cache_features=flase", "--mode=moe", "--epochs=ten", "--modalities=x", "--no_such_flag=1"):
-        with pytest.raises(SystemExit):
-            train.parse_config([bad])
-    assert train.parse_config(["--cache_features=false", "--resume"]).resume is True
+def test_flags_are_checked_before_any_work(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    for bad in ("--cache_features=flase", "--mode=moe", "--epochs=ten", "--modalities=x", "--no_such_flag=1",
+                "--lr=-1", "--lr=nan", "--batch_size=0", "--lr_step=0", "--epochs=0", "--late_layers=99",
+                "--num_mel_bins=8", "--image_size=30", "--molt_layers=all --late_layers=2", "--modality_dropout=0.7",
+                f"--out_dir={tmp_path / 'a_file'}", f"--vit_ckpt={tmp_path / 'none.pth'}", "--data=ave",
+                "--resume --overwrite", "--heads=3"):
+        with pytest.raises(SystemExit) as e:
+            train.parse_config(bad.split() + [f"--out_dir={tmp_path / 'run'}"] * ("out_dir" not in bad))
+        assert isinstance(e.value.code, str) and "\n" not in e.value.code and "Traceback" not in e.value.code, bad
+    assert not (tmp_path / "run" / "data").exists()
+    assert train.parse_config(["--cache_features=false", "--resume", f"--out_dir={tmp_path}"]).resume is True
+    with pytest.raises(SystemExit):
+        train.parse_config(["--help"])
+    helped = capsys.readouterr().out
+    for phrase in ("--late_layers=0", "half the shallower depth", "--reduction=2", "bottleneck width",
+                   "--fstride=10", "patch stride along frequency", "--val_clips=200"):
+        assert phrase in helped, phrase
+    assert all(len(line.split(None, 1)) == 2 for line in helped.splitlines() if line.startswith("  --"))  # each explained
+
+
+def test_a_new_run_never_replaces_a_finished_one(tmp_path):
+    run_train(tmp_path, "--epochs=1")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match="ckpt.pt exists: pass --resume=true to continue, or --overwrite=true"):
+        run_train(tmp_path, "--epochs=1", "--lr=0.01")
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    run_train(tmp_path, "--mode=frozen", "--overwrite")  # replaced on request: the outputs are this run's only
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["mode"] == "frozen" and len((tmp_path / "log.csv").read_text().splitlines()) == 3

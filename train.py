@@ -1,91 +1,151 @@
 """Train and evaluate AVMoE / MoLT adapters on audio-visual event localization.
 
-    python train.py                                   MoLT on the synthetic AVE (about 2 min 15 s on a 2-core CPU)
-    python train.py --mode=avmoe                      sequential AVMoE adapters in every layer
-    python train.py --mode=frozen                     the same head on frozen features: what the adapters add
-    python train.py --modalities=a                    audio only (or v)
+    python train.py                                 MoLT on the synthetic AVE
+    python train.py --mode=avmoe --out_dir=out/avmoe    sequential AVMoE adapters in every layer
+    python train.py --mode=frozen --out_dir=out/frozen  the same head on frozen features: what the adapters add
+    python train.py --modalities=a --out_dir=out/a      audio only (or v)
     python train.py --data=ave --data_root=AVE_Dataset --prepared_dir=prepared --vit_ckpt=... --ast_ckpt=...
-    torchrun --nproc_per_node=2 train.py              data parallel (gloo on CPU, nccl on GPU)
-    python train.py --bench                           parameters, activation memory and step time: AVMoE vs MoLT
+    torchrun --nproc_per_node=2 train.py            data parallel (gloo on CPU, nccl on GPU)
+    python train.py --bench                         parameters, activation memory and step time: AVMoE vs MoLT
 
 Stage 0 pre-trains the small backbones on a task of their own (unless --vit_ckpt/--ast_ckpt are given), saves them
 in the timm and AST-repo layouts and loads them back through load_vit/load_ast. Stage 1 freezes them and trains the
-adapters; the model is selected on val and reported on test. Every setting below is a --key=value flag.
+adapters; the model is selected on val and reported on test. Each run writes to its own --out_dir; the generated data
+and stage-0 backbones are cached in --cache_dir and shared by runs.
 """
 import contextlib
 import csv
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 import data
-from model import AST, AVConfig, AVModel, ViT, load_ast, load_vit, param_counts, timm_state_dict
+from data import SECONDS
+from model import AST, AVConfig, AVModel, ViT, check_config, load_ast, load_vit, param_counts, timm_state_dict
 
 
 @dataclass
-class Config(AVConfig):
+class Config(AVConfig, data.SynthConfig):
     # data
-    data: str = "synthetic"  # "synthetic" or "ave" (prepared with data.py --prepare_ave)
+    data: str = "synthetic"  # "synthetic" or "ave" (real AVE, prepared with data.py --prepare_ave)
     data_root: str = ""  # real AVE: the folder with Annotations.txt and the split files
     prepared_dir: str = ""  # real AVE: the output of data.py --prepare_ave
-    image_size: int = 32
-    num_mel_bins: int = 64
-    train_clips: int = 2500  # synthetic split sizes
-    val_clips: int = 200
-    test_clips: int = 300
-    seed: int = 0
+    workers: int = 2  # processes drawing the synthetic set
     # backbones: real checkpoints, or stage 0 pre-training of small ones
-    vit_ckpt: str = ""
-    ast_ckpt: str = ""
-    vit_heads: int = 0  # 0: D // 64
-    ast_heads: int = 0
-    fstride: int = 10
-    tstride: int = 10
-    dim: int = 64  # stage-0 backbones
-    depth: int = 4
-    heads: int = 4
-    pretrain_samples: int = 4000
-    pretrain_epochs: int = 3
+    vit_ckpt: str = ""  # timm or torchvision ViT weights (.pth, .safetensors); empty: pre-train one in stage 0
+    ast_ckpt: str = ""  # AST-repo or Hugging Face AST weights; empty: pre-train one in stage 0
+    vit_heads: int = 0  # attention heads of --vit_ckpt; 0: D // 64
+    ast_heads: int = 0  # attention heads of --ast_ckpt; 0: D // 64
+    fstride: int = 10  # AST patch stride along frequency (10 in the released AudioSet model)
+    tstride: int = 10  # AST patch stride along time
+    dim: int = 64  # stage-0 backbones: width
+    depth: int = 4  # stage-0 backbones: layers
+    heads: int = 4  # stage-0 backbones: attention heads
+    pretrain_samples: int = 4000  # stage-0 training images and sounds
+    pretrain_epochs: int = 3  # stage-0 epochs
     # adaptation
-    epochs: int = 16
-    batch_size: int = 16  # clips of 10 segments
-    lr: float = 3e-3
+    epochs: int = 16  # training epochs; the epoch with the best val accuracy is kept
+    batch_size: int = 16  # clips of 10 segments per step (per process under torchrun)
+    lr: float = 3e-3  # AdamW learning rate
     lr_step: int = 6  # StepLR: lr x 0.35 every lr_step epochs (the official AVE recipe uses 3)
-    weight_decay: float = 0.01
-    lambda_orth: float = 0.1
-    lambda_balance: float = 0.01
+    weight_decay: float = 0.01  # AdamW weight decay
+    lambda_orth: float = 0.1  # weight of MoLT's orthogonality loss
+    lambda_balance: float = 0.01  # weight of the routers' load-balance loss
     modality_dropout: float = 0.0  # training: remove a segment's audio, or its frames, with this probability each
     cache_features: bool = True  # MoLT / frozen: compute the frozen backbone states once (real AVE: fp16 files)
     # run
-    out_dir: str = "out"
-    resume: bool = False
-    device: str = "auto"
+    out_dir: str = "out"  # this run's checkpoint, log, metrics and report
+    cache_dir: str = "out"  # generated data and stage-0 backbones, shared by runs
+    resume: bool = False  # continue the run in out_dir from its ckpt.pt
+    overwrite: bool = False  # start afresh in an out_dir that holds another run
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, mps or cpu
+    dist_timeout: int = 600  # torchrun: seconds a process waits for the others before it stops with an error
 
 
-RESUME_MAY_DIFFER = {"epochs", "out_dir", "device", "resume"}
-CHOICES = {"mode": ("molt", "avmoe", "frozen"), "modalities": ("av", "a", "v"), "molt_layers": ("late", "early", "all"),
-           "data": ("synthetic", "ave"), "device": ("auto", "cuda", "mps", "cpu")}
+RESUME_MAY_DIFFER = {"epochs", "out_dir", "device", "resume", "overwrite", "workers", "dist_timeout"}
+CHOICES = {"data": ("synthetic", "ave"), "device": ("auto", "cuda", "mps", "cpu")}
+AT_LEAST_ONE = ("num_classes", "train_clips", "val_clips", "test_clips", "workers", "dim", "depth", "heads",
+                "pretrain_samples", "pretrain_epochs", "epochs", "batch_size", "lr_step", "dist_timeout")
+
+
+def print_help(cfg):
+    """The docstring, then every setting with its default and the comment beside its field."""
+    notes = {}
+    for klass in Config.__mro__[:-1]:  # Config, AVConfig (model.py), SynthConfig (data.py)
+        for m in re.finditer(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(klass), re.M):
+            notes.setdefault(m[1], m[2])
+    print(__doc__)
+    for f in dataclasses.fields(cfg):
+        print(f"  {f'--{f.name}={getattr(cfg, f.name)}':<26} {notes.get(f.name, '')}")
+
+
+def check(cfg):
+    """Every setting that can be checked before any work; ValueError names the flag and what to do."""
+    check_config(cfg)
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise ValueError(f"--{key} must be one of {', '.join(choices)}, not {getattr(cfg, key)!r}")
+    for key in AT_LEAST_ONE:
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"--{key} must be at least 1, not {getattr(cfg, key)}")
+    for key in ("lr", "weight_decay", "lambda_orth", "lambda_balance", "modality_dropout", "router_sigma"):
+        if not 0 <= getattr(cfg, key) < math.inf or (key == "lr" and cfg.lr == 0):
+            raise ValueError(f"--{key}={getattr(cfg, key)} must be {'positive' if key == 'lr' else 'at least 0'}")
+    if cfg.modality_dropout > 0.5:
+        raise ValueError("--modality_dropout must be at most 0.5 (audio and frames are never removed together)")
+    if cfg.num_mel_bins < 16 or (not cfg.vit_ckpt and (cfg.image_size < 8 or cfg.image_size % 8)):
+        raise ValueError("--num_mel_bins must be at least the AST's 16 x 16 patch, and --image_size a multiple of "
+                         f"the stage-0 ViT's 8 px patch (got {cfg.num_mel_bins} and {cfg.image_size})")
+    if cfg.dim % cfg.heads or cfg.num_classes < 2:
+        raise ValueError(f"--dim={cfg.dim} must be divisible by --heads={cfg.heads}, and --num_classes at least 2")
+    if not (cfg.vit_ckpt and cfg.ast_ckpt) and cfg.mode == "molt" and cfg.late_layers > cfg.depth:
+        raise ValueError(f"--late_layers={cfg.late_layers} is more than the stage-0 backbones' {cfg.depth} layers")
+    for path in (cfg.vit_ckpt, cfg.ast_ckpt):
+        if path and not os.path.isfile(path):
+            raise ValueError(f"checkpoint {path} not found")
+    if cfg.data == "ave" and not (os.path.isdir(cfg.data_root) and os.path.isdir(cfg.prepared_dir)):
+        raise ValueError("--data=ave needs --data_root=DIR (Annotations.txt, split files) and --prepared_dir=DIR "
+                         "(made by: python data.py --prepare_ave DIR --out PREPARED), both existing folders")
+    check_out_dir(cfg)
+
+
+def check_out_dir(cfg):
+    """out_dir must be a writable folder, and a new run must not silently replace the one it holds."""
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: pick one")
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        probe = os.path.join(cfg.out_dir, f".write_test_{RANK}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out_dir={cfg.out_dir} is not a writable folder ({e.strerror})") from None
+    ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
+    if os.path.exists(ckpt) and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"{ckpt} exists: pass --resume=true to continue, or --overwrite=true / another --out_dir")
 
 
 def parse_config(argv):
+    """--key=value flags -> Config; a bad flag stops with one line before any work."""
     cfg = Config()
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(__doc__)
-            for f in dataclasses.fields(cfg):
-                print(f"  --{f.name}={getattr(cfg, f.name)}")
+            print_help(cfg)
             sys.exit(0)
         key, _, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not hasattr(cfg, key):
@@ -97,15 +157,24 @@ def parse_config(argv):
             setattr(cfg, key, value.lower() in ("", "1", "true", "yes") if kind is bool else kind(value))
         except ValueError:
             sys.exit(f"--{key}={value}: expected a value of type {kind.__name__}")
-    for key, choices in CHOICES.items():
-        if getattr(cfg, key) not in choices:
-            sys.exit(f"--{key} must be one of {', '.join(choices)}, not {getattr(cfg, key)!r}")
+    try:
+        check(cfg)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     return cfg
 
 
 def log(*args):
     if RANK == 0:
         print(*args, flush=True)
+
+
+@contextlib.contextmanager
+def phase(name, seconds):
+    """Adds the wall time of a block to seconds[name] (metrics.json's phase_seconds)."""
+    t0 = time.time()
+    yield
+    seconds[name] = round(seconds.get(name, 0) + time.time() - t0, 1)
 
 
 # ----------------------------------------------------------------------------- stage 0: backbones
@@ -116,8 +185,9 @@ def pretrain(enc, x, y, cfg, name):
     head = nn.Linear(enc.dim, int(y.max()) + 1)
     opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.05)
     g = torch.Generator().manual_seed(cfg.seed)
+    progress = data.Progress(f"stage 0: pre-training the {name}", cfg.pretrain_epochs * math.ceil(len(x) / 64))
     for epoch in range(cfg.pretrain_epochs):
-        correct, t0 = 0, time.time()
+        correct = 0
         for idx in torch.randperm(len(x), generator=g).split(64):
             logits = head(enc.pool(enc.forward_features(x[idx])))
             loss = F.cross_entropy(logits, y[idx])
@@ -125,23 +195,23 @@ def pretrain(enc, x, y, cfg, name):
             loss.backward()
             opt.step()
             correct += (logits.argmax(-1) == y[idx]).sum().item()
-        log(f"  stage 0 {name} epoch {epoch + 1}/{cfg.pretrain_epochs}: train acc {correct / len(x):.3f} "
-            f"({time.time() - t0:.0f} s)")
+            progress()
+    log(f"  stage 0 {name}: train acc {correct / len(x):.3f} in the last epoch")
 
 
 def backbones(cfg):
-    """The frozen ViT and AST: from the user's checkpoints, or pre-trained here once and cached in out_dir."""
+    """The frozen ViT and AST: from the user's checkpoints, or pre-trained here once and cached in cache_dir."""
     key = f"s{cfg.seed}_d{cfg.dim}x{cfg.depth}h{cfg.heads}_{cfg.image_size}px_{cfg.num_mel_bins}mel_" \
-          f"f{cfg.fstride}t{cfg.tstride}_{cfg.pretrain_samples}x{cfg.pretrain_epochs}"
-    vit_path = cfg.vit_ckpt or os.path.join(cfg.out_dir, "backbones", f"vit_timm_{key}.pth")
-    ast_path = cfg.ast_ckpt or os.path.join(cfg.out_dir, "backbones", f"ast_repo_{key}.pth")
+          f"f{cfg.fstride}t{cfg.tstride}_{cfg.pretrain_samples}x{cfg.pretrain_epochs}_{data.GENERATOR}"
+    vit_path = cfg.vit_ckpt or os.path.join(cfg.cache_dir, "backbones", f"vit_timm_{key}.pth")
+    ast_path = cfg.ast_ckpt or os.path.join(cfg.cache_dir, "backbones", f"ast_repo_{key}.pth")
     todo = [name for name, given, path in (("ViT", cfg.vit_ckpt, vit_path), ("AST", cfg.ast_ckpt, ast_path))
             if not given and not os.path.exists(path)]
     if RANK == 0 and todo:
         log(f"stage 0: pre-training small backbones ({' and '.join(todo)}: shapes for the ViT, timbres for the AST)")
         frames, fbanks, shape, timbre = data.generate_pretraining(cfg.seed + 7, cfg.pretrain_samples,
                                                                   cfg.image_size, cfg.num_mel_bins)
-        os.makedirs(os.path.join(cfg.out_dir, "backbones"), exist_ok=True)
+        os.makedirs(os.path.join(cfg.cache_dir, "backbones"), exist_ok=True)
         if "ViT" in todo:
             torch.manual_seed(cfg.seed)
             vit = ViT(cfg.image_size, 8, cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim)
@@ -149,14 +219,15 @@ def backbones(cfg):
             save_checkpoint(vit_path, timm_state_dict(vit))  # the layout timm writes
         if "AST" in todo:
             torch.manual_seed(cfg.seed + 1)
-            ast = AST(cfg.num_mel_bins, 100, cfg.fstride, cfg.tstride, cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim)
+            ast = AST(cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride, cfg.dim, cfg.depth,
+                      cfg.heads, 4 * cfg.dim)
             pretrain(ast, fbanks, timbre, cfg, "AST")
             save_checkpoint(ast_path, timm_state_dict(ast, "module.v."))  # the layout the AST repo writes
     if WORLD > 1:
         dist.barrier()
     # heads cannot be read from weights: ours are known; a user's default to D // 64 unless given
     vit = load_vit(vit_path, image_size=cfg.image_size, num_heads=cfg.vit_heads or (None if cfg.vit_ckpt else cfg.heads))
-    ast = load_ast(ast_path, cfg.num_mel_bins, 100, cfg.fstride, cfg.tstride,
+    ast = load_ast(ast_path, cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride,
                    num_heads=cfg.ast_heads or (None if cfg.ast_ckpt else cfg.heads))
     return vit, ast
 
@@ -165,21 +236,18 @@ def backbones(cfg):
 
 
 def datasets(cfg):
+    """{split: dataset} and the number of event classes."""
     if cfg.data == "synthetic":
-        cache = os.path.join(cfg.out_dir, "data")
+        cache = os.path.join(cfg.cache_dir, "data")
         if RANK == 0:  # one process generates and caches, the others then read the cache
-            data.synthetic_splits(cfg, cache)
+            data.synthetic_splits(cfg, cache, cfg.workers)
         if WORLD > 1:
             dist.barrier()
         splits = data.synthetic_splits(cfg, cache)
         return {name: data.SyntheticAVE(s) for name, s in splits.items()}, cfg.num_classes
-    if cfg.data == "ave":
-        if not (cfg.data_root and cfg.prepared_dir):
-            sys.exit("--data=ave needs --data_root=DIR (Annotations.txt, split files) and --prepared_dir=DIR "
-                     "(made by: python data.py --prepare_ave DIR --out PREPARED)")
-        sets = {s: data.AVEDataset(cfg.prepared_dir, cfg.data_root, s, cfg.image_size, cfg.num_mel_bins)
-                for s in ("train", "val", "test")}
-        return sets, sets["train"].num_classes
+    sets = {s: data.AVEDataset(cfg.prepared_dir, cfg.data_root, s, cfg.image_size, cfg.num_mel_bins)
+            for s in ("train", "val", "test")}
+    return sets, sets["train"].num_classes
 
 
 class Indexed(torch.utils.data.Dataset):
@@ -197,7 +265,7 @@ class Indexed(torch.utils.data.Dataset):
 
 
 def remove(frames, fbank, drop_frames, drop_audio):
-    """Remove frames / audio of the segments where the (B, S) masks are true, as SPEC 2 defines removal."""
+    """Remove frames / audio of the segments where the (B, S) masks are true: black frames, silent audio."""
     if frames is not None and drop_frames.any():
         frames = torch.where(drop_frames[..., None, None, None], data.remove_frames(frames), frames)
     if fbank is not None and drop_audio.any():
@@ -211,47 +279,45 @@ class FeatureCache:
     removed frame and of silence, for modality dropout."""
 
     def __init__(self, model, ds, device, path=None, batch_size=32):
-        self.states, pos, n = {}, 0, len(ds) * 10
+        self.states, pos = {}, 0
+        progress = data.Progress(f"caching the frozen backbone states of {len(ds)} clips", len(ds), show=RANK == 0)
         for frames, fbank, _ in torch.utils.data.DataLoader(ds, batch_size, generator=torch.Generator()):
             states = model.frozen_states(*to_device(model, frames, fbank, device))
             if not self.states:
-                self.states = self.allocate(states, n, path)
+                self.states = self.allocate(states, len(ds) * SECONDS, path)
             for m, st in states.items():
-                for store, s in zip(self.states[m], st):
-                    if s is not None:
-                        store[pos:pos + len(s)] = s.cpu()
-            pos += len(frames) * 10
+                for name, s in st.items():
+                    self.states[m][name][pos:pos + len(s)] = s.cpu()
+            pos += len(frames) * SECONDS
+            progress(n=len(frames))
         frames, fbank, _ = ds[0]
-        every = torch.ones(1, 10, dtype=torch.bool)
+        every = torch.ones(1, SECONDS, dtype=torch.bool)
         blank = model.frozen_states(*to_device(model, *remove(frames[None], fbank[None], every, every), device))
-        self.removed = {m: [None if s is None else s[:1].cpu() for s in blank[m]] for m in blank}
+        self.removed = {m: {name: s[:1].cpu() for name, s in st.items()} for m, st in blank.items()}
 
     @staticmethod
     def allocate(states, n, path):
         """Float32 tensors in memory, or fp16 tensors mapped onto .npy files after checking the free disk."""
-        shapes = {(m, j): (n, *s.shape[1:]) for m, st in states.items() for j, s in enumerate(st) if s is not None}
+        shapes = {m: {name: (n, *s.shape[1:]) for name, s in st.items()} for m, st in states.items()}
         if path is None:
-            store = {k: torch.empty(shape) for k, shape in shapes.items()}
-        else:
-            need = sum(2 * math.prod(shape) for shape in shapes.values())
-            free = shutil.disk_usage(os.path.dirname(path) or ".").free
-            if need > 0.9 * free:
-                sys.exit(f"the feature cache needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB are free in "
-                         f"{os.path.dirname(path)}: free some space or run with --cache_features=false")
-            log(f"feature cache: {need / 1e9:.2f} GB in {path}_*.npy")
-            store = {(m, j): torch.from_numpy(np.lib.format.open_memmap(f"{path}_{m}{j}.npy", "w+", np.float16, shape))
-                     for (m, j), shape in shapes.items()}
-        return {m: [store.get((m, j)) for j in range(2)] for m in states}
+            return {m: {name: torch.empty(shape) for name, shape in sh.items()} for m, sh in shapes.items()}
+        need = sum(2 * math.prod(shape) for sh in shapes.values() for shape in sh.values())
+        free = shutil.disk_usage(os.path.dirname(path) or ".").free
+        if need > 0.9 * free:
+            sys.exit(f"the feature cache needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB are free in "
+                     f"{os.path.dirname(path)}: free some space or run with --cache_features=false")
+        log(f"feature cache: {need / 1e9:.2f} GB in {path}_*.npy")
+        return {m: {name: torch.from_numpy(np.lib.format.open_memmap(f"{path}_{m}_{name}.npy", "w+", np.float16, shape))
+                    for name, shape in sh.items()} for m, sh in shapes.items()}
 
     def get(self, idx, removed):
-        """States of clips idx (B,) with segments replaced where removed[m] (B, S) is true -> {m: (pooled, late)}."""
-        seg = (idx[:, None] * 10 + torch.arange(10)).flatten()  # (B*S,)
+        """States of clips idx (B,) with segments replaced where removed[m] (B, S) is true -> {m: {name: tensor}}."""
+        seg = (idx[:, None] * SECONDS + torch.arange(SECONDS)).flatten()  # (B*S,)
         out = {}
-        for m, (pooled, late) in self.states.items():
-            drop = removed[m].flatten().to(pooled.device)
-            pick = [None if s is None else s[seg].float() for s in (pooled, late)]
-            out[m] = tuple(None if s is None else torch.where(drop.view(-1, *[1] * (s.dim() - 1)), r, s)
-                           for s, r in zip(pick, self.removed[m]))
+        for m, st in self.states.items():
+            drop = removed[m].flatten()  # (B*S,)
+            out[m] = {name: torch.where(drop.view(-1, *[1] * (s.dim() - 1)), self.removed[m][name], s[seg].float())
+                      for name, s in st.items()}
         return out
 
 
@@ -264,7 +330,9 @@ def to_device(model, frames, fbank, device):
 
 
 def run_batch(model, batch, device, cache=None, drop="none", p_drop=0.0):
-    """One forward pass. drop: "audio"/"frames" removes that modality everywhere; p_drop removes per segment."""
+    """One forward pass (model may be wrapped in DDP). drop: "audio"/"frames" removes that modality everywhere;
+    p_drop removes per segment."""
+    net = getattr(model, "module", model)
     frames, fbank, labels, idx = batch
     B, S = labels.shape
     drop_a = torch.full((B, S), drop == "audio")
@@ -274,25 +342,31 @@ def run_batch(model, batch, device, cache=None, drop="none", p_drop=0.0):
         drop_a, drop_v = drop_a | (u < p_drop), drop_v | ((u >= p_drop) & (u < 2 * p_drop))
     if cache is not None:
         states = cache.get(idx, {"a": drop_a, "v": drop_v})
-        states = {m: tuple(None if s is None else s.to(device) for s in st) for m, st in states.items()}
+        states = {m: {name: s.to(device) for name, s in st.items()} for m, st in states.items()}
         logits, aux = model(None, None, states=states, clips=(B, S))
     else:
         frames, fbank = remove(frames, fbank, drop_frames=drop_v, drop_audio=drop_a)
-        logits, aux = model(*to_device(model, frames, fbank, device))
+        logits, aux = model(*to_device(net, frames, fbank, device))
     return logits, aux, labels.to(device)
+
+
+def loss_fn(logits, labels, aux, cfg):
+    """Task loss + lambda_orth * (L_orth_a + L_orth_v) + lambda_balance * load balance."""
+    task = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    return task + cfg.lambda_orth * aux["orth"] + cfg.lambda_balance * aux["balance"]
 
 
 @torch.no_grad()
 def evaluate(model, loader, device, cache=None, drop="none"):
-    """Segment accuracy, router weights (mean, and how often each expert is the largest), MoLT's layer weights and
-    token redundancy (the orthogonality loss: mean squared cosine between different layer-wise tokens)."""
+    """Segment accuracy, the confusion matrix, router weights (mean, and how often each expert is the largest),
+    MoLT's layer weights and token redundancy (the orthogonality loss: mean squared cosine between layer tokens)."""
     model.eval()
-    correct = total = orth = 0
-    router, alpha = {}, {}
+    n = model.cfg.num_classes + 1
+    confusion, orth, router, alpha = torch.zeros(n, n, dtype=torch.long), 0, {}, {}
     for batch in loader:
         logits, aux, labels = run_batch(model, batch, device, cache, drop)
-        correct += (logits.argmax(-1) == labels).sum().item()
-        total += labels.numel()
+        confusion += torch.bincount(labels.flatten().cpu() * n + logits.argmax(-1).flatten().cpu(),
+                                    minlength=n * n).view(n, n)  # (true, predicted)
         orth += aux["orth"].item() * labels.numel() / len(model.mods)
         for m, w in aux["router"].items():  # (B*S, positions, experts)
             top = F.one_hot(w.argmax(-1), w.shape[-1]).float()
@@ -300,9 +374,12 @@ def evaluate(model, loader, device, cache=None, drop="none"):
             r[0], r[1] = r[0] + w.sum(0).cpu(), r[1] + top.sum(0).cpu()
         for m, a in aux["alpha"].items():
             alpha[m] = alpha.get(m, 0) + a.sum(0).cpu()
-    return {"acc": correct / total, "orth": orth / total,
-            "router": {m: {"mean": (r[0] / total).tolist(), "top1": (r[1] / total).tolist()} for m, r in router.items()},
-            "alpha": {m: (a / total).tolist() for m, a in alpha.items()}}
+    total = confusion.sum().item()
+    return {"acc": confusion.diag().sum().item() / total, "orth": orth / total, "confusion": confusion.tolist(),
+            "router": {m: {"positions": model.router_positions(m), "mean": (r[0] / total).tolist(),
+                           "top1": (r[1] / total).tolist()} for m, r in router.items()},
+            "alpha": {m: {"layers": [i + 1 for i in model.layers[m]], "alpha": (a / total).tolist()}
+                      for m, a in alpha.items()}}
 
 
 def save_checkpoint(path, state):
@@ -315,175 +392,184 @@ def trainable_state(model):
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def router_table(report, names):
-    """Rows: modality x position; columns: experts (CMA first, then UA)."""
-    lines = []
-    for m, r in report.items():
-        for p, (mean, top) in enumerate(zip(r["mean"], r["top1"])):
-            lines.append(f"  {names.get(m, m)} {p:>2}  mean " + " ".join(f"{x:.2f}" for x in mean) +
-                         "   top-1 " + " ".join(f"{x:.2f}" for x in top))
-    return "\n".join(lines)
+def write_log(path, history):
+    """log.csv: this run's epochs, rewritten whole from the checkpoint's history (so it never repeats or mixes)."""
+    with open(path + ".tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, ["epoch", "train_loss", "val_acc", "seconds"])
+        w.writeheader()
+        w.writerows(history)
+    os.replace(path + ".tmp", path)
 
 
-def write_heatmap(path, reports):
-    """Router mean weights as a grey-scale PNG: one block per (report, modality), rows = positions, cols = experts."""
-    blocks = [torch.tensor(r["mean"]) for rep in reports for r in rep.values()]
-    if not blocks:
-        return
-    rows = max(b.shape[0] for b in blocks)
-    img = torch.ones(rows, sum(b.shape[1] + 1 for b in blocks))
-    col = 0
-    for b in blocks:
-        img[:b.shape[0], col:col + b.shape[1]] = b
-        col += b.shape[1] + 1
-    img = (img * 255).byte().repeat_interleave(24, 0).repeat_interleave(24, 1)
-    torchvision.io.write_png(img[None], path)
+def start_or_resume(cfg, model, opt, sched):
+    """A fresh run clears out_dir's outputs of an earlier one; --resume restores everything the checkpoint holds.
+    -> (first epoch, best val acc, best trainable weights, history)."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if not (cfg.resume and os.path.exists(path)):
+        if cfg.resume:
+            log(f"--resume: no {path} yet, starting from scratch")
+        if RANK == 0:
+            for name in ("ckpt.pt", "log.csv", "metrics.json", "report.html"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(cfg.out_dir, name))
+        return 0, -1.0, trainable_state(model), []
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        saved_cfg, epoch, history = ck["config"], ck["epoch"], ck["history"]
+    except Exception as e:  # truncated, empty, foreign or unsafe: nothing of it is used
+        sys.exit(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}):"
+                 " delete it or run with --overwrite=true instead of --resume")
+    diff = {k: (v, getattr(cfg, k)) for k, v in saved_cfg.items() if k not in RESUME_MAY_DIFFER and getattr(cfg, k, None) != v}
+    if diff:
+        sys.exit(f"{path} is from another configuration: " + ", ".join(f"{k}={a!r} there, {b!r} now" for k, (a, b)
+                                                                      in diff.items()) +
+                 " (only epochs, out_dir and device may change on --resume)")
+    if set(ck["model"]) != {n for n, p in model.named_parameters() if p.requires_grad}:
+        sys.exit(f"{path} holds other trainable tensors than this model: was it written by another version?")
+    model.load_state_dict(ck["model"], strict=False)  # the trainable part only; the backbones come from stage 0
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    torch.set_rng_state(ck["rng"])
+    if "cuda_rng" in ck and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ck["cuda_rng"])
+    if RANK == 0:
+        write_log(os.path.join(cfg.out_dir, "log.csv"), history)  # drops epochs logged after the last checkpoint
+    log(f"resumed from {path} after epoch {epoch}")
+    return epoch, ck["best_val"], ck["best"], history
 
 
-def main(cfg):
-    t_start = time.time()
+def setup(cfg):
+    """Device and, under torchrun, the process group; -> device."""
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" and WORLD > 1 else cfg.device
     if device.startswith("cuda:"):
         torch.cuda.set_device(device)
-    if WORLD > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if WORLD > 1:  # a rank that waits longer than dist_timeout for the others stops with an error
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                timeout=timedelta(seconds=cfg.dist_timeout))
     torch.manual_seed(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    return device
 
-    sets, num_classes = datasets(cfg)
-    cfg.num_classes = num_classes
-    vit, ast = backbones(cfg)
+
+def train_epoch(ddp, loader, opt, cfg, device, cache, epoch, resumable):
+    """One pass over the training clips; -> mean loss. Stops the run on a non-finite loss."""
+    total = 0.0
+    for step, batch in enumerate(loader):
+        logits, aux, labels = run_batch(ddp, batch, device, cache, p_drop=cfg.modality_dropout)
+        loss = loss_fn(logits, labels, aux, cfg)
+        if not torch.isfinite(loss):
+            kept = "still holds the last good epoch" if resumable else "was not written: no epoch finished"
+            sys.exit(f"[rank {RANK}] loss is {loss.item()} at epoch {epoch + 1} step {step}: stopping; "
+                     f"{cfg.out_dir}/ckpt.pt {kept} (try a lower --lr)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # under DDP the gradients are averaged over the processes here
+        opt.step()
+        total += loss.item()
+        if RANK == 0 and sys.stdout.isatty():
+            print(f"\r  epoch {epoch + 1}: step {step + 1}/{len(loader)} loss {loss.item():.3f}", end="", flush=True)
+    return total / len(loader)
+
+
+def main(cfg):
+    t_start, seconds = time.time(), {}
+    device = setup(cfg)
+    with phase("data", seconds):
+        sets, cfg.num_classes = datasets(cfg)
+    with phase("stage 0", seconds):
+        vit, ast = backbones(cfg)
     torch.manual_seed(cfg.seed)
     model = AVModel(cfg, vit, ast).to(device)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
     counts = param_counts(model)
     log(f"{cfg.mode} ({cfg.modalities}): trainable {counts['adapters']:,} adapter + {counts['head']:,} head "
         f"parameters of {counts['total']:,} in all")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, cfg.lr_step, gamma=0.35)
+    start, best_val, best, history = start_or_resume(cfg, model, opt, sched)
 
     caching = cfg.cache_features and cfg.mode != "avmoe"
-    t0 = time.time()
-    caches = {s: FeatureCache(model, sets[s], device, None if cfg.data == "synthetic" else
-                              os.path.join(cfg.out_dir, f"features_rank{RANK}_{s}"))
-              if caching and (s == "train" or RANK == 0) else None for s in sets}  # only rank 0 evaluates
-    if caching:
-        log(f"cached the frozen backbone states of {sum(len(s) for s in sets.values())} clips in {time.time() - t0:.0f} s")
+    with phase("feature cache", seconds):  # only rank 0 evaluates, so only it caches val and test
+        caches = {s: FeatureCache(model, sets[s], device, None if cfg.data == "synthetic" else
+                                  os.path.join(cfg.out_dir, f"features_rank{RANK}_{s}"))
+                  if caching and (s == "train" or RANK == 0) else None for s in sets}
     train = Indexed(sets["train"], inputs=not caching)
     sampler = torch.utils.data.DistributedSampler(train, seed=cfg.seed) if WORLD > 1 else None
     loaders = {s: torch.utils.data.DataLoader(Indexed(sets[s], inputs=not caching), 2 * cfg.batch_size,
                                               generator=torch.Generator())  # own RNG: evaluating draws no random number
                for s in ("val", "test")}
-
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    start, best_val, best = 0, -1.0, trainable_state(model)
-    if cfg.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        diff = {k: (v, getattr(cfg, k)) for k, v in ck["config"].items()
-                if k not in RESUME_MAY_DIFFER and getattr(cfg, k, None) != v}
-        if diff:
-            sys.exit(f"{ckpt_path} is from another configuration: " +
-                     ", ".join(f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items()) +
-                     " (only epochs, out_dir and device may change on --resume)")
-        if set(ck["model"]) != {n for n, p in model.named_parameters() if p.requires_grad}:
-            sys.exit(f"{ckpt_path} holds other trainable tensors than this model: was it written by another version?")
-        model.load_state_dict(ck["model"], strict=False)  # the trainable part only; the backbones come from stage 0
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        start, best_val, best = ck["epoch"], ck["best_val"], ck["best"]
-        torch.set_rng_state(ck["rng"])
-        if "cuda_rng" in ck and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ck["cuda_rng"])
-        log(f"resumed from {ckpt_path} after epoch {start}")
-    elif cfg.resume:
-        log(f"--resume: no {ckpt_path} yet, starting from scratch")
-
-    log_path, epoch_seconds = os.path.join(cfg.out_dir, "log.csv"), []
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
-        model.train()
+        ddp.train()
         if sampler is not None:
             sampler.set_epoch(epoch)
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # the same order after a resume
         loader = torch.utils.data.DataLoader(train, cfg.batch_size, sampler=sampler, shuffle=sampler is None,
                                              generator=g)
-        total_loss = steps = 0
-        for step, batch in enumerate(loader):
-            logits, aux, labels = run_batch(model, batch, device, caches["train"], p_drop=cfg.modality_dropout)
-            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten()) + cfg.lambda_orth * aux["orth"] + \
-                cfg.lambda_balance * aux["balance"]
-            if not torch.isfinite(loss):
-                print(f"[rank {RANK}] loss is {loss.item()} at epoch {epoch + 1} step {step}: stopping; {ckpt_path} "
-                      "still holds the last good epoch (try a lower --lr)", flush=True)
-                sys.exit(1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if WORLD > 1:  # average the gradients over the processes
-                for p in params:
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad /= WORLD
-            opt.step()
-            total_loss, steps = total_loss + loss.item(), steps + 1
-            if RANK == 0 and sys.stdout.isatty():
-                print(f"\r  epoch {epoch + 1}: step {step + 1}/{len(loader)} loss {loss.item():.3f}", end="", flush=True)
+        with phase("training", seconds):
+            loss = train_epoch(ddp, loader, opt, cfg, device, caches["train"], epoch, resumable=epoch > 0)
         sched.step()
         if RANK == 0:
-            val_acc = evaluate(model, loaders["val"], device, caches["val"])["acc"]
+            with phase("validation", seconds):
+                val_acc = evaluate(model, loaders["val"], device, caches["val"])["acc"]
             if val_acc > best_val:  # model selection on val, never on test
                 best_val, best = val_acc, trainable_state(model)
-            secs = time.time() - t0
-            epoch_seconds.append(round(secs, 2))
-            print(f"\repoch {epoch + 1}/{cfg.epochs}: loss {total_loss / steps:.3f}  val acc {val_acc:.3f}  "
-                  f"{secs:.1f} s  ETA {secs * (cfg.epochs - epoch - 1):.0f} s", flush=True)
-            with open(log_path, "a", newline="") as f:
-                csv.writer(f).writerow([cfg.mode, cfg.modalities, epoch + 1, round(total_loss / steps, 4),
-                                        round(val_acc, 4)])
-            save_checkpoint(ckpt_path, {"model": trainable_state(model), "optimizer": opt.state_dict(),
-                                        "scheduler": sched.state_dict(), "epoch": epoch + 1, "best_val": best_val,
-                                        "best": best, "rng": torch.get_rng_state(),
-                                        **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
-                                        "config": dataclasses.asdict(cfg)})
-
+            history.append({"epoch": epoch + 1, "train_loss": round(loss, 4), "val_acc": round(val_acc, 4),
+                            "seconds": round(time.time() - t0, 2)})
+            print(f"\repoch {epoch + 1}/{cfg.epochs}: loss {loss:.3f}  val acc {val_acc:.3f}  "
+                  f"{time.time() - t0:.1f} s  ETA {(time.time() - t0) * (cfg.epochs - epoch - 1):.0f} s", flush=True)
+            save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
+                "model": trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "epoch": epoch + 1, "best_val": best_val, "best": best, "history": history,
+                "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg),
+                **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})})
+            write_log(os.path.join(cfg.out_dir, "log.csv"), history)
     if RANK == 0:
         model.load_state_dict(best, strict=False)
-        test = evaluate(model, loaders["test"], device, caches["test"])
-        visual = evaluate(model, loaders["test"], device, caches["test"], drop="audio")
-        audio = evaluate(model, loaders["test"], device, caches["test"], drop="frames")
-        test_acc, visual_only, audio_only = test["acc"], visual["acc"], audio["acc"]
-        router, router_v, alpha = test["router"], visual["router"], test["alpha"]
-        metrics = {"test_acc": test_acc, "val_acc": best_val, "test_acc_visual_only": visual_only,
-                   "test_acc_audio_only": audio_only, "trainable_params": counts["adapters"] + counts["head"],
-                   "trainable_adapter_params": counts["adapters"], "head_params": counts["head"],
-                   "total_params": counts["total"], "seconds": round(time.time() - t_start, 1), "mode": cfg.mode,
-                   "modalities": cfg.modalities, "router_weights": {"normal": router, "visual_only": router_v},
-                   "layer_weights": alpha, "token_redundancy": test["orth"], "epoch_seconds": epoch_seconds,
-                   "config": dataclasses.asdict(cfg)}
-        print(f"test acc {test_acc:.3f} (val {best_val:.3f}); audio removed {visual_only:.3f}; "
-              f"frames removed {audio_only:.3f}")
-        names = {"a": "audio ", "v": "visual"}
-        if router:
-            print("router weights per position (CMA experts first, then UA), normal input:\n" + router_table(router, names))
-            print("visual-only input (audio removed):\n" + router_table(router_v, names))
-            write_heatmap(os.path.join(cfg.out_dir, "router.png"), [router, router_v])
-        if alpha:
-            print(f"MoLT token redundancy (mean squared cosine between layer-wise tokens): {test['orth']:.3f}")
-        for m, a in alpha.items():
-            print(f"MoLT layer significance ({names[m].strip()}, {cfg.molt_layers} {len(a)} layers): " + " ".join(f"{x:.2f}" for x in a))
-        with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
-        print(f"wrote {cfg.out_dir}/metrics.json in {metrics['seconds']:.0f} s")
+        final_report(cfg, model, loaders["test"], device, caches["test"], counts, history, best_val, seconds, t_start)
     if WORLD > 1:
         dist.barrier()
         dist.destroy_process_group()
 
 
+def final_report(cfg, model, loader, device, cache, counts, history, best_val, seconds, t_start):
+    """Test accuracy with both modalities, with the audio removed and with the frames removed; the router and
+    MoLT's layer weights; metrics.json."""
+    test, visual, audio = (evaluate(model, loader, device, cache, drop) for drop in ("none", "audio", "frames"))
+    print(f"test acc {test['acc']:.3f} (val {best_val:.3f}); audio removed {visual['acc']:.3f}; "
+          f"frames removed {audio['acc']:.3f}")
+    names = {"a": "audio", "v": "visual"}
+    for title, report in (("normal input", test["router"]), ("audio removed", visual["router"])):
+        print(f"router weights, {title} (mean weight of each expert, CMA first, then UA; in brackets how often it is "
+              "the largest):")
+        for m, r in report.items():
+            for pos, mean, top in zip(r["positions"], r["mean"], r["top1"]):
+                print(f"  {names[m]:6} {pos:14} " + "  ".join(f"{a:.2f} ({b:.2f})" for a, b in zip(mean, top)))
+    for m, a in test["alpha"].items():
+        print(f"MoLT layer significance, {names[m]}: " + "  ".join(f"layer {i} {x:.2f}" for i, x in zip(a["layers"],
+                                                                                                     a["alpha"])))
+    if test["alpha"]:
+        print(f"MoLT token redundancy (mean squared cosine between layer-wise tokens): {test['orth']:.3f}")
+    metrics = {"test_acc": test["acc"], "val_acc": best_val, "test_acc_visual_only": visual["acc"],
+               "test_acc_audio_only": audio["acc"], "trainable_params": counts["adapters"] + counts["head"],
+               "trainable_adapter_params": counts["adapters"], "head_params": counts["head"],
+               "total_params": counts["total"], "mode": cfg.mode, "modalities": cfg.modalities,
+               "router_weights": {"normal": test["router"], "visual_only": visual["router"]},
+               "layer_weights": test["alpha"], "token_redundancy": test["orth"], "confusion": test["confusion"],
+               "history": history, "config": dataclasses.asdict(cfg)}
+    metrics["seconds"] = round(time.time() - t_start, 1)
+    metrics["phase_seconds"] = dict(seconds, **{"test and report": round(time.time() - t_start - sum(seconds.values()), 1)})
+    with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    print("seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["phase_seconds"].items()) +
+          f"; {metrics['seconds']:.0f} in all")
+    print(f"wrote {cfg.out_dir}/metrics.json")
+
+
 # ----------------------------------------------------------------------------- --bench: the cost of each method
 
 
-def measure(model, batch, device, steps):
+def measure(model, batch, device, steps, cfg):
     """Trainable adapter parameters, bytes autograd saves for backward in one training step (each storage once,
     parameters left out: expanded views of frozen weights would otherwise count a hundredfold), median step time."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -497,24 +583,19 @@ def measure(model, batch, device, steps):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
     times = []
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
     for i in range(steps + 1):  # the first step is warm-up
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if i == 0 else contextlib.nullcontext():
             logits, aux, labels = run_batch(model, batch, device)
-            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten()) + aux["orth"] + aux["balance"]
+            loss = loss_fn(logits, labels, aux, cfg)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    out = {"adapter_params": param_counts(model)["adapters"], "saved_bytes": sum(saved.values()),
-           "step_seconds": sorted(times[1:])[len(times[1:]) // 2]}
-    if device.startswith("cuda"):
-        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
-    return out
+    return {"adapter_params": param_counts(model)["adapters"], "saved_bytes": sum(saved.values()),
+            "step_seconds": sorted(times[1:])[len(times[1:]) // 2]}
 
 
 def bench(cfg, paper_scale=True):
@@ -529,12 +610,13 @@ def bench(cfg, paper_scale=True):
         g = torch.Generator().manual_seed(0)
         big_batch = (torch.randn(1, 2, 3, 192, 192, generator=g), torch.randn(1, 2, 100, 128, generator=g),
                      torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long))
-        scales["paper scale"] = (ViT(192, 16, 768, 12, 12, 3072), AST(128, 100, 10, 10, 768, 12, 12, 3072),
-                                 big_batch, 2, 8)
+        base = dict(dim=768, depth=12, heads=12, mlp_dim=3072)
+        scales["paper scale"] = (ViT(image_size=192, patch_size=16, **base),
+                                 AST(num_mel_bins=128, target_length=data.FRAMES_PER_SEGMENT, **base), big_batch, 2, 8)
     for scale, (v, a, b, steps, r) in scales.items():
         for mode in ("avmoe", "molt"):  # the papers' bottleneck is D/8
             model = AVModel(dataclasses.replace(cfg, mode=mode, reduction=r), v, a).to(device)
-            results[f"{scale} {mode}"] = measure(model, b, device, steps)
+            results[f"{scale} {mode}"] = measure(model, b, device, steps, cfg)
     print(f"{'':24}{'adapter params':>16}{'saved for backward':>20}{'step time':>12}")
     about = {"demo": f"{cfg.batch_size} clips x 10 segments", "paper scale": "1 clip x 2 segments, D/8 bottleneck"}
     for scale in scales:
@@ -546,7 +628,6 @@ def bench(cfg, paper_scale=True):
         results[f"{scale} molt / avmoe"] = ratio
         print(f"{scale + ' MoLT / AVMoE':24}{ratio['adapter_params']:>16.3f}{ratio['saved_bytes']:>20.3f}"
               f"{ratio['step_seconds']:>12.3f}   ({about[scale]})")
-    os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
         json.dump(results, f, indent=1)
 
@@ -554,7 +635,10 @@ def bench(cfg, paper_scale=True):
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 if __name__ == "__main__":
-    if "--bench" in sys.argv:
-        bench(parse_config([a for a in sys.argv[1:] if a != "--bench"]))
-    else:
-        main(parse_config(sys.argv[1:]))
+    try:
+        if "--bench" in sys.argv:
+            bench(parse_config([a for a in sys.argv[1:] if a != "--bench"] + ["--overwrite"]))
+        else:
+            main(parse_config(sys.argv[1:]))
+    except (ValueError, FileNotFoundError) as e:  # bad input found while working (a checkpoint, an annotation line)
+        sys.exit(f"error: {e}")
