@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -348,6 +349,9 @@ def prepare_video(src, dst, image_size=224, timeout=120):
                             "-of", "json", src], timeout))
     if float(info.get("format", {}).get("duration", 0)) < 1:
         raise RuntimeError("shorter than 1 s")
+    kinds = {s.get("codec_type") for s in info.get("streams", [])}
+    if "video" not in kinds:
+        raise RuntimeError("no video stream")
     # One frame per second, from its middle: setpts moves t = n + 0.5 to n, where the 1 fps sampler ticks, and
     # round=up makes each tick take the last frame at or before it. Then a plain resize of the whole frame to
     # S x S (no crop), as the official pipelines do.
@@ -357,7 +361,7 @@ def prepare_video(src, dst, image_size=224, timeout=120):
     frames = np.frombuffer(raw, np.uint8).reshape(-1, image_size, image_size, 3)
     if len(frames) == 0:
         raise RuntimeError("no video frame")
-    has_audio = any(s.get("codec_type") == "audio" for s in info.get("streams", []))
+    has_audio = "audio" in kinds
     audio = np.zeros(0, np.float32)
     if has_audio:  # ffmpeg downmixes and resamples; -t cuts at 10 s
         audio = np.frombuffer(_run(["ffmpeg", "-nostdin", "-v", "error", "-i", src, "-map", "0:a:0", "-ac", "1",
@@ -379,6 +383,25 @@ def prepare_video(src, dst, image_size=224, timeout=120):
     return notes
 
 
+def check_prepared(path, image_size=None):
+    """Raises ValueError if a prepared .npz is unreadable or holds other keys or shapes than prepare_video writes.
+    Cheap: reads the zip directory and the arrays' headers, not their data."""
+    expect = {"frames": ((SECONDS, image_size, image_size, 3), np.uint8), "audio": ((SAMPLE_RATE * SECONDS,), np.float32)}
+    try:
+        with zipfile.ZipFile(path) as z:
+            if sorted(z.namelist()) != ["audio.npy", "frames.npy"]:
+                raise ValueError(f"holds {z.namelist()}, not frames.npy and audio.npy")
+            for key, (shape, dtype) in expect.items():
+                with z.open(key + ".npy") as f:
+                    read = {(1, 0): np.lib.format.read_array_header_1_0}.get(np.lib.format.read_magic(f),
+                                                                            np.lib.format.read_array_header_2_0)
+                    got, _, got_dtype = read(f)
+                if got_dtype != dtype or len(got) != len(shape) or any(a and a != b for a, b in zip(shape, got)):
+                    raise ValueError(f"{key} is {got_dtype} {got}, expected {np.dtype(dtype)} {shape}")
+    except (OSError, zipfile.BadZipFile, ValueError) as e:
+        raise ValueError(f"{path} is broken ({e})") from None
+
+
 def prepare_ave(root, out, image_size=224, workers=2, timeout=120):
     """Decode every video of ROOT/Annotations.txt into OUT/<VideoID>.npz; resumable, never stops on a bad clip."""
     for tool in ("ffmpeg", "ffprobe"):
@@ -390,7 +413,14 @@ def prepare_ave(root, out, image_size=224, workers=2, timeout=120):
     ids = list(dict.fromkeys(r.video_id for r in read_annotations(os.path.join(root, "Annotations.txt"))))
     os.makedirs(out, exist_ok=True)
     dst = {v: os.path.join(out, v + ".npz") for v in ids}
-    todo = [v for v in ids if not os.path.exists(dst[v])]
+    todo, broken = [v for v in ids if not os.path.exists(dst[v])], []
+    for v in set(ids) - set(todo):  # an earlier file that cannot be read is redone
+        try:
+            check_prepared(dst[v], image_size)
+        except ValueError as e:
+            broken.append(v)
+            print(f"{e}: preparing it again")
+    todo += sorted(broken)
     print(f"{len(ids)} videos, {len(ids) - len(todo)} already in {out}, {len(todo)} to prepare")
     report = dict(prepared=[], skipped={}, padded=[], silent=[])
 
@@ -444,13 +474,22 @@ class AVEDataset(torch.utils.data.Dataset):
             print(f"AVE {split}: dropped {len(rows) - len(keep)} of {len(rows)} rows whose video was not prepared")
         self.files, self.labels = [self.files[i] for i in keep], [self.labels[i] for i in keep]
         self.num_classes, self.image_size, self.num_mel_bins = len(classes), image_size, num_mel_bins
+        self.redo = f"rerun `python data.py --prepare_ave {root} --out {prepared_dir}`, which redoes broken files"
+        for f in self.files:  # before any training: a broken file would otherwise stop a long run halfway
+            try:
+                check_prepared(f)
+            except ValueError as e:
+                raise ValueError(f"{e}: {self.redo}") from None
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        with np.load(self.files[i]) as f:
-            frames, audio = torch.from_numpy(f["frames"]), torch.from_numpy(f["audio"])
+        try:
+            with np.load(self.files[i]) as f:
+                frames, audio = torch.from_numpy(f["frames"]), torch.from_numpy(f["audio"])
+        except (OSError, ValueError, zipfile.BadZipFile) as e:  # damaged inside: the check above reads headers only
+            raise ValueError(f"{self.files[i]} is broken ({e}): {self.redo}") from None
         x = frames.permute(0, 3, 1, 2).float() / 255  # (10,3,H,W) in [0, 1]
         if self.image_size and self.image_size != x.shape[-1]:
             x = torch.nn.functional.interpolate(x, size=(self.image_size,) * 2, mode="bilinear", antialias=True)

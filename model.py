@@ -4,6 +4,7 @@ import math
 import os
 import re
 import struct
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -151,19 +152,26 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 
 def read_safetensors(path):
-    """A .safetensors file: 8-byte little-endian header size, a JSON header (name -> dtype, shape, offsets), raw bytes."""
+    """A .safetensors file: 8-byte little-endian header size, a JSON header (name -> dtype, shape, offsets), raw bytes.
+    As the format requires, each tensor's bytes lie inside the data, do not overlap another's, and match its shape."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
+        (n,) = struct.unpack("<Q", f.read(8)) if size >= 8 else (-1,)
+        if not 0 < n <= size - 8:
+            raise ValueError(f"header length {n} does not fit a file of {size} bytes: not a .safetensors file")
         header = json.loads(f.read(n))
         data = f.read()
-    state = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+    state, end_of_last = {}, 0
+    tensors = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
+    for name, info in tensors:
         begin, end = info["data_offsets"]
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None or not end_of_last <= begin <= end <= len(data) or \
+                end - begin != dtype.itemsize * math.prod(info["shape"]):
+            raise ValueError(f"tensor {name}: offsets {begin}..{end} ({info['dtype']}, shape {info['shape']}) are out "
+                             f"of bounds, overlap another tensor or do not match dtype size x shape")
         flat = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
-        state[name] = flat.reshape(info["shape"])
+        state[name], end_of_last = flat.reshape(info["shape"]), end
     return state
 
 
@@ -174,11 +182,16 @@ def read_state(src):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint not found: {path}")
         try:
+            if os.path.getsize(path) == 0:
+                raise ValueError("the file is empty")
             state = read_safetensors(path) if path.endswith(".safetensors") else \
                 torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"could not read checkpoint {path}: {e}\n(save a state dict, e.g. "
-                             "torch.save(model.state_dict(), path), or use a .safetensors file)") from e
+        except Exception as e:  # a truncated, foreign or unsafe file: say which and why, in one line
+            reason = str(e).split(". ")[0].splitlines()[0][:200] if str(e) else "no detail"
+            if not path.endswith(".safetensors") and os.path.getsize(path) and not zipfile.is_zipfile(path):
+                reason = "not a zip archive as torch.save writes: truncated, or not a checkpoint"
+            raise ValueError(f"could not read checkpoint {path} ({type(e).__name__}: {reason}): save a state dict, "
+                             "e.g. torch.save(model.state_dict(), path), or use a .safetensors file") from None
     else:
         state = src
     for wrapper in ("state_dict", "model"):

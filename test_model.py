@@ -272,6 +272,29 @@ def test_safetensors_round_trip(tmp_path):
     assert (ours.forward_features(fb) - reference_ast(repo, fb, 1e-12)).abs().max() < 1e-4
 
 
+def test_safetensors_offsets_must_be_in_bounds_disjoint_and_sized(tmp_path):
+    path = tmp_path / "t.safetensors"
+    write_safetensors(path, {"a": torch.arange(4.0), "b": torch.arange(4.0) + 10})
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    for offsets in ([-4, 12], [8, 24], [16, 40], [16, 28]):  # negative, overlapping a, past the end, wrong size
+        bad = dict(header, b=dict(header["b"], data_offsets=offsets))
+        h = json.dumps(bad).encode()
+        path.write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n:])
+        with pytest.raises(ValueError, match="tensor b"):
+            read_safetensors(path)
+    path.write_bytes(struct.pack("<Q", 10**15) + b"{}")
+    with pytest.raises(ValueError, match="header length"):
+        load_vit(path)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "text.pth").write_text("these are not weights\n")
+    with pytest.raises(ValueError, match=r"empty\.pth \(ValueError: the file is empty\)"):
+        load_vit(tmp_path / "empty.pth")
+    with pytest.raises(ValueError, match=r"text\.pth .*not a zip archive"):
+        load_vit(tmp_path / "text.pth")
+
+
 # ----------------------------------------------------------------------------- fbank
 
 
@@ -787,6 +810,37 @@ def test_dataset_rows_labels_and_tensors(ave, capsys):
         data.AVEDataset(out, root, "test")  # its only clip was too short to prepare
 
 
+@needs_ffmpeg
+def test_broken_prepared_clips_are_named_and_redone(ave, tmp_path):
+    root, out, _, _ = ave
+    prepared = tmp_path / "prepared"
+    shutil.copytree(out, prepared)
+    good = (prepared / "B.npz").read_bytes()
+    (prepared / "B.npz").write_bytes(good[: len(good) // 2])  # truncated
+    with np.load(out / "B.npz") as f:
+        frames = f["frames"]
+    np.savez(prepared / "A.npz", frames=np.zeros((5, 32, 32, 3), np.uint8), audio=np.zeros(160000, np.float32))
+    for bad in ("B.npz", "A.npz"):
+        with pytest.raises(ValueError, match=rf"{bad} is broken"):
+            data.check_prepared(prepared / bad)
+    with pytest.raises(ValueError, match=r"(A|B)\.npz is broken.*rerun `python data.py --prepare_ave"):
+        data.AVEDataset(prepared, root, "train")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        report = data.prepare_ave(str(root), str(prepared), image_size=32)
+    assert sorted(report["prepared"]) == ["A", "B"] and "preparing it again" in printed.getvalue()
+    with np.load(prepared / "B.npz") as f:
+        assert np.array_equal(f["frames"], frames) and len(data.AVEDataset(prepared, root, "train")) == 4
+
+
+@needs_ffmpeg
+def test_audio_only_file_is_skipped_as_having_no_video_stream(tmp_path):
+    src = tmp_path / "sound.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=frequency=440:duration=3", "-c:a", "aac",
+                    str(src)], check=True)
+    with pytest.raises(RuntimeError, match="no video stream"):
+        data.prepare_video(str(src), str(tmp_path / "sound.npz"), image_size=32)
+
+
 # ----------------------------------------------------------------------------- synthetic AVE
 
 
@@ -879,6 +933,40 @@ def test_checkpoint_writes_are_atomic_and_nan_stops_the_run(tmp_path, monkeypatc
     with pytest.raises(SystemExit):
         run_train(tmp_path, "--epochs=2", "--resume")
     assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
+def test_unreadable_checkpoints_and_nan_give_one_honest_line(tmp_path, monkeypatch):
+    run_train(tmp_path, "--epochs=1")
+    ckpt = tmp_path / "ckpt.pt"
+    whole = ckpt.read_bytes()
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    for broken in (whole[: len(whole) // 2], b"", (tmp_path / "foreign.pt").read_bytes()):
+        ckpt.write_bytes(broken)
+        with pytest.raises(SystemExit, match=r"ckpt\.pt is unreadable \(.*\): delete it or run with --overwrite"):
+            run_train(tmp_path, "--epochs=2", "--resume")
+    monkeypatch.setattr(train.F, "cross_entropy", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(SystemExit, match="was not written: no epoch finished"):
+        run_train(tmp_path / "new")
+
+
+def test_resumed_log_reads_as_one_run(tmp_path):
+    run_train(tmp_path)
+    with open(tmp_path / "log.csv", "a") as f:
+        f.write("3,0.5,0.5,1.0\n")  # a row written just before a kill during the checkpoint save
+    run_train(tmp_path, "--epochs=3", "--resume")
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert rows[0] == "epoch,train_loss,val_acc,seconds" and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+
+
+def test_user_errors_are_one_line_before_any_work(tmp_path):
+    (tmp_path / "Annotations.txt").write_text("Bus&v1&good&0&10\nBus&v2&good&x&10\n")
+    (tmp_path / "prepared").mkdir()
+    for args, expect in (([f"--data_root={tmp_path}"], "Annotations.txt, line 2"),
+                         ([f"--data_root={tmp_path / 'nowhere'}"], "needs --data_root")):
+        p = subprocess.run([sys.executable, "train.py", "--data=ave", f"--prepared_dir={tmp_path / 'prepared'}",
+                            f"--out_dir={tmp_path / 'run'}", *args], capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.abspath(__file__)), timeout=120)
+        assert p.returncode != 0 and expect in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 def test_metrics_report_what_the_issue_lists(tmp_path):
