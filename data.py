@@ -208,11 +208,12 @@ def generate_pretraining(seed, n, image_size, num_mel_bins):
     sounds labelled by timbre (any pitch), the last label meaning 'nothing there'."""
     rng = np.random.default_rng(seed)
     shape, timbre = rng.integers(0, len(SHAPES) + 1, n), rng.integers(0, len(TIMBRES) + 1, n)
-    frames, fbanks = [], []
-    for s, t in zip(shape, timbre):
-        frames.append(draw_frame(rng, image_size, [(rng.random(), SHAPES[s])] if s < len(SHAPES) else []))
-        wave = draw_sound(rng, [(150 * 20 ** rng.random(), TIMBRES[t])] if t < len(TIMBRES) else [])
-        fbanks.append(fbank(torch.from_numpy(wave), num_mel_bins=num_mel_bins, target_length=FRAMES_PER_SEGMENT))
+    frames, fbanks, progress = [], [], Progress(f"stage 0: drawing {n} images and sounds", n)
+    with single_thread():
+        for s, t in zip(shape, timbre):
+            frames.append(draw_frame(rng, image_size, [(rng.random(), SHAPES[s])] if s < len(SHAPES) else []))
+            wave = draw_sound(rng, [(150 * 20 ** rng.random(), TIMBRES[t])] if t < len(TIMBRES) else [])
+            fbanks.append(progress(fbank(wave, num_mel_bins=num_mel_bins, target_length=FRAMES_PER_SEGMENT)))
     frames = imagenet_normalise(torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255)
     return frames, torch.stack(fbanks), torch.from_numpy(shape), torch.from_numpy(timbre)
 
@@ -474,6 +475,7 @@ class AVEDataset(torch.utils.data.Dataset):
             print(f"AVE {split}: dropped {len(rows) - len(keep)} of {len(rows)} rows whose video was not prepared")
         self.files, self.labels = [self.files[i] for i in keep], [self.labels[i] for i in keep]
         self.num_classes, self.image_size, self.num_mel_bins = len(classes), image_size, num_mel_bins
+        self.class_names = list(classes)
         self.redo = f"rerun `python data.py --prepare_ave {root} --out {prepared_dir}`, which redoes broken files"
         for f in self.files:  # before any training: a broken file would otherwise stop a long run halfway
             try:

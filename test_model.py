@@ -7,12 +7,14 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import struct
 import subprocess
 import sys
 from functools import partial
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
@@ -986,6 +988,46 @@ def test_metrics_report_what_the_issue_lists(tmp_path):
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 3
 
 
+class PageReader(HTMLParser):
+    """The <h2> titles of a page and every address it refers to (src, href, url())."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.titles, self.refs, self.in_h2 = [], [], False
+        self.feed(text)
+        self.refs += re.findall(r"url\(|@import|https?:", re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", text))
+
+    def handle_starttag(self, tag, attrs):
+        self.in_h2 = self.in_h2 or tag == "h2"
+        self.refs += [v for k, v in attrs if k in ("src", "href") and not v.startswith("data:")]
+
+    def handle_endtag(self, tag):
+        self.in_h2 = self.in_h2 and tag != "h2"
+
+    def handle_data(self, text):
+        if self.in_h2:
+            self.titles.append(text)
+
+
+def test_report_is_self_contained_with_the_sections_each_mode_has(tmp_path):
+    run_train(tmp_path / "molt", "--test_clips=5")
+    run_train(tmp_path / "frozen", "--mode=frozen", "--epochs=1")
+    run_train(tmp_path / "audio", "--modalities=a", "--mode=avmoe", "--epochs=1")
+    expect = {"molt": ["Headline", "Training curves", "Router: which experts each layer uses", "MoLT layer significance",
+                       "Clip timelines", "Per-class accuracy"],
+              "frozen": ["Headline", "Training curves", "Clip timelines", "Per-class accuracy"],
+              "audio": ["Headline", "Training curves", "Clip timelines", "Per-class accuracy"]}
+    for run, titles in expect.items():
+        text = (tmp_path / run / "report.html").read_text()
+        page = PageReader(text)
+        assert page.titles == titles and page.refs == [], run
+        assert text.count("<h3>Clip") == 4 and "--out_dir=" in text
+    molt = (tmp_path / "molt" / "report.html").read_text()
+    assert "predicted, audio removed" in molt and "synthetic run" in molt and "layer 2" in molt
+    audio = (tmp_path / "audio" / "report.html").read_text()
+    assert "alt=\"frame\"" not in audio and "audio removed" not in audio.split("<h2>Training")[0]
+
+
 def test_torchrun_two_processes_and_exact_resume(tmp_path):
     busy = socket.socket()  # torchrun's default port is taken, as on a shared CI machine: --standalone picks a free one
     with contextlib.suppress(OSError):
@@ -1019,6 +1061,8 @@ def test_train_on_prepared_real_ave(ave, tmp_path, monkeypatch):
     args = ("--data=ave", f"--data_root={lists}", f"--prepared_dir={out}", "--image_size=32")
     m, printed = run_train(tmp_path, *args)
     assert m["config"]["num_classes"] == 3 and 0 <= m["test_acc"] <= 1
+    page = (tmp_path / "report.html").read_text()
+    assert "Race car, auto racing" in page and "synthetic run" not in page and "best with audio only" not in page
     cached = np.load(tmp_path / "features_rank0_train_v_late.npy", mmap_mode="r")  # MoLT's states, fp16 on disk
     assert cached.dtype == np.float16 and cached.shape[0] == 4 * 10 and "feature cache" in printed
     monkeypatch.setattr(train.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))

@@ -14,8 +14,10 @@ adapters; the model is selected on val and reported on test. Each run writes to 
 and stage-0 backbones are cached in --cache_dir and shared by runs.
 """
 import contextlib
+import base64
 import csv
 import dataclasses
+import html
 import inspect
 import json
 import math
@@ -32,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 import data
 from data import SECONDS
@@ -76,6 +79,7 @@ class Config(AVConfig, data.SynthConfig):
     dist_timeout: int = 600  # torchrun: seconds a process waits for the others before it stops with an error
 
 
+STREAMS = {"a": "audio", "v": "visual"}
 RESUME_MAY_DIFFER = {"epochs", "out_dir", "device", "resume", "overwrite", "workers", "dist_timeout"}
 CHOICES = {"data": ("synthetic", "ave"), "device": ("auto", "cuda", "mps", "cpu")}
 AT_LEAST_ONE = ("num_classes", "train_clips", "val_clips", "test_clips", "workers", "dim", "depth", "heads",
@@ -362,9 +366,10 @@ def evaluate(model, loader, device, cache=None, drop="none"):
     MoLT's layer weights and token redundancy (the orthogonality loss: mean squared cosine between layer tokens)."""
     model.eval()
     n = model.cfg.num_classes + 1
-    confusion, orth, router, alpha = torch.zeros(n, n, dtype=torch.long), 0, {}, {}
+    confusion, orth, router, alpha, preds = torch.zeros(n, n, dtype=torch.long), 0, {}, {}, []
     for batch in loader:
         logits, aux, labels = run_batch(model, batch, device, cache, drop)
+        preds.append(logits.argmax(-1).cpu())
         confusion += torch.bincount(labels.flatten().cpu() * n + logits.argmax(-1).flatten().cpu(),
                                     minlength=n * n).view(n, n)  # (true, predicted)
         orth += aux["orth"].item() * labels.numel() / len(model.mods)
@@ -376,6 +381,7 @@ def evaluate(model, loader, device, cache=None, drop="none"):
             alpha[m] = alpha.get(m, 0) + a.sum(0).cpu()
     total = confusion.sum().item()
     return {"acc": confusion.diag().sum().item() / total, "orth": orth / total, "confusion": confusion.tolist(),
+            "pred": torch.cat(preds),  # (clips, S)
             "router": {m: {"positions": model.router_positions(m), "mean": (r[0] / total).tolist(),
                            "top1": (r[1] / total).tolist()} for m, r in router.items()},
             "alpha": {m: {"layers": [i + 1 for i in model.layers[m]], "alpha": (a / total).tolist()}
@@ -534,19 +540,19 @@ def main(cfg):
 
 def final_report(cfg, model, loader, device, cache, counts, history, best_val, seconds, t_start):
     """Test accuracy with both modalities, with the audio removed and with the frames removed; the router and
-    MoLT's layer weights; metrics.json."""
+    MoLT's layer weights; metrics.json and report.html."""
     test, visual, audio = (evaluate(model, loader, device, cache, drop) for drop in ("none", "audio", "frames"))
+    both = len(model.mods) == 2  # removing one of two inputs only means something with both
     print(f"test acc {test['acc']:.3f} (val {best_val:.3f}); audio removed {visual['acc']:.3f}; "
           f"frames removed {audio['acc']:.3f}")
-    names = {"a": "audio", "v": "visual"}
     for title, report in (("normal input", test["router"]), ("audio removed", visual["router"])):
         print(f"router weights, {title} (mean weight of each expert, CMA first, then UA; in brackets how often it is "
               "the largest):")
         for m, r in report.items():
             for pos, mean, top in zip(r["positions"], r["mean"], r["top1"]):
-                print(f"  {names[m]:6} {pos:14} " + "  ".join(f"{a:.2f} ({b:.2f})" for a, b in zip(mean, top)))
+                print(f"  {STREAMS[m]:6} {pos:14} " + "  ".join(f"{a:.2f} ({b:.2f})" for a, b in zip(mean, top)))
     for m, a in test["alpha"].items():
-        print(f"MoLT layer significance, {names[m]}: " + "  ".join(f"layer {i} {x:.2f}" for i, x in zip(a["layers"],
+        print(f"MoLT layer significance, {STREAMS[m]}: " + "  ".join(f"layer {i} {x:.2f}" for i, x in zip(a["layers"],
                                                                                                      a["alpha"])))
     if test["alpha"]:
         print(f"MoLT token redundancy (mean squared cosine between layer-wise tokens): {test['orth']:.3f}")
@@ -563,7 +569,258 @@ def final_report(cfg, model, loader, device, cache, counts, history, best_val, s
         json.dump(metrics, f, indent=1)
     print("seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["phase_seconds"].items()) +
           f"; {metrics['seconds']:.0f} in all")
-    print(f"wrote {cfg.out_dir}/metrics.json")
+    write_report(os.path.join(cfg.out_dir, "report.html"), report_inputs(cfg, model, loader.dataset.ds, metrics,
+                                                                         test, visual if both else None, both))
+    print(f"wrote {cfg.out_dir}/metrics.json and {cfg.out_dir}/report.html")
+
+
+# ----------------------------------------------------------------------------- report.html: what the run did, for a class
+
+ROLES = {0: "event", 1: "heard only", 2: "seen only", -1: "–"}  # synthetic run ids, see data.make_clip
+CSS = """body{font:20px/1.4 sans-serif;color:#000;background:#fff;max-width:1360px;margin:auto;padding:0 20px 40px}
+h2{font-size:30px;border-top:3px solid #000;padding-top:12px;margin-top:44px} caption{font-weight:bold;padding:8px}
+svg text{font:18px sans-serif} svg .title{font-size:20px;font-weight:bold} code{background:#eee;padding:4px}
+.row{display:flex;flex-wrap:wrap;gap:36px;align-items:flex-start} .card{border:2px solid #000;padding:8px 16px}
+.card b{display:block;font-size:42px} table{border-collapse:collapse} .clip{width:100%;table-layout:fixed}
+td,th{border:1px solid #777;padding:4px 6px;text-align:center;font-size:17px} th{background:#eee}
+td img{display:block;width:100%} .wrong{font-weight:bold;background:#c8c8c8} p b{font-size:32px}"""
+NOTES = {  # what to look for, one or two sentences per section
+    "Headline": "Test clips chose neither the weights nor the epoch. Fusion should beat always answering background "
+                "and the best one modality alone can do (synthetic data), and fall towards them when an input goes.",
+    "Training curves": "The loss should fall and the validation accuracy rise, then level off. The dashed line marks "
+                       "the epoch with the best validation accuracy: its weights are the ones tested.",
+    "Router: which experts each layer uses": "Mean router weight per layer position and expert (a row sums to "
+        "1; darker = more). CMA experts mix in the other modality, UA experts do not: with the audio removed the "
+        "weight should move to UA (AVMoE, Figure 7).",
+    "MoLT layer significance": "α: the weight MoLT's fusion gives each late layer's tokens (they sum to 1 per "
+                               "stream). The long bars are the layers the model relies on.",
+    "Clip timelines": "A column per second: frame, sound (frequency upward, time to the right, darker = louder), "
+                      "true label and prediction; wrong ones are bold, shaded and marked ✗. Synthetic clips show "
+                      "where the event (heard and seen) and the decoys (heard only, seen only) were: only the event "
+                      "counts.",
+    "Per-class accuracy": "The share of each class's test seconds predicted right (n: how many); background is a "
+                          "class too. The table lists the most frequent mistakes."}
+
+
+def png_uri(img):
+    """uint8 (C, H, W) tensor -> a data: URI, so the page needs no file beside it."""
+    return "data:image/png;base64," + base64.b64encode(torchvision.io.encode_png(img.contiguous()).numpy()).decode()
+
+
+def thumbnail(frame, size=64):
+    """uint8 frame (H, W, 3) -> (3, size, size); area averaging keeps 224 px frames from aliasing when shrunk."""
+    x = frame.permute(2, 0, 1)[None].float()
+    return F.interpolate(x, size=(size, size), mode="area" if x.shape[-1] > size else "nearest")[0].round().byte()
+
+
+def spectrogram(fb, lo, hi):
+    """One second of log-mel (T, F) -> uint8 (1, 64, T): frequency upward, time to the right, darker = louder
+    (ink on paper); lo and hi are the clip's range, so the seconds of a clip compare."""
+    x = ((fb.float().T.flip(0) - lo) / (hi - lo + 1e-6)).clamp(0, 1)  # (F, T), low frequencies at the bottom
+    return (255 * (1 - F.interpolate(x[None, None], size=(64, x.shape[1]), mode="area")[0])).byte()
+
+
+def text(x, y, s, anchor="middle", extra=""):
+    """An SVG text element, escaped; extra adds attributes (class, fill, transform)."""
+    return f'<text x="{x:.0f}" y="{y:.0f}" text-anchor="{anchor}" {extra}>{html.escape(str(s))}</text>'
+
+
+def svg(w, h, parts):
+    """An inline SVG of w x h pixels from its elements."""
+    return f'<svg width="{w:.0f}" height="{h:.0f}" role="img">{"".join(parts)}</svg>'
+
+
+def line_chart(title, ys, axis, best, fmt):
+    """One value per epoch as a line with axes; a dashed line and a dot mark the selected (best val) epoch."""
+    left, top, pw, ph = 90, 70, 500, 240
+    hi = max(ys) or 1  # the axis starts at zero: a cut axis makes small changes look large
+    px = lambda i: left + pw * i / max(len(ys) - 1, 1)
+    py = lambda v: top + ph * (1 - v / hi)
+    bx, by, right = px(best - 1), py(ys[best - 1]), px(best - 1) > left + pw / 2
+    points = " ".join(f"{px(i):.1f},{py(v):.1f}" for i, v in enumerate(ys))
+    return svg(left + pw + 30, top + ph + 60, [
+        text(left + pw / 2, 24, title, extra='class="title"'),
+        f'<path d="M{left},{top}V{top + ph}H{left + pw}" fill="none" stroke="#000" stroke-width="2"/>',
+        f'<polyline points="{points}" fill="none" stroke="#000" stroke-width="3"/>',
+        f'<line x1="{bx:.0f}" x2="{bx:.0f}" y1="{top - 6}" y2="{top + ph}" stroke="#000" stroke-dasharray="7 5"/>',
+        f'<circle cx="{bx:.0f}" cy="{by:.0f}" r="7"/>',
+        text(bx + (-8 if right else 8), top - 12, f"selected: epoch {best}, {fmt.format(ys[best - 1])}",
+             "end" if right else "start"),  # above the plot, where no curve can hide it
+        text(left - 8, top + 6, fmt.format(hi), "end"), text(left - 8, top + ph + 6, fmt.format(0), "end"),
+        text(left, top + ph + 24, 1), text(left + pw, top + ph + 24, len(ys)),
+        text(left + pw / 2, top + ph + 50, "epoch"),
+        text(24, top + ph / 2, axis, extra=f'transform="rotate(-90 24 {top + ph / 2:.0f})"')])  # reads bottom-up
+
+
+def heatmap(title, rows, cols, values):
+    """A grey cell per (layer position, expert), darker = more weight, with the weight printed in it."""
+    left, top, cw, ch = 14 + 9 * max(len(s) for s in rows), 80, 80, 32  # about 9 px per character of a label
+    w = max(left + cw * len(cols), 10.5 * len(title)) + 10
+    parts = [text(w / 2, 22, title, extra='class="title"'), text(left + cw * len(cols) / 2, 50, "expert"),
+             text(left - 8, top - 8, "layer", "end")]  # the axis titles head the label columns
+    parts += [text(left + cw * (j + 0.5), top - 8, c) for j, c in enumerate(cols)]
+    for i, (row, weights) in enumerate(zip(rows, values)):
+        y = top + ch * i
+        parts.append(text(left - 8, y + 22, row, "end"))
+        for j, v in enumerate(weights):
+            g = round(255 - 200 * v)  # 255 (white) .. 55: white text stays readable on the darkest cells
+            parts += [f'<rect x="{left + cw * j}" y="{y}" width="{cw}" height="{ch}" fill="rgb({g},{g},{g})" '
+                      'stroke="#fff"/>', text(left + cw * (j + 0.5), y + 22, f"{v:.2f}",
+                                              extra='fill="#fff"' if v > 0.55 else "")]
+    return svg(w, top + ch * len(rows) + 10, parts)
+
+
+def bars(title, labels, values, axis, fmt):
+    """Horizontal bars on a 0..1 scale (accuracies, and alphas, which sum to 1), each value printed at its end."""
+    left, bw, bh, y0 = 14 + 9 * max(len(s) for s in labels), 400, 30, 44
+    parts = [text(left + bw / 2, 24, title, extra='class="title"')]
+    for i, (s, v) in enumerate(zip(labels, values)):
+        y = y0 + bh * i
+        parts += [text(left - 8, y + 21, s, "end"), text(left + bw * v + 6, y + 21, fmt.format(v), "start"),
+                  f'<rect x="{left}" y="{y + 4}" width="{bw * v:.1f}" height="{bh - 8}" fill="#555"/>']
+    y = y0 + bh * len(values) + 4
+    parts += [f'<path d="M{left},{y0}V{y}H{left + bw}" fill="none" stroke="#000" stroke-width="2"/>',
+              text(left, y + 20, fmt.format(0)), text(left + bw, y + 20, fmt.format(1)),
+              text(left + bw / 2, y + 44, axis)]
+    return svg(left + bw + 80, y + 56, parts)
+
+
+def clip_table(k, clip, names):
+    """Clip k as a table, a column per second: frame, sound, true label, synthetic role and the prediction(s)."""
+    def cell(s, wrong=False):  # a wrong prediction is bold, shaded and crossed: it shows in black and white too
+        return f"<td class=wrong>✗ {html.escape(s)}</td>" if wrong else f"<td>{html.escape(s)}</td>"
+
+    label = [int(y) for y in clip["label"]]
+    rows = [("second", [f"<th>{s + 1}</th>" for s in range(len(label))])]
+    if clip["frames"] is not None:
+        rows.append(("frame", [f'<td><img src="{png_uri(thumbnail(f))}" alt="frame"></td>' for f in clip["frames"]]))
+    if clip["fbank"] is not None:
+        lo, hi = clip["fbank"].min().item(), clip["fbank"].max().item()
+        rows.append(("sound", [f'<td><img src="{png_uri(spectrogram(f, lo, hi))}" alt="log-mel"></td>'
+                               for f in clip["fbank"]]))
+    rows.append(("true", [cell(names[y]) for y in label]))
+    if clip["run"] is not None:
+        rows.append(("synthetic run", [cell(ROLES[int(x)]) for x in clip["run"]]))
+    for name, key in (("predicted", "pred"), ("predicted, audio removed", "pred_audio_removed")):
+        if clip[key] is not None:
+            rows.append((name, [cell(names[int(p)], int(p) != y) for p, y in zip(clip[key], label)]))
+    right = sum(int(p) == y for p, y in zip(clip["pred"], label))
+    return (f"<h3>Clip {k}: {right} of {len(label)} seconds right</h3><table class=clip><col style='width:150px'>" +
+            "".join(f"<tr><th>{h}</th>{''.join(c)}</tr>" for h, c in rows) + "</table>")
+
+
+def row(*items):
+    """Charts and tables side by side, wrapping when the screen is narrow."""
+    return "<div class=row>" + "".join(items) + "</div>"
+
+
+def headline(r):
+    """The command, then the accuracies beside their floor and ceilings, the parameter count and the wall time."""
+    h = r["headline"]
+    pct = [("test accuracy", h["test_acc"]), ("audio removed", h["audio_removed"]),
+           ("frames removed", h["frames_removed"]), ("always background", h["always_background"]),
+           ("best with audio only", h["audio_ceiling"]), ("best with frames only", h["visual_ceiling"])]
+    cards = [(f"{v:.1%}", s) for s, v in pct if v is not None] + [
+        (f"{h['adapter_params'] + h['head_params']:,}",
+         f"trainable: {h['adapter_params']:,} adapter + {h['head_params']:,} head"),
+        (f"{h['seconds'] // 60:.0f} min {h['seconds'] % 60:.0f} s", "wall time")]
+    return f"<p><code>{html.escape(r['command'])}</code></p>" + row(
+        *(f"<div class=card><b>{v}</b>{html.escape(s)}</div>" for v, s in cards))
+
+
+def router_maps(router):
+    """Heatmaps per stream, normal input beside audio removed; None when no stream has experts to choose between."""
+    shown = {"normal": "normal input", "audio_removed": "audio removed"}
+    maps = [heatmap(f"{m} stream, {shown[k]}", w[m]["rows"], w[m]["experts"], w[m]["mean"])
+            for m in router["normal"] for k, w in router.items() if w and len(w[m]["experts"]) > 1]
+    return row(*maps) if maps else None
+
+
+def confusion_table(confusions):
+    """The largest off-diagonal entries of the test confusion matrix."""
+    rows = "".join(f"<tr><td>{html.escape(x['true'])}</td><td>{html.escape(x['pred'])}</td><td>{x['count']}</td></tr>"
+                   for x in confusions)
+    return ("<table><caption>Largest confusions</caption><tr><th>true</th><th>predicted</th><th>seconds</th></tr>"
+            f"{rows}</table>")
+
+
+def command(cfg):
+    """The command line that makes this run: the settings that differ from the defaults."""
+    default, launcher = Config(), f"torchrun --nproc_per_node={WORLD} train.py" if WORLD > 1 else "python train.py"
+    return " ".join([launcher] + [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items() if v != getattr(default, k)
+                                  and k not in ("device", "num_classes" if cfg.data == "ave" else "")])
+
+
+def report_inputs(cfg, model, ds, metrics, test, visual, both):
+    """What write_report shows, from this run's metrics and test predictions (visual: with the audio removed)."""
+    labels = torch.stack(list(ds.labels))  # (clips, S)
+    names = getattr(ds, "class_names", [f"class {c}" for c in range(cfg.num_classes)]) + ["background"]
+    split = getattr(ds, "split", None)  # the synthetic generator's record, for the ceilings and the runs
+    stats = data.label_stats(split, cfg.num_classes) if split else {}
+    right = (test["pred"] == labels).sum(1)
+    order = right.argsort(descending=True)
+    mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
+    clips = []
+    for i in [*order[:2].tolist(), *order[-2:].tolist()][:len(ds)]:  # the two best and the two worst clips
+        frames, fb, _ = ds[i]
+        clips.append({"frames": ((frames * std + mean) * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1)
+                      if "v" in model.mods else None, "fbank": fb if "a" in model.mods else None,
+                      "label": labels[i].tolist(), "pred": test["pred"][i].tolist(),
+                      "pred_audio_removed": visual["pred"][i].tolist() if visual else None,
+                      "run": split["run"][i].tolist() if split else None})
+    conf = torch.tensor(test["confusion"])  # (true, predicted)
+    n = conf.sum(1).clamp_min(1)
+    off = [(conf[t, p].item(), t, p) for t in range(len(names)) for p in range(len(names)) if t != p and conf[t, p]]
+    experts = {m: [f"CMA {e + 1}" for e in range(cfg.n_cma if both else 0)] + [f"UA {e + 1}" for e in range(cfg.n_ua)]
+               for m in model.mods}
+    router = {k: {STREAMS[m]: {"rows": r["positions"], "experts": experts[m], "mean": r["mean"]} for m, r in rep.items()}
+              for k, rep in (("normal", test["router"]), ("audio_removed", visual and visual["router"])) if rep}
+    h = {"test_acc": metrics["test_acc"], "audio_removed": metrics["test_acc_visual_only"] if both else None,
+         "frames_removed": metrics["test_acc_audio_only"] if both else None,
+         "always_background": (labels == cfg.num_classes).float().mean().item(),
+         "audio_ceiling": stats.get("audio_only_ceiling"), "visual_ceiling": stats.get("visual_only_ceiling"),
+         "adapter_params": metrics["trainable_adapter_params"], "head_params": metrics["head_params"],
+         "seconds": metrics["seconds"], "mode": cfg.mode, "modalities": cfg.modalities, "data": cfg.data}
+    hist = metrics["history"]
+    return {"command": command(cfg), "headline": h,
+            "curves": {"loss": [e["train_loss"] for e in hist], "val_acc": [e["val_acc"] for e in hist],
+                       "best_epoch": 1 + max(range(len(hist)), key=lambda e: hist[e]["val_acc"])} if hist else None,
+            "router": router or None, "alpha": {STREAMS[m]: a for m, a in test["alpha"].items()} or None,
+            "redundancy": test["orth"] if test["alpha"] else None, "clips": clips, "class_names": names,
+            "per_class": [{"name": names[c], "n": int(n[c]), "acc": conf[c, c].item() / n[c].item()}
+                          for c in range(len(names)) if conf[c].sum()],
+            "confusions": [{"true": names[t], "pred": names[p], "count": k} for k, t, p in sorted(off, reverse=True)[:8]]}
+
+
+def write_report(path, r):
+    """Write the run as one self-contained HTML page; a section whose data is None is left out."""
+    c, h, per_class = r["curves"], r["headline"], r["per_class"]
+    sections = {"Headline": headline(r)}  # section title -> HTML, in page order; the titles key NOTES
+    if c and c["loss"]:
+        sections["Training curves"] = row(
+            line_chart("Training loss", c["loss"], "loss", c["best_epoch"], "{:.2f}"),
+            line_chart("Validation accuracy", c["val_acc"], "accuracy", c["best_epoch"], "{:.0%}"))
+    if r["router"]:
+        sections["Router: which experts each layer uses"] = router_maps(r["router"])
+    if r["alpha"]:
+        sections["MoLT layer significance"] = row(*(
+            bars(f"{m} stream", [f"layer {n}" for n in a["layers"]], a["alpha"], "α (fusion weight)", "{:.2f}")
+            for m, a in r["alpha"].items()))
+        if r["redundancy"] is not None:
+            sections["MoLT layer significance"] += ("<p>Token redundancy (mean squared cosine between layer-wise "
+                                                    f"tokens; 0 = no overlap): <b>{r['redundancy']:.2f}</b></p>")
+    if r["clips"]:
+        sections["Clip timelines"] = "".join(clip_table(k + 1, x, r["class_names"]) for k, x in enumerate(r["clips"]))
+    if per_class:
+        sections["Per-class accuracy"] = row(
+            bars("Accuracy per class", [f"{x['name']} (n={x['n']})" for x in per_class],
+                 [x["acc"] for x in per_class], "test accuracy", "{:.0%}"),
+            confusion_table(r["confusions"]) if r["confusions"] else "")
+    title = html.escape(f"{h['mode']} ({h['modalities']}) on {h['data']} data")
+    page = "".join(f"<h2>{t}</h2><p>{NOTES[t]}</p>{content}" for t, content in sections.items() if content)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{title}</title><style>{CSS}</style>"
+                f"</head><body><h1>Report: {title}</h1>{page}</body></html>\n")
 
 
 # ----------------------------------------------------------------------------- --bench: the cost of each method
