@@ -1073,6 +1073,28 @@ def test_train_on_prepared_real_ave(ave, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- MoLT layer choice, feature cache, bench
 
 
+def test_probe_fits_each_layer_and_summary_gives_mean_and_std(tmp_path, capsys):
+    cfg = train.parse_config(TINY + [f"--out_dir={tmp_path}", f"--cache_dir={tmp_path}", "--overwrite"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        vit, ast = train.backbones(cfg)
+        table = train.probe(cfg, clips=4)
+    x = torch.randn(3, 2, 3, 16, 16)
+    feats = train.layer_features(vit, x.flatten(0, 1))
+    h = vit.embed(x.flatten(0, 1))
+    for i, blk in enumerate(vit.blocks):  # block outputs, averaged over all tokens, before the final LayerNorm
+        h = blk(h)
+        assert torch.allclose(feats[:, i], h.mean(1), atol=1e-6)
+    assert [len(v) for v in table.values()] == [2, 2] and all(0 <= a <= 1 for v in table.values() for a in v)
+    for i, acc in enumerate((0.9, 0.8, 0.7)):
+        (tmp_path / f"s{i}").mkdir()
+        (tmp_path / f"s{i}" / "metrics.json").write_text(json.dumps(
+            {"test_acc": acc, "test_acc_visual_only": 0.5, "test_acc_audio_only": 0.5, "val_acc": acc,
+             "token_redundancy": 0.1, "seconds": 10}))
+    capsys.readouterr()
+    train.summary([tmp_path / f"s{i}" for i in range(3)])
+    assert "test_acc               0.800 +- 0.100" in capsys.readouterr().out  # sample std of 0.9, 0.8, 0.7
+
+
 def test_molt_layer_choice():
     vit, ast = small_backbones(depth_v=4, depth_a=4)
     frames, fb, _ = clip_batch()

@@ -574,6 +574,57 @@ def final_report(cfg, model, loader, device, cache, counts, history, best_val, s
     print(f"wrote {cfg.out_dir}/metrics.json and {cfg.out_dir}/report.html")
 
 
+# ----------------------------------------------------------------------------- --probe and --summary
+
+
+@torch.no_grad()
+def layer_features(enc, x):
+    """Each block's output, averaged over the tokens: inputs (B, ...) -> (B, L, D)."""
+    x, out = enc.embed(enc.to_image(x)), []
+    for blk in enc.blocks:
+        x = blk(x)
+        out.append(x.mean(1))
+    return torch.stack(out, 1)
+
+
+def probe(cfg, clips=1000, ridge=1e-2):
+    """Where the evidence lives: for each layer of each frozen backbone, the test accuracy of a linear classifier
+    (ridge regression onto one-hot targets) on the layer's token-averaged states of single segments, for the class
+    that segment's own modality carries (synthetic: the class heard / seen, or none; real AVE: the segment label)."""
+    sets, cfg.num_classes = datasets(cfg)
+    encs = dict(zip("va", backbones(cfg)))
+    table = {}
+    for m, enc in encs.items():
+        xy = {}
+        for split in ("train", "test"):
+            ds = torch.utils.data.Subset(sets[split], range(min(clips, len(sets[split]))))
+            x = torch.cat([layer_features(enc, (frames if m == "v" else fbank).flatten(0, 1))
+                           for frames, fbank, _ in torch.utils.data.DataLoader(ds, 32)])  # (N*S, L, D)
+            record = getattr(sets[split], "split", None)
+            y = record["audible" if m == "a" else "visible"][:len(ds)] if record else torch.stack(list(sets[split].labels))[:len(ds)]
+            xy[split] = x, torch.where(y < 0, cfg.num_classes, y).flatten()  # none -> the last class
+        (x, y), (xt, yt) = xy["train"], xy["test"]
+        mu, sd = x.mean(0), x.std(0) + 1e-6  # (L, D): standardise with the training statistics
+        x, xt = torch.cat([(x - mu) / sd, torch.ones(len(x), x.shape[1], 1)], -1), torch.cat([(xt - mu) / sd, torch.ones(len(xt), x.shape[1], 1)], -1)
+        table[STREAMS[m]] = []
+        for layer in range(x.shape[1]):
+            a = x[:, layer]  # (N, D + 1)
+            w = torch.linalg.solve(a.T @ a + ridge * len(a) * torch.eye(a.shape[1]), a.T @ F.one_hot(y).float())
+            table[STREAMS[m]].append(round(((xt[:, layer] @ w).argmax(-1) == yt).float().mean().item(), 3))
+        print(f"{STREAMS[m]:6} linear probe accuracy by layer: " + "  ".join(f"{i + 1}: {a:.3f}" for i, a in enumerate(table[STREAMS[m]])))
+    with open(os.path.join(cfg.out_dir, "probe.json"), "w") as f:
+        json.dump(table, f, indent=1)
+    return table
+
+
+def summary(dirs):
+    """Mean +- sample std over runs (e.g. seeds 0, 1, 2) of the numbers in each run's metrics.json."""
+    runs = [json.load(open(os.path.join(d, "metrics.json"))) for d in dirs]
+    for key in ("test_acc", "test_acc_visual_only", "test_acc_audio_only", "val_acc", "token_redundancy", "seconds"):
+        v = torch.tensor([float(r[key]) for r in runs])
+        print(f"{key:22} {v.mean():.3f} +- {v.std() if len(v) > 1 else 0:.3f}   ({', '.join(f'{x:.3f}' for x in v)})")
+
+
 # ----------------------------------------------------------------------------- report.html: what the run did, for a class
 
 ROLES = {0: "event", 1: "heard only", 2: "seen only", -1: "–"}  # synthetic run ids, see data.make_clip
@@ -893,8 +944,11 @@ RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1
 
 if __name__ == "__main__":
     try:
-        if "--bench" in sys.argv:
-            bench(parse_config([a for a in sys.argv[1:] if a != "--bench"] + ["--overwrite"]))
+        if sys.argv[1:2] == ["--summary"]:
+            summary(sys.argv[2:])
+        elif "--bench" in sys.argv or "--probe" in sys.argv:  # neither writes a checkpoint
+            tool = bench if "--bench" in sys.argv else probe
+            tool(parse_config([a for a in sys.argv[1:] if a not in ("--bench", "--probe")] + ["--overwrite"]))
         else:
             main(parse_config(sys.argv[1:]))
     except (ValueError, FileNotFoundError) as e:  # bad input found while working (a checkpoint, an annotation line)
