@@ -230,7 +230,8 @@ def backbones(cfg):
     if WORLD > 1:
         dist.barrier()
     # heads cannot be read from weights: ours are known; a user's default to D // 64 unless given
-    vit = load_vit(vit_path, image_size=cfg.image_size, num_heads=cfg.vit_heads or (None if cfg.vit_ckpt else cfg.heads))
+    vit = load_vit(vit_path, image_size=cfg.image_size,
+                   num_heads=cfg.vit_heads or (None if cfg.vit_ckpt else cfg.heads))
     ast = load_ast(ast_path, cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride,
                    num_heads=cfg.ast_heads or (None if cfg.ast_ckpt else cfg.heads))
     return vit, ast
@@ -423,9 +424,11 @@ def start_or_resume(cfg, model, opt, sched):
         ck = torch.load(path, map_location="cpu", weights_only=True)
         saved_cfg, epoch, history = ck["config"], ck["epoch"], ck["history"]
     except Exception as e:  # truncated, empty, foreign or unsafe: nothing of it is used
-        sys.exit(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}):"
-                 " delete it or run with --overwrite=true instead of --resume")
-    diff = {k: (v, getattr(cfg, k)) for k, v in saved_cfg.items() if k not in RESUME_MAY_DIFFER and getattr(cfg, k, None) != v}
+        reason = str(e).splitlines()[0][:200] if str(e) else "no detail"
+        sys.exit(f"{path} is unreadable ({type(e).__name__}: {reason}): delete it or run with --overwrite=true "
+                 "instead of --resume")
+    diff = {k: (v, getattr(cfg, k, None)) for k, v in saved_cfg.items()
+            if k not in RESUME_MAY_DIFFER and getattr(cfg, k, None) != v}
     if diff:
         sys.exit(f"{path} is from another configuration: " + ", ".join(f"{k}={a!r} there, {b!r} now" for k, (a, b)
                                                                       in diff.items()) +
@@ -490,7 +493,7 @@ def main(cfg):
     counts = param_counts(model)
     log(f"{cfg.mode} ({cfg.modalities}): trainable {counts['adapters']:,} adapter + {counts['head']:,} head "
         f"parameters of {counts['total']:,} in all")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, cfg.lr_step, gamma=0.35)
     start, best_val, best, history = start_or_resume(cfg, model, opt, sched)
 
@@ -564,13 +567,14 @@ def final_report(cfg, model, loader, device, cache, counts, history, best_val, s
                "layer_weights": test["alpha"], "token_redundancy": test["orth"], "confusion": test["confusion"],
                "history": history, "config": dataclasses.asdict(cfg)}
     metrics["seconds"] = round(time.time() - t_start, 1)
-    metrics["phase_seconds"] = dict(seconds, **{"test and report": round(time.time() - t_start - sum(seconds.values()), 1)})
+    rest = round(time.time() - t_start - sum(seconds.values()), 1)  # the test, and setting up
+    metrics["phase_seconds"] = dict(seconds, **{"test and report": rest})
     with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     print("seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["phase_seconds"].items()) +
           f"; {metrics['seconds']:.0f} in all")
-    write_report(os.path.join(cfg.out_dir, "report.html"), report_inputs(cfg, model, loader.dataset.ds, metrics,
-                                                                         test, visual if both else None, both))
+    write_report(os.path.join(cfg.out_dir, "report.html"), cfg, model, loader.dataset.ds, metrics, test,
+                 visual if both else None)
     print(f"wrote {cfg.out_dir}/metrics.json and {cfg.out_dir}/report.html")
 
 
@@ -601,17 +605,19 @@ def probe(cfg, clips=1000, ridge=1e-2):
             x = torch.cat([layer_features(enc, (frames if m == "v" else fbank).flatten(0, 1))
                            for frames, fbank, _ in torch.utils.data.DataLoader(ds, 32)])  # (N*S, L, D)
             record = getattr(sets[split], "split", None)
-            y = record["audible" if m == "a" else "visible"][:len(ds)] if record else torch.stack(list(sets[split].labels))[:len(ds)]
-            xy[split] = x, torch.where(y < 0, cfg.num_classes, y).flatten()  # none -> the last class
+            record = getattr(sets[split], "split", None)
+            y = record["audible" if m == "a" else "visible"] if record else torch.stack(list(sets[split].labels))
+            xy[split] = x, torch.where(y[:len(ds)] < 0, cfg.num_classes, y[:len(ds)]).flatten()  # none: last class
         (x, y), (xt, yt) = xy["train"], xy["test"]
         mu, sd = x.mean(0), x.std(0) + 1e-6  # (L, D): standardise with the training statistics
-        x, xt = torch.cat([(x - mu) / sd, torch.ones(len(x), x.shape[1], 1)], -1), torch.cat([(xt - mu) / sd, torch.ones(len(xt), x.shape[1], 1)], -1)
+        x, xt = [F.pad((v - mu) / sd, (0, 1), value=1.0) for v in (x, xt)]  # (N, L, D + 1): a constant for the bias
         table[STREAMS[m]] = []
         for layer in range(x.shape[1]):
             a = x[:, layer]  # (N, D + 1)
             w = torch.linalg.solve(a.T @ a + ridge * len(a) * torch.eye(a.shape[1]), a.T @ F.one_hot(y).float())
             table[STREAMS[m]].append(round(((xt[:, layer] @ w).argmax(-1) == yt).float().mean().item(), 3))
-        print(f"{STREAMS[m]:6} linear probe accuracy by layer: " + "  ".join(f"{i + 1}: {a:.3f}" for i, a in enumerate(table[STREAMS[m]])))
+        print(f"{STREAMS[m]:6} linear probe accuracy by layer: " +
+              "  ".join(f"{i + 1}: {a:.3f}" for i, a in enumerate(table[STREAMS[m]])))
     with open(os.path.join(cfg.out_dir, "probe.json"), "w") as f:
         json.dump(table, f, indent=1)
     return table
@@ -625,175 +631,7 @@ def summary(dirs):
         print(f"{key:22} {v.mean():.3f} +- {v.std() if len(v) > 1 else 0:.3f}   ({', '.join(f'{x:.3f}' for x in v)})")
 
 
-# ----------------------------------------------------------------------------- report.html: what the run did, for a class
-
-ROLES = {0: "event", 1: "heard only", 2: "seen only", -1: "–"}  # synthetic run ids, see data.make_clip
-CSS = """body{font:20px/1.4 sans-serif;color:#000;background:#fff;max-width:1360px;margin:auto;padding:0 20px 40px}
-h2{font-size:30px;border-top:3px solid #000;padding-top:12px;margin-top:44px} caption{font-weight:bold;padding:8px}
-svg text{font:18px sans-serif} svg .title{font-size:20px;font-weight:bold} code{background:#eee;padding:4px}
-.row{display:flex;flex-wrap:wrap;gap:36px;align-items:flex-start} .card{border:2px solid #000;padding:8px 16px}
-.card b{display:block;font-size:42px} table{border-collapse:collapse} .clip{width:100%;table-layout:fixed}
-td,th{border:1px solid #777;padding:4px 6px;text-align:center;font-size:17px} th{background:#eee}
-td img{display:block;width:100%} .wrong{font-weight:bold;background:#c8c8c8} p b{font-size:32px}"""
-NOTES = {  # what to look for, one or two sentences per section
-    "Headline": "Test clips chose neither the weights nor the epoch. Fusion should beat always answering background "
-                "and the best one modality alone can do (synthetic data), and fall towards them when an input goes.",
-    "Training curves": "The loss should fall and the validation accuracy rise, then level off. The dashed line marks "
-                       "the epoch with the best validation accuracy: its weights are the ones tested.",
-    "Router: which experts each layer uses": "Mean router weight per layer position and expert (a row sums to "
-        "1; darker = more). CMA experts mix in the other modality, UA experts do not: with the audio removed the "
-        "weight should move to UA (AVMoE, Figure 7).",
-    "MoLT layer significance": "α: the weight MoLT's fusion gives each late layer's tokens (they sum to 1 per "
-                               "stream). The long bars are the layers the model relies on.",
-    "Clip timelines": "A column per second: frame, sound (frequency upward, time to the right, darker = louder), "
-                      "true label and prediction; wrong ones are bold, shaded and marked ✗. Synthetic clips show "
-                      "where the event (heard and seen) and the decoys (heard only, seen only) were: only the event "
-                      "counts.",
-    "Per-class accuracy": "The share of each class's test seconds predicted right (n: how many); background is a "
-                          "class too. The table lists the most frequent mistakes."}
-
-
-def png_uri(img):
-    """uint8 (C, H, W) tensor -> a data: URI, so the page needs no file beside it."""
-    return "data:image/png;base64," + base64.b64encode(torchvision.io.encode_png(img.contiguous()).numpy()).decode()
-
-
-def thumbnail(frame, size=64):
-    """uint8 frame (H, W, 3) -> (3, size, size); area averaging keeps 224 px frames from aliasing when shrunk."""
-    x = frame.permute(2, 0, 1)[None].float()
-    return F.interpolate(x, size=(size, size), mode="area" if x.shape[-1] > size else "nearest")[0].round().byte()
-
-
-def spectrogram(fb, lo, hi):
-    """One second of log-mel (T, F) -> uint8 (1, 64, T): frequency upward, time to the right, darker = louder
-    (ink on paper); lo and hi are the clip's range, so the seconds of a clip compare."""
-    x = ((fb.float().T.flip(0) - lo) / (hi - lo + 1e-6)).clamp(0, 1)  # (F, T), low frequencies at the bottom
-    return (255 * (1 - F.interpolate(x[None, None], size=(64, x.shape[1]), mode="area")[0])).byte()
-
-
-def text(x, y, s, anchor="middle", extra=""):
-    """An SVG text element, escaped; extra adds attributes (class, fill, transform)."""
-    return f'<text x="{x:.0f}" y="{y:.0f}" text-anchor="{anchor}" {extra}>{html.escape(str(s))}</text>'
-
-
-def svg(w, h, parts):
-    """An inline SVG of w x h pixels from its elements."""
-    return f'<svg width="{w:.0f}" height="{h:.0f}" role="img">{"".join(parts)}</svg>'
-
-
-def line_chart(title, ys, axis, best, fmt):
-    """One value per epoch as a line with axes; a dashed line and a dot mark the selected (best val) epoch."""
-    left, top, pw, ph = 90, 70, 500, 240
-    hi = max(ys) or 1  # the axis starts at zero: a cut axis makes small changes look large
-    px = lambda i: left + pw * i / max(len(ys) - 1, 1)
-    py = lambda v: top + ph * (1 - v / hi)
-    bx, by, right = px(best - 1), py(ys[best - 1]), px(best - 1) > left + pw / 2
-    points = " ".join(f"{px(i):.1f},{py(v):.1f}" for i, v in enumerate(ys))
-    return svg(left + pw + 30, top + ph + 60, [
-        text(left + pw / 2, 24, title, extra='class="title"'),
-        f'<path d="M{left},{top}V{top + ph}H{left + pw}" fill="none" stroke="#000" stroke-width="2"/>',
-        f'<polyline points="{points}" fill="none" stroke="#000" stroke-width="3"/>',
-        f'<line x1="{bx:.0f}" x2="{bx:.0f}" y1="{top - 6}" y2="{top + ph}" stroke="#000" stroke-dasharray="7 5"/>',
-        f'<circle cx="{bx:.0f}" cy="{by:.0f}" r="7"/>',
-        text(bx + (-8 if right else 8), top - 12, f"selected: epoch {best}, {fmt.format(ys[best - 1])}",
-             "end" if right else "start"),  # above the plot, where no curve can hide it
-        text(left - 8, top + 6, fmt.format(hi), "end"), text(left - 8, top + ph + 6, fmt.format(0), "end"),
-        text(left, top + ph + 24, 1), text(left + pw, top + ph + 24, len(ys)),
-        text(left + pw / 2, top + ph + 50, "epoch"),
-        text(24, top + ph / 2, axis, extra=f'transform="rotate(-90 24 {top + ph / 2:.0f})"')])  # reads bottom-up
-
-
-def heatmap(title, rows, cols, values):
-    """A grey cell per (layer position, expert), darker = more weight, with the weight printed in it."""
-    left, top, cw, ch = 14 + 9 * max(len(s) for s in rows), 80, 80, 32  # about 9 px per character of a label
-    w = max(left + cw * len(cols), 10.5 * len(title)) + 10
-    parts = [text(w / 2, 22, title, extra='class="title"'), text(left + cw * len(cols) / 2, 50, "expert"),
-             text(left - 8, top - 8, "layer", "end")]  # the axis titles head the label columns
-    parts += [text(left + cw * (j + 0.5), top - 8, c) for j, c in enumerate(cols)]
-    for i, (row, weights) in enumerate(zip(rows, values)):
-        y = top + ch * i
-        parts.append(text(left - 8, y + 22, row, "end"))
-        for j, v in enumerate(weights):
-            g = round(255 - 200 * v)  # 255 (white) .. 55: white text stays readable on the darkest cells
-            parts += [f'<rect x="{left + cw * j}" y="{y}" width="{cw}" height="{ch}" fill="rgb({g},{g},{g})" '
-                      'stroke="#fff"/>', text(left + cw * (j + 0.5), y + 22, f"{v:.2f}",
-                                              extra='fill="#fff"' if v > 0.55 else "")]
-    return svg(w, top + ch * len(rows) + 10, parts)
-
-
-def bars(title, labels, values, axis, fmt):
-    """Horizontal bars on a 0..1 scale (accuracies, and alphas, which sum to 1), each value printed at its end."""
-    left, bw, bh, y0 = 14 + 9 * max(len(s) for s in labels), 400, 30, 44
-    parts = [text(left + bw / 2, 24, title, extra='class="title"')]
-    for i, (s, v) in enumerate(zip(labels, values)):
-        y = y0 + bh * i
-        parts += [text(left - 8, y + 21, s, "end"), text(left + bw * v + 6, y + 21, fmt.format(v), "start"),
-                  f'<rect x="{left}" y="{y + 4}" width="{bw * v:.1f}" height="{bh - 8}" fill="#555"/>']
-    y = y0 + bh * len(values) + 4
-    parts += [f'<path d="M{left},{y0}V{y}H{left + bw}" fill="none" stroke="#000" stroke-width="2"/>',
-              text(left, y + 20, fmt.format(0)), text(left + bw, y + 20, fmt.format(1)),
-              text(left + bw / 2, y + 44, axis)]
-    return svg(left + bw + 80, y + 56, parts)
-
-
-def clip_table(k, clip, names):
-    """Clip k as a table, a column per second: frame, sound, true label, synthetic role and the prediction(s)."""
-    def cell(s, wrong=False):  # a wrong prediction is bold, shaded and crossed: it shows in black and white too
-        return f"<td class=wrong>✗ {html.escape(s)}</td>" if wrong else f"<td>{html.escape(s)}</td>"
-
-    label = [int(y) for y in clip["label"]]
-    rows = [("second", [f"<th>{s + 1}</th>" for s in range(len(label))])]
-    if clip["frames"] is not None:
-        rows.append(("frame", [f'<td><img src="{png_uri(thumbnail(f))}" alt="frame"></td>' for f in clip["frames"]]))
-    if clip["fbank"] is not None:
-        lo, hi = clip["fbank"].min().item(), clip["fbank"].max().item()
-        rows.append(("sound", [f'<td><img src="{png_uri(spectrogram(f, lo, hi))}" alt="log-mel"></td>'
-                               for f in clip["fbank"]]))
-    rows.append(("true", [cell(names[y]) for y in label]))
-    if clip["run"] is not None:
-        rows.append(("synthetic run", [cell(ROLES[int(x)]) for x in clip["run"]]))
-    for name, key in (("predicted", "pred"), ("predicted, audio removed", "pred_audio_removed")):
-        if clip[key] is not None:
-            rows.append((name, [cell(names[int(p)], int(p) != y) for p, y in zip(clip[key], label)]))
-    right = sum(int(p) == y for p, y in zip(clip["pred"], label))
-    return (f"<h3>Clip {k}: {right} of {len(label)} seconds right</h3><table class=clip><col style='width:150px'>" +
-            "".join(f"<tr><th>{h}</th>{''.join(c)}</tr>" for h, c in rows) + "</table>")
-
-
-def row(*items):
-    """Charts and tables side by side, wrapping when the screen is narrow."""
-    return "<div class=row>" + "".join(items) + "</div>"
-
-
-def headline(r):
-    """The command, then the accuracies beside their floor and ceilings, the parameter count and the wall time."""
-    h = r["headline"]
-    pct = [("test accuracy", h["test_acc"]), ("audio removed", h["audio_removed"]),
-           ("frames removed", h["frames_removed"]), ("always background", h["always_background"]),
-           ("best with audio only", h["audio_ceiling"]), ("best with frames only", h["visual_ceiling"])]
-    cards = [(f"{v:.1%}", s) for s, v in pct if v is not None] + [
-        (f"{h['adapter_params'] + h['head_params']:,}",
-         f"trainable: {h['adapter_params']:,} adapter + {h['head_params']:,} head"),
-        (f"{h['seconds'] // 60:.0f} min {h['seconds'] % 60:.0f} s", "wall time")]
-    return f"<p><code>{html.escape(r['command'])}</code></p>" + row(
-        *(f"<div class=card><b>{v}</b>{html.escape(s)}</div>" for v, s in cards))
-
-
-def router_maps(router):
-    """Heatmaps per stream, normal input beside audio removed; None when no stream has experts to choose between."""
-    shown = {"normal": "normal input", "audio_removed": "audio removed"}
-    maps = [heatmap(f"{m} stream, {shown[k]}", w[m]["rows"], w[m]["experts"], w[m]["mean"])
-            for m in router["normal"] for k, w in router.items() if w and len(w[m]["experts"]) > 1]
-    return row(*maps) if maps else None
-
-
-def confusion_table(confusions):
-    """The largest off-diagonal entries of the test confusion matrix."""
-    rows = "".join(f"<tr><td>{html.escape(x['true'])}</td><td>{html.escape(x['pred'])}</td><td>{x['count']}</td></tr>"
-                   for x in confusions)
-    return ("<table><caption>Largest confusions</caption><tr><th>true</th><th>predicted</th><th>seconds</th></tr>"
-            f"{rows}</table>")
-
+# ----------------------------------------------------------------------------- report.html, for a class to look at
 
 def command(cfg):
     """The command line that makes this run: the settings that differ from the defaults."""
@@ -802,73 +640,154 @@ def command(cfg):
                                   and k not in ("device", "num_classes" if cfg.data == "ave" else "")])
 
 
-def report_inputs(cfg, model, ds, metrics, test, visual, both):
-    """What write_report shows, from this run's metrics and test predictions (visual: with the audio removed)."""
-    labels = torch.stack(list(ds.labels))  # (clips, S)
-    names = getattr(ds, "class_names", [f"class {c}" for c in range(cfg.num_classes)]) + ["background"]
-    split = getattr(ds, "split", None)  # the synthetic generator's record, for the ceilings and the runs
-    stats = data.label_stats(split, cfg.num_classes) if split else {}
-    right = (test["pred"] == labels).sum(1)
-    order = right.argsort(descending=True)
+CSS = """body{font:20px/1.4 sans-serif;max-width:1360px;margin:auto;padding:0 20px 40px}
+code{background:#eee;padding:4px} svg text{font:18px sans-serif}
+h2{font-size:30px;border-top:3px solid #000;padding-top:12px;margin-top:44px}
+.row{display:flex;flex-wrap:wrap;gap:36px;align-items:flex-start} .card{border:2px solid #000;padding:8px 16px}
+.card b{display:block;font-size:42px} table{border-collapse:collapse} .clip{width:100%;table-layout:fixed}
+td,th{border:1px solid #777;padding:4px 6px;text-align:center;font-size:17px} th{background:#eee}
+td img{display:block;width:100%;image-rendering:pixelated} .wrong{font-weight:bold;background:#c8c8c8}"""
+ROLES = {0: "event", 1: "heard only", 2: "seen only", -1: "-"}  # the synthetic generator's runs (data.make_clip)
+
+
+def png(img):
+    """uint8 (C, H, W) -> <img> with the PNG inline: the page needs no file beside it."""
+    b64 = base64.b64encode(torchvision.io.encode_png(img).numpy()).decode()
+    return f'<img alt="" src="data:image/png;base64,{b64}">'
+
+
+def text(x, y, s, anchor="middle", extra=""):
+    return f'<text x="{x:.0f}" y="{y:.0f}" text-anchor="{anchor}" {extra}>{html.escape(str(s))}</text>'
+
+
+def svg(w, h, title, parts):
+    heading = text(w / 2, 24, title, extra="font-weight=bold")
+    return f'<svg width="{w:.0f}" height="{h:.0f}">{heading}{"".join(parts)}</svg>'
+
+
+def line_chart(title, ys, axis, best, fmt):
+    """One value per epoch on axes from zero; a dashed line and a dot mark the selected epoch (1-based)."""
+    left, top, pw, ph, hi = 90, 70, 500, 240, max(ys) or 1
+    px, py = (lambda i: left + pw * i / max(len(ys) - 1, 1)), (lambda v: top + ph * (1 - v / hi))
+    bx, right = px(best - 1), best - 1 > (len(ys) - 1) / 2
+    points = " ".join(f"{px(i):.1f},{py(v):.1f}" for i, v in enumerate(ys))
+    return svg(left + pw + 30, top + ph + 60, title, [
+        f'<path d="M{left},{top}V{top + ph}H{left + pw}" fill="none" stroke="#000" stroke-width="2"/>',
+        f'<polyline points="{points}" fill="none" stroke="#000" stroke-width="3"/>',
+        f'<line x1="{bx:.0f}" x2="{bx:.0f}" y1="{top - 6}" y2="{top + ph}" stroke="#000" stroke-dasharray="7 5"/>',
+        f'<circle cx="{bx:.0f}" cy="{py(ys[best - 1]):.0f}" r="7"/>',
+        text(bx + (-8 if right else 8), top - 12, f"selected: epoch {best}, {fmt.format(ys[best - 1])}",
+             "end" if right else "start"),
+        text(left - 8, top + 6, fmt.format(hi), "end"), text(left - 8, top + ph + 6, fmt.format(0), "end"),
+        text(left, top + ph + 24, 1), text(left + pw, top + ph + 24, len(ys)),
+        text(left + pw / 2, top + ph + 50, "epoch"),
+        text(24, top + ph / 2, axis, extra=f'transform="rotate(-90 24 {top + ph / 2:.0f})"')])
+
+
+def heatmap(title, rows, cols, values):
+    """A grey cell per (layer position, expert), darker = more weight, the weight printed in it."""
+    left, top, cw, ch = 14 + 9 * max(len(r) for r in rows), 60, 80, 32
+    parts = [text(left - 8, top - 8, "layer", "end")]
+    parts += [text(left + cw * (j + .5), top - 8, c) for j, c in enumerate(cols)]
+    for i, (r, weights) in enumerate(zip(rows, values)):
+        parts.append(text(left - 8, top + ch * i + 22, r, "end"))
+        for j, v in enumerate(weights):
+            g = round(255 - 200 * v)  # white .. dark grey: white text stays readable on the darkest cells
+            parts += [f'<rect x="{left + cw * j}" y="{top + ch * i}" width="{cw}" height="{ch}" '
+                      f'fill="rgb({g},{g},{g})" stroke="#fff"/>',
+                      text(left + cw * (j + .5), top + ch * i + 22, f"{v:.2f}", extra='fill="#fff"' * (v > 0.55))]
+    return svg(max(left + cw * len(cols), 10.5 * len(title)) + 10, top + ch * len(rows) + 10, title, parts)
+
+
+def bars(title, labels, values):
+    """Horizontal bars on a 0..1 scale, each value printed at its end."""
+    left, bw, bh = 14 + 9 * max(len(s) for s in labels), 400, 30
+    parts = [f'<path d="M{left},44V{48 + bh * len(values)}H{left + bw}" fill="none" stroke="#000" stroke-width="2"/>']
+    for i, (s, v) in enumerate(zip(labels, values)):
+        parts += [text(left - 8, 65 + bh * i, s, "end"), text(left + bw * v + 6, 65 + bh * i, f"{v:.2f}", "start"),
+                  f'<rect x="{left}" y="{48 + bh * i}" width="{bw * v:.1f}" height="{bh - 8}" fill="#555"/>']
+    return svg(left + bw + 80, 60 + bh * len(values), title, parts)
+
+
+def clip_table(ds, i, preds, names, mods):
+    """Test clip i, a column per second: frame, fbank, true label, synthetic role, predictions (wrong ones bold,
+    shaded and marked x)."""
+    frames, fb, labels = ds[i]
     mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
-    clips = []
-    for i in [*order[:2].tolist(), *order[-2:].tolist()][:len(ds)]:  # the two best and the two worst clips
-        frames, fb, _ = ds[i]
-        clips.append({"frames": ((frames * std + mean) * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1)
-                      if "v" in model.mods else None, "fbank": fb if "a" in model.mods else None,
-                      "label": labels[i].tolist(), "pred": test["pred"][i].tolist(),
-                      "pred_audio_removed": visual["pred"][i].tolist() if visual else None,
-                      "run": split["run"][i].tolist() if split else None})
-    conf = torch.tensor(test["confusion"])  # (true, predicted)
-    n = conf.sum(1).clamp_min(1)
-    off = [(conf[t, p].item(), t, p) for t in range(len(names)) for p in range(len(names)) if t != p and conf[t, p]]
-    experts = {m: [f"CMA {e + 1}" for e in range(cfg.n_cma if both else 0)] + [f"UA {e + 1}" for e in range(cfg.n_ua)]
-               for m in model.mods}
-    router = {k: {STREAMS[m]: {"rows": r["positions"], "experts": experts[m], "mean": r["mean"]} for m, r in rep.items()}
-              for k, rep in (("normal", test["router"]), ("audio_removed", visual and visual["router"])) if rep}
-    h = {"test_acc": metrics["test_acc"], "audio_removed": metrics["test_acc_visual_only"] if both else None,
-         "frames_removed": metrics["test_acc_audio_only"] if both else None,
-         "always_background": (labels == cfg.num_classes).float().mean().item(),
-         "audio_ceiling": stats.get("audio_only_ceiling"), "visual_ceiling": stats.get("visual_only_ceiling"),
-         "adapter_params": metrics["trainable_adapter_params"], "head_params": metrics["head_params"],
-         "seconds": metrics["seconds"], "mode": cfg.mode, "modalities": cfg.modalities, "data": cfg.data}
-    hist = metrics["history"]
-    return {"command": command(cfg), "headline": h,
-            "curves": {"loss": [e["train_loss"] for e in hist], "val_acc": [e["val_acc"] for e in hist],
-                       "best_epoch": 1 + max(range(len(hist)), key=lambda e: hist[e]["val_acc"])} if hist else None,
-            "router": router or None, "alpha": {STREAMS[m]: a for m, a in test["alpha"].items()} or None,
-            "redundancy": test["orth"] if test["alpha"] else None, "clips": clips, "class_names": names,
-            "per_class": [{"name": names[c], "n": int(n[c]), "acc": conf[c, c].item() / n[c].item()}
-                          for c in range(len(names)) if conf[c].sum()],
-            "confusions": [{"true": names[t], "pred": names[p], "count": k} for k, t, p in sorted(off, reverse=True)[:8]]}
+    frames = ((frames * std + mean) * 255).round().clamp(0, 255).byte()  # (S, 3, H, W), as the camera saw it
+    fb = (fb.transpose(1, 2).flip(1) - fb.min()) / (fb.max() - fb.min() + 1e-6)  # (S, F, T): low pitch at the bottom
+    rows = {"frame": "v" in mods and [png(f) for f in frames],
+            "sound": "a" in mods and [png((255 - 255 * x[None]).byte()) for x in fb],  # loud = dark
+            "true": [html.escape(names[y]) for y in labels],
+            "synthetic run": hasattr(ds, "split") and [ROLES[r] for r in ds.split["run"][i].tolist()]}
+    for name, pred in preds.items():
+        rows[name] = [html.escape(f"x {names[p]}" if p != y else names[p]) for p, y in zip(pred[i].tolist(), labels)]
+    body = "".join(f"<tr><th>{k}</th>" + "".join(f"<td{' class=wrong' * c.startswith('x ')}>{c}</td>" for c in v) +
+                   "</tr>" for k, v in rows.items() if v)
+    right = (preds["predicted"][i] == labels).sum()
+    return f"<h3>Test clip {i}: {right} of {len(labels)} seconds right</h3><table class=clip>{body}</table>"
 
 
-def write_report(path, r):
-    """Write the run as one self-contained HTML page; a section whose data is None is left out."""
-    c, h, per_class = r["curves"], r["headline"], r["per_class"]
-    sections = {"Headline": headline(r)}  # section title -> HTML, in page order; the titles key NOTES
-    if c and c["loss"]:
-        sections["Training curves"] = row(
-            line_chart("Training loss", c["loss"], "loss", c["best_epoch"], "{:.2f}"),
-            line_chart("Validation accuracy", c["val_acc"], "accuracy", c["best_epoch"], "{:.0%}"))
-    if r["router"]:
-        sections["Router: which experts each layer uses"] = router_maps(r["router"])
-    if r["alpha"]:
-        sections["MoLT layer significance"] = row(*(
-            bars(f"{m} stream", [f"layer {n}" for n in a["layers"]], a["alpha"], "α (fusion weight)", "{:.2f}")
-            for m, a in r["alpha"].items()))
-        if r["redundancy"] is not None:
-            sections["MoLT layer significance"] += ("<p>Token redundancy (mean squared cosine between layer-wise "
-                                                    f"tokens; 0 = no overlap): <b>{r['redundancy']:.2f}</b></p>")
-    if r["clips"]:
-        sections["Clip timelines"] = "".join(clip_table(k + 1, x, r["class_names"]) for k, x in enumerate(r["clips"]))
-    if per_class:
-        sections["Per-class accuracy"] = row(
-            bars("Accuracy per class", [f"{x['name']} (n={x['n']})" for x in per_class],
-                 [x["acc"] for x in per_class], "test accuracy", "{:.0%}"),
-            confusion_table(r["confusions"]) if r["confusions"] else "")
-    title = html.escape(f"{h['mode']} ({h['modalities']}) on {h['data']} data")
-    page = "".join(f"<h2>{t}</h2><p>{NOTES[t]}</p>{content}" for t, content in sections.items() if content)
+def headline(cfg, labels, metrics, visual, stats):
+    """The accuracies beside always-background and the one-modality ceilings, the parameters, the wall time."""
+    cards = [("test accuracy", metrics["test_acc"]),
+             ("audio removed", visual and metrics["test_acc_visual_only"]),
+             ("frames removed", visual and metrics["test_acc_audio_only"]),
+             ("always background", (labels == cfg.num_classes).float().mean().item()),
+             ("best with audio only", stats.get("audio_only_ceiling")),
+             ("best with frames only", stats.get("visual_only_ceiling"))]
+    cards = [(f"{v:.1%}", k) for k, v in cards if v is not None] + [
+        (f"{metrics['trainable_params']:,}", f"trainable: {metrics['trainable_adapter_params']:,} adapter + "
+                                             f"{metrics['head_params']:,} head"),
+        (f"{metrics['seconds'] // 60:.0f} min {metrics['seconds'] % 60:.0f} s", "wall time")]
+    return (f"<p><code>{html.escape(command(cfg))}</code></p><div class=row>" +
+            "".join(f"<div class=card><b>{v}</b>{k}</div>" for v, k in cards) + "</div>")
+
+
+def per_class(names, confusion):
+    """A row per class: test seconds, accuracy, and the class it was most often taken for."""
+    conf = torch.tensor(confusion)  # (true, predicted)
+    n, right, wrong = conf.sum(1), conf.diag(), conf.fill_diagonal_(0)
+    rows = "".join(f"<tr><td>{html.escape(names[c])}</td><td>{n[c]}</td><td>{right[c] / n[c]:.1%}</td><td>" +
+                   (f"{html.escape(names[wrong[c].argmax()])} ({wrong[c].max()})" if wrong[c].max() else "-") +
+                   "</td></tr>" for c in range(len(names)) if n[c])
+    return f"<table><tr><th>class</th><th>seconds</th><th>accuracy</th><th>most often taken for</th></tr>{rows}</table>"
+
+
+def write_report(path, cfg, model, ds, metrics, test, visual):
+    """report.html: what the run did, on one self-contained page (inline SVG and PNG, no script, no link)."""
+    names = getattr(ds, "class_names", [f"class {c}" for c in range(cfg.num_classes)]) + ["background"]
+    labels, split, hist = torch.stack(list(ds.labels)), getattr(ds, "split", None), metrics["history"]
+    best = 1 + max(range(len(hist)), key=lambda e: hist[e]["val_acc"]) if hist else None
+    experts = [f"CMA {e + 1}" for e in range(cfg.n_cma if visual else 0)] + [f"UA {e + 1}" for e in range(cfg.n_ua)]
+    order = (test["pred"] == labels).sum(1).argsort(descending=True).tolist()  # clips, most seconds right first
+    preds = {"predicted": test["pred"], **({"predicted, audio removed": visual["pred"]} if visual else {})}
+    row = lambda parts: "<div class=row>" + "".join(parts) + "</div>"  # noqa: E731
+    sections = [  # (title, what to look for, content or nothing)
+        ("Headline", "Test clips chose neither the weights nor the epoch. Audio-visual fusion should beat always "
+         "answering background and the best one modality can do alone, and fall back when an input is removed.",
+         headline(cfg, labels, metrics, visual, data.label_stats(split, cfg.num_classes) if split else {})),
+        ("Training curves", "The loss should fall and the validation accuracy rise, then level off. The dashed line "
+         "marks the epoch with the best validation accuracy: its weights are the ones tested.",
+         hist and row([line_chart("Training loss", [e["train_loss"] for e in hist], "loss", best, "{:.2f}"),
+                       line_chart("Validation accuracy", [e["val_acc"] for e in hist], "accuracy", best, "{:.0%}")])),
+        ("Router: which experts each layer uses", "Mean router weight per layer position and expert (a row sums to "
+         "1). CMA experts read the other modality, UA experts do not: with the audio removed, AVMoE's Figure 7 shows "
+         "the weight moving to UA.", test["router"] and len(experts) > 1 and row(
+             heatmap(f"{STREAMS[m]}, {how}", r[m]["positions"], experts, r[m]["mean"]) for m in test["router"]
+             for how, r in (("normal input", test["router"]), ("audio removed", visual["router"])))),
+        ("MoLT layer significance", "alpha: the weight MoLT's token fusion gives each layer's tokens (they sum to 1 "
+         "per modality). Token redundancy, the mean squared cosine between different layers' tokens: "
+         f"{test['orth']:.3f}.", test["alpha"] and row(bars(STREAMS[m], [f"layer {i}" for i in a["layers"]],
+                                                              a["alpha"]) for m, a in test["alpha"].items())),
+        ("Clip timelines", "The two test clips the model got most right and the two it got most wrong. Sound: "
+         "frequency upward, time to the right, darker = louder. Wrong predictions are bold, shaded and marked x. On "
+         "synthetic data only the event (heard and seen) counts, not the decoys heard only or seen only.",
+         "".join(clip_table(ds, i, preds, names, model.mods) for i in dict.fromkeys(order[:2] + order[-2:]))),
+        ("Per-class accuracy", "The share of each class's test seconds predicted right, and what it was most often "
+         "taken for.", per_class(names, test["confusion"]))]
+    page = "".join(f"<h2>{t}</h2><p>{note}</p>{body}" for t, note, body in sections if body)
+    title = f"{cfg.mode} ({cfg.modalities}) on {cfg.data} data"
     with open(path, "w", encoding="utf-8") as f:
         f.write(f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{title}</title><style>{CSS}</style>"
                 f"</head><body><h1>Report: {title}</h1>{page}</body></html>\n")
