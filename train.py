@@ -61,10 +61,10 @@ class Config(AVConfig, data.SynthConfig):
     pretrain_samples: int = 4000  # stage-0 training images and sounds
     pretrain_epochs: int = 3  # stage-0 epochs
     # adaptation
-    epochs: int = 16  # training epochs; the epoch with the best val accuracy is kept
-    batch_size: int = 16  # clips of 10 segments per step (per process under torchrun)
+    epochs: int = 10  # training epochs; the epoch with the best val accuracy is kept
+    batch_size: int = 32  # clips of 10 segments per step (per process under torchrun)
     lr: float = 3e-3  # AdamW learning rate
-    lr_step: int = 6  # StepLR: lr x 0.35 every lr_step epochs (the official AVE recipe uses 3)
+    lr_step: int = 4  # StepLR: lr x 0.35 every lr_step epochs (the official AVE recipe uses 3)
     weight_decay: float = 0.01  # AdamW weight decay
     lambda_orth: float = 0.1  # weight of MoLT's orthogonality loss
     lambda_balance: float = 0.01  # weight of the routers' load-balance loss
