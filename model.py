@@ -271,22 +271,24 @@ def _load_into(model, state):
     return model.eval()
 
 
-def _require(state, keys, what):
-    for key in keys:
+def _read_backbone(src, num_heads, what):
+    """A ViT or AST checkpoint in our key names -> (state, layout, dims for the constructor, patch size)."""
+    state = read_state(src)
+    layout, prefix = _detect_layout(state)
+    if what == "AST" and layout == "torchvision":
+        raise ValueError("this is a torchvision ViT checkpoint: use load_vit")
+    state = _to_ours(state, layout, prefix)
+    for key in ["pos_embed", "patch_embed.weight", "blocks.0.mlp.fc1.weight"] + ["dist_token"] * (what == "AST"):
         if key not in state:
-            raise ValueError(f"checkpoint is missing tensor {key}, needed to read the {what}")
+            raise ValueError(f"checkpoint is missing tensor {key}, needed to read the {what} size")
+    return state, layout, _dims(state, num_heads), state["patch_embed.weight"].shape[-1]
 
 
 def load_vit(src, image_size=None, num_heads=None):
     """timm or torchvision ViT weights (path or state dict) -> our ViT; position grid resized as timm does."""
-    state = read_state(src)
-    layout, prefix = _detect_layout(state)
-    state = _to_ours(state, layout, prefix)
+    state, _, dims, patch = _read_backbone(src, num_heads, "ViT")
     if "dist_token" in state:
         raise ValueError("this checkpoint has a distillation token (AST / DeiT-distilled): use load_ast")
-    _require(state, ["pos_embed", "patch_embed.weight", "blocks.0.mlp.fc1.weight"], "ViT size")
-    dims = _dims(state, num_heads)
-    patch = state["patch_embed.weight"].shape[-1]
     old = math.isqrt(state["pos_embed"].shape[1] - 1)
     if old * old != state["pos_embed"].shape[1] - 1:
         raise ValueError(f"position embedding {tuple(state['pos_embed'].shape)} is not 1 + a square grid")
@@ -315,14 +317,7 @@ def _fit_axis(pos, axis, new):
 
 def load_ast(src, num_mel_bins=128, target_length=1024, fstride=10, tstride=10, num_heads=None):
     """AST-repo or HF AST weights -> our AST for inputs of (target_length, num_mel_bins)."""
-    state = read_state(src)
-    layout, prefix = _detect_layout(state)
-    if layout == "torchvision":
-        raise ValueError("this is a torchvision ViT checkpoint: use load_vit")
-    state = _to_ours(state, layout, prefix)
-    _require(state, ["pos_embed", "patch_embed.weight", "dist_token", "blocks.0.mlp.fc1.weight"], "AST size")
-    dims = _dims(state, num_heads)
-    patch = state["patch_embed.weight"].shape[-1]
+    state, layout, dims, patch = _read_backbone(src, num_heads, "AST")
     model = AST(num_mel_bins, target_length, fstride, tstride, eps=1e-12 if layout == "hf" else 1e-6,
                 patch_size=patch, **dims)
     pos = state["pos_embed"].float()

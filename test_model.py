@@ -247,6 +247,10 @@ def test_loader_errors_name_the_problem():
         load_vit(reg, num_heads=3)
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         load_vit("/nowhere.pth")
+    with pytest.raises(ValueError, match="use load_vit"):
+        load_ast(tv_vit().state_dict(), num_mel_bins=64, target_length=100)
+    with pytest.raises(ValueError, match="use load_ast"):
+        load_vit(good, num_heads=3)
 
 
 def write_safetensors(path, tensors):
