@@ -51,7 +51,7 @@ def fbank(wave, sample_rate=16000, num_mel_bins=128, target_length=1024):
 
 class Progress:
     """What a long step does, how far it is and its ETA, on one line: rewritten in place on a terminal, else printed
-    at most every 10 s, so that a log is never silent for long and never flooded."""
+    every 10 s (and at the end, if it printed before), so that a log is never silent for long and never flooded."""
 
     def __init__(self, what, total, show=True):
         self.what, self.total, self.show, self.done = what, total, show, 0
@@ -60,7 +60,8 @@ class Progress:
     def __call__(self, item=None, n=1):
         self.done, now = self.done + n, time.time()
         tty = sys.stdout.isatty()
-        if self.show and (self.done >= self.total or now - self.last >= (0.5 if tty else 10)):
+        end = self.done >= self.total and (tty or self.last > self.t0)
+        if self.show and (end or now - self.last >= (0.5 if tty else 10)):
             self.last, eta = now, (now - self.t0) / self.done * (self.total - self.done)
             print(f"\r{self.what}: {self.done}/{self.total} in {now - self.t0:.0f} s, ETA {eta:.0f} s",
                   end="\n" if self.done >= self.total or not tty else "", flush=True)

@@ -463,7 +463,7 @@ def setup(cfg):
 
 def train_epoch(ddp, loader, opt, cfg, device, cache, epoch, resumable):
     """One pass over the training clips; -> mean loss. Stops the run on a non-finite loss."""
-    total = 0.0
+    total, progress = 0.0, data.Progress(f"  epoch {epoch + 1}", len(loader), show=RANK == 0)
     for step, batch in enumerate(loader):
         logits, aux, labels = run_batch(ddp, batch, device, cache, p_drop=cfg.modality_dropout)
         loss = loss_fn(logits, labels, aux, cfg)
@@ -474,9 +474,7 @@ def train_epoch(ddp, loader, opt, cfg, device, cache, epoch, resumable):
         opt.zero_grad(set_to_none=True)
         loss.backward()  # under DDP the gradients are averaged over the processes here
         opt.step()
-        total += loss.item()
-        if RANK == 0 and sys.stdout.isatty():
-            print(f"\r  epoch {epoch + 1}: step {step + 1}/{len(loader)} loss {loss.item():.3f}", end="", flush=True)
+        total += progress(loss.item())
     return total / len(loader)
 
 
