@@ -979,6 +979,14 @@ def test_resumed_log_reads_as_one_run(tmp_path):
     assert rows[0] == "epoch,train_loss,val_acc,seconds" and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
 
 
+def test_torchrun_waits_at_most_dist_timeout(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(train, "WORLD", 2)
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, timeout: seen.update(b=backend, t=timeout))
+    train.setup(train.parse_config([f"--out_dir={tmp_path}", "--dist_timeout=42", "--device=cpu"]))
+    assert seen == {"b": "gloo", "t": train.timedelta(seconds=42)}
+
+
 def test_user_errors_are_one_line_before_any_work(tmp_path):
     (tmp_path / "Annotations.txt").write_text("Bus&v1&good&0&10\nBus&v2&good&x&10\n")
     (tmp_path / "prepared").mkdir()
