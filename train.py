@@ -80,7 +80,7 @@ class Config(AVConfig, data.SynthConfig):
 
 
 STREAMS = {"a": "audio", "v": "visual"}
-RESUME_MAY_DIFFER = {"epochs", "out_dir", "device", "resume", "overwrite", "workers", "dist_timeout"}
+RESUME_MAY_DIFFER = {"epochs", "out_dir", "cache_dir", "device", "resume", "overwrite", "workers", "dist_timeout"}
 CHOICES = {"data": ("synthetic", "ave"), "device": ("auto", "cuda", "mps", "cpu")}
 AT_LEAST_ONE = ("num_classes", "train_clips", "val_clips", "test_clips", "workers", "dim", "depth", "heads",
                 "pretrain_samples", "pretrain_epochs", "epochs", "batch_size", "lr_step", "dist_timeout")
@@ -432,7 +432,7 @@ def start_or_resume(cfg, model, opt, sched):
     if diff:
         sys.exit(f"{path} is from another configuration: " + ", ".join(f"{k}={a!r} there, {b!r} now" for k, (a, b)
                                                                       in diff.items()) +
-                 " (only epochs, out_dir and device may change on --resume)")
+                 f" (only {', '.join(sorted(RESUME_MAY_DIFFER - {'resume', 'overwrite'}))} may change on --resume)")
     if set(ck["model"]) != {n for n, p in model.named_parameters() if p.requires_grad}:
         sys.exit(f"{path} holds other trainable tensors than this model: was it written by another version?")
     model.load_state_dict(ck["model"], strict=False)  # the trainable part only; the backbones come from stage 0
