@@ -154,8 +154,6 @@ class MoE(nn.Module):
         n_cma = cfg.n_cma if dim_other else 0
         self.experts = nn.ModuleList([cma(dim, dim_other, cfg.latent_tokens, cfg.reduction) for _ in range(n_cma)] +
                                      [ua(dim, cfg.latent_tokens, cfg.reduction) for _ in range(cfg.n_ua)])
-        if not self.experts:
-            raise ValueError("a mixture needs an expert: n_ua >= 1, or n_cma >= 1 with both modalities")
         self.router = NoisyRouter(dim + (dim_other or 0), len(self.experts), cfg.router_sigma)
 
     def forward(self, x, other):

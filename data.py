@@ -33,7 +33,7 @@ def fbank(wave, sample_rate=16000, num_mel_bins=128, target_length=1024):
     """Waveform (samples,) or (channels, samples) in [-1, 1] -> normalised log-mel fbank (target_length,
     num_mel_bins), AST recipe. Channels are averaged to mono, as ffmpeg's -ac 1 does in preparation."""
     wave = torch.as_tensor(wave, dtype=torch.float32)
-    if wave.dim() not in (1, 2):
+    if wave.dim() not in (1, 2) or (wave.dim() == 2 and wave.shape[0] > wave.shape[1]):  # (samples, channels)?
         raise ValueError(f"fbank expects a waveform (samples,) or (channels, samples), got shape {tuple(wave.shape)}")
     wave = wave.mean(0) if wave.dim() == 2 else wave
     if sample_rate != 16000:
@@ -53,14 +53,17 @@ class Progress:
     """What a long step does, how far it is and its ETA, on one line: rewritten in place on a terminal, else printed
     every 10 s (and at the end, if it printed before), so that a log is never silent for long and never flooded."""
 
-    def __init__(self, what, total, show=True):
-        self.what, self.total, self.show, self.done = what, total, show, 0
+    def __init__(self, what, total, show=True, keep=True):  # keep=False: a line that follows says it all
+        self.what, self.total, self.show, self.keep, self.done = what, total, show, keep, 0
         self.t0 = self.last = time.time()
 
     def __call__(self, item=None, n=1):
         self.done, now = self.done + n, time.time()
         tty = sys.stdout.isatty()
-        end = self.done >= self.total and (tty or self.last > self.t0)
+        if self.show and tty and self.done >= self.total and not self.keep:
+            print("\r\033[K", end="", flush=True)  # clear the line for the one that follows
+            return item
+        end = self.done >= self.total and self.keep and (tty or self.last > self.t0)
         if self.show and (end or now - self.last >= (0.5 if tty else 10)):
             self.last, eta = now, (now - self.t0) / self.done * (self.total - self.done)
             print(f"\r{self.what}: {self.done}/{self.total} in {now - self.t0:.0f} s, ETA {eta:.0f} s",
@@ -421,6 +424,7 @@ def prepare_ave(root, out, image_size=224, workers=2, timeout=120):
             check_prepared(dst[v], image_size)
         except ValueError as e:
             broken.append(v)
+            os.remove(dst[v])  # if preparing it fails again, the row is dropped rather than left broken
             print(f"{e}: preparing it again")
     todo += sorted(broken)
     print(f"{len(ids)} videos, {len(ids) - len(todo)} already in {out}, {len(todo)} to prepare")

@@ -166,7 +166,9 @@ def read_safetensors(path):
     for name, info in tensors:
         begin, end = info["data_offsets"]
         dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None or not end_of_last <= begin <= end <= len(data) or \
+        if dtype is None:
+            raise ValueError(f"tensor {name}: dtype {info['dtype']} is not supported here")
+        if not end_of_last <= begin <= end <= len(data) or \
                 end - begin != dtype.itemsize * math.prod(info["shape"]):
             raise ValueError(f"tensor {name}: offsets {begin}..{end} ({info['dtype']}, shape {info['shape']}) are out "
                              f"of bounds, overlap another tensor or do not match dtype size x shape")
@@ -189,7 +191,7 @@ def read_state(src):
         except Exception as e:  # a truncated, foreign or unsafe file: say which and why, in one line
             reason = str(e).split(". ")[0].splitlines()[0][:200] if str(e) else "no detail"
             if not path.endswith(".safetensors") and os.path.getsize(path) and not zipfile.is_zipfile(path):
-                reason = "not a zip archive as torch.save writes: truncated, or not a checkpoint"
+                reason = f"not a zip archive as torch.save writes, nor a legacy file it can read: {reason}"
             raise ValueError(f"could not read checkpoint {path} ({type(e).__name__}: {reason}): save a state dict, "
                              "e.g. torch.save(model.state_dict(), path), or use a .safetensors file") from None
     else:
@@ -366,9 +368,11 @@ def check_config(cfg):
     if cfg.molt_layers == "all" and cfg.late_layers:
         raise ValueError("late_layers does not apply to molt_layers=all (it uses every layer of the shallower "
                          "backbone): drop one of the two")
-    for key in ("latent_tokens", "reduction", "head_dim", "n_ua"):
+    for key in ("latent_tokens", "reduction", "head_dim"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be at least 1, not {getattr(cfg, key)}")
+    if cfg.n_ua < 1 and not (cfg.n_cma >= 1 and cfg.modalities == "av"):
+        raise ValueError("a mixture needs an expert: n_ua >= 1, or n_cma >= 1 with both modalities")
     if cfg.n_cma < 0 or cfg.late_layers < 0 or cfg.router_sigma < 0:
         raise ValueError("n_cma, late_layers and router_sigma cannot be negative")
 

@@ -333,6 +333,8 @@ def test_fbank_downmixes_channels_like_ffmpeg():
     assert torch.allclose(stereo[98:], torch.full((202, 64), 0.46703), atol=1e-4)
     with pytest.raises(ValueError, match="channels"):
         data.fbank(torch.zeros(2, 2, 16000))
+    with pytest.raises(ValueError, match="channels"):
+        data.fbank(torch.zeros(16000, 2))  # (samples, channels), as some readers return it
 
 
 def test_fbank_resamples_other_rates():
@@ -819,7 +821,7 @@ def test_dataset_rows_labels_and_tensors(ave, capsys):
 
 
 @needs_ffmpeg
-def test_broken_prepared_clips_are_named_and_redone(ave, tmp_path):
+def test_broken_prepared_clips_are_named_and_redone(ave, tmp_path, monkeypatch):
     root, out, _, _ = ave
     prepared = tmp_path / "prepared"
     shutil.copytree(out, prepared)
@@ -833,6 +835,16 @@ def test_broken_prepared_clips_are_named_and_redone(ave, tmp_path):
             data.check_prepared(prepared / bad)
     with pytest.raises(ValueError, match=r"(A|B)\.npz is broken.*rerun `python data.py --prepare_ave"):
         data.AVEDataset(prepared, root, "train")
+    def fails(*args, **kwargs):
+        raise RuntimeError("no video stream")
+    monkeypatch.setattr(data, "prepare_video", fails)  # a redo that fails drops the broken file, not loops on it
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert sorted(data.prepare_ave(str(root), str(prepared), image_size=32)["skipped"])[:2] == ["A", "B"]
+    assert not (prepared / "B.npz").exists()
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert len(data.AVEDataset(prepared, root, "train")) == 1 and "dropped 5 of 6" in printed.getvalue()
+    monkeypatch.undo()
+    (prepared / "B.npz").write_bytes(good[: len(good) // 2])
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         report = data.prepare_ave(str(root), str(prepared), image_size=32)
     assert sorted(report["prepared"]) == ["A", "B"] and "preparing it again" in printed.getvalue()
@@ -971,10 +983,11 @@ def test_unreadable_checkpoints_and_nan_give_one_honest_line(tmp_path, monkeypat
 
 
 def test_resumed_log_reads_as_one_run(tmp_path):
-    run_train(tmp_path)
+    first, _ = run_train(tmp_path)
     with open(tmp_path / "log.csv", "a") as f:
         f.write("3,0.5,0.5,1.0\n")  # a row written just before a kill during the checkpoint save
-    run_train(tmp_path, "--epochs=3", "--resume")
+    resumed, _ = run_train(tmp_path, "--epochs=3", "--resume")
+    assert resumed["seconds"] > first["seconds"]  # the earlier process's time counts too
     rows = (tmp_path / "log.csv").read_text().splitlines()
     assert rows[0] == "epoch,train_loss,val_acc,seconds" and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
 
@@ -1039,11 +1052,12 @@ class PageReader(HTMLParser):
 def test_report_is_self_contained_with_the_sections_each_mode_has(tmp_path):
     run_train(tmp_path / "molt", "--test_clips=5")
     run_train(tmp_path / "frozen", "--mode=frozen", "--epochs=1")
-    run_train(tmp_path / "audio", "--modalities=a", "--mode=avmoe", "--epochs=1")
+    run_train(tmp_path / "audio", "--modalities=a", "--mode=avmoe", "--epochs=1", "--n_ua=2")
     expect = {"molt": ["Headline", "Training curves", "Router: which experts each layer uses", "MoLT layer significance",
                        "Clip timelines", "Per-class accuracy"],
               "frozen": ["Headline", "Training curves", "Clip timelines", "Per-class accuracy"],
-              "audio": ["Headline", "Training curves", "Clip timelines", "Per-class accuracy"]}
+              "audio": ["Headline", "Training curves", "Router: which experts each layer uses", "Clip timelines",
+                        "Per-class accuracy"]}
     for run, titles in expect.items():
         text = (tmp_path / run / "report.html").read_text()
         page = PageReader(text)
@@ -1214,7 +1228,8 @@ def test_flags_are_checked_before_any_work(tmp_path, capsys):
                 "--lr=-1", "--lr=nan", "--batch_size=0", "--lr_step=0", "--epochs=0", "--late_layers=99",
                 "--num_mel_bins=8", "--image_size=30", "--molt_layers=all --late_layers=2", "--modality_dropout=0.7",
                 f"--out_dir={tmp_path / 'a_file'}", f"--vit_ckpt={tmp_path / 'none.pth'}", "--data=ave",
-                "--resume --overwrite", "--heads=3"):
+                "--resume --overwrite", "--heads=3", "--fstride=0", f"--cache_dir={tmp_path / 'a_file'}",
+                "--modalities=a --n_ua=0"):
         with pytest.raises(SystemExit) as e:
             train.parse_config(bad.split() + [f"--out_dir={tmp_path / 'run'}"] * ("out_dir" not in bad))
         assert isinstance(e.value.code, str) and "\n" not in e.value.code and "Traceback" not in e.value.code, bad

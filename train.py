@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import html
 import inspect
+import io
 import json
 import math
 import os
@@ -83,7 +84,8 @@ STREAMS = {"a": "audio", "v": "visual"}
 RESUME_MAY_DIFFER = {"epochs", "out_dir", "cache_dir", "device", "resume", "overwrite", "workers", "dist_timeout"}
 CHOICES = {"data": ("synthetic", "ave"), "device": ("auto", "cuda", "mps", "cpu")}
 AT_LEAST_ONE = ("num_classes", "train_clips", "val_clips", "test_clips", "workers", "dim", "depth", "heads",
-                "pretrain_samples", "pretrain_epochs", "epochs", "batch_size", "lr_step", "dist_timeout")
+                "pretrain_samples", "pretrain_epochs", "epochs", "batch_size", "lr_step", "dist_timeout", "fstride",
+                "tstride")
 
 
 def print_help(cfg):
@@ -106,7 +108,7 @@ def check(cfg):
     for key in AT_LEAST_ONE:
         if getattr(cfg, key) < 1:
             raise ValueError(f"--{key} must be at least 1, not {getattr(cfg, key)}")
-    for key in ("lr", "weight_decay", "lambda_orth", "lambda_balance", "modality_dropout", "router_sigma"):
+    for key in ("lr", "weight_decay", "lambda_orth", "lambda_balance", "modality_dropout"):
         if not 0 <= getattr(cfg, key) < math.inf or (key == "lr" and cfg.lr == 0):
             raise ValueError(f"--{key}={getattr(cfg, key)} must be {'positive' if key == 'lr' else 'at least 0'}")
     if cfg.modality_dropout > 0.5:
@@ -116,7 +118,8 @@ def check(cfg):
                          f"the stage-0 ViT's 8 px patch (got {cfg.num_mel_bins} and {cfg.image_size})")
     if cfg.dim % cfg.heads or cfg.num_classes < 2:
         raise ValueError(f"--dim={cfg.dim} must be divisible by --heads={cfg.heads}, and --num_classes at least 2")
-    if not (cfg.vit_ckpt and cfg.ast_ckpt) and cfg.mode == "molt" and cfg.late_layers > cfg.depth:
+    stage0 = any(m in cfg.modalities and not ckpt for m, ckpt in (("v", cfg.vit_ckpt), ("a", cfg.ast_ckpt)))
+    if stage0 and cfg.mode == "molt" and cfg.late_layers > cfg.depth:
         raise ValueError(f"--late_layers={cfg.late_layers} is more than the stage-0 backbones' {cfg.depth} layers")
     for path in (cfg.vit_ckpt, cfg.ast_ckpt):
         if path and not os.path.isfile(path):
@@ -127,21 +130,54 @@ def check(cfg):
     check_out_dir(cfg)
 
 
-def check_out_dir(cfg):
-    """out_dir must be a writable folder, and a new run must not silently replace the one it holds."""
-    if cfg.resume and cfg.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other: pick one")
+def writable(folder, flag):
     try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        probe = os.path.join(cfg.out_dir, f".write_test_{RANK}")
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_test_{RANK}")
         with open(probe, "w"):
             pass
         os.remove(probe)
     except OSError as e:
-        raise ValueError(f"--out_dir={cfg.out_dir} is not a writable folder ({e.strerror})") from None
-    ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
-    if os.path.exists(ckpt) and not (cfg.resume or cfg.overwrite):
-        raise ValueError(f"{ckpt} exists: pass --resume=true to continue, or --overwrite=true / another --out_dir")
+        raise ValueError(f"--{flag}={folder} is not a writable folder ({e.strerror})") from None
+
+
+def check_out_dir(cfg):
+    """out_dir and cache_dir must be writable folders; a new run must not silently replace the one in out_dir, and
+    --resume must find a readable checkpoint of the same settings."""
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: pick one")
+    writable(cfg.out_dir, "out_dir")
+    writable(cfg.cache_dir, "cache_dir")
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if os.path.exists(path) and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"{path} exists: pass --resume=true to continue, or --overwrite=true / another --out_dir")
+    if cfg.resume and os.path.exists(path):
+        may_differ = RESUME_MAY_DIFFER | ({"num_classes"} if cfg.data == "ave" else set())  # ave: known from data
+        diff = {k: (v, getattr(cfg, k, None)) for k, v in read_checkpoint(path)["config"].items()
+                if k not in may_differ and getattr(cfg, k, None) != v}
+        if diff:
+            raise ValueError(f"{path} is from another configuration: " + ", ".join(
+                f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items()) +
+                f" (only {', '.join(sorted(RESUME_MAY_DIFFER - {'resume', 'overwrite'}))} may change on --resume)")
+
+
+def read_checkpoint(path):
+    """train.py's checkpoint, or ValueError saying why not (truncated, empty, foreign, unsafe)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        assert {"config", "epoch", "history", "model", "optimizer", "best"} <= set(ck), "not written by train.py"
+        return ck
+    except Exception as e:  # nothing of a bad file is used
+        reason = str(e).splitlines()[0][:200] if str(e) else "no detail"
+        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {reason}): delete it or run with "
+                         "--overwrite=true instead of --resume") from None
+
+
+def write_atomic(path, text):
+    """The whole file or nothing: a run killed while writing never leaves a half file that looks current."""
+    with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def parse_config(argv):
@@ -244,11 +280,10 @@ def datasets(cfg):
     """{split: dataset} and the number of event classes."""
     if cfg.data == "synthetic":
         cache = os.path.join(cfg.cache_dir, "data")
-        if RANK == 0:  # one process generates and caches, the others then read the cache
-            data.synthetic_splits(cfg, cache, cfg.workers)
+        splits = data.synthetic_splits(cfg, cache, cfg.workers) if RANK == 0 else None  # one process generates
         if WORLD > 1:
             dist.barrier()
-        splits = data.synthetic_splits(cfg, cache)
+        splits = splits or data.synthetic_splits(cfg, cache)  # the others read its cache
         return {name: data.SyntheticAVE(s) for name, s in splits.items()}, cfg.num_classes
     sets = {s: data.AVEDataset(cfg.prepared_dir, cfg.data_root, s, cfg.image_size, cfg.num_mel_bins)
             for s in ("train", "val", "test")}
@@ -401,16 +436,16 @@ def trainable_state(model):
 
 def write_log(path, history):
     """log.csv: this run's epochs, rewritten whole from the checkpoint's history (so it never repeats or mixes)."""
-    with open(path + ".tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, ["epoch", "train_loss", "val_acc", "seconds"])
-        w.writeheader()
-        w.writerows(history)
-    os.replace(path + ".tmp", path)
+    text = io.StringIO()
+    w = csv.DictWriter(text, ["epoch", "train_loss", "val_acc", "seconds"])
+    w.writeheader()
+    w.writerows(history)
+    write_atomic(path, text.getvalue())
 
 
 def start_or_resume(cfg, model, opt, sched):
     """A fresh run clears out_dir's outputs of an earlier one; --resume restores everything the checkpoint holds.
-    -> (first epoch, best val acc, best trainable weights, history)."""
+    -> (first epoch, best val acc, best trainable weights, history, (phase seconds, wall seconds) before)."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not (cfg.resume and os.path.exists(path)):
         if cfg.resume:
@@ -419,20 +454,8 @@ def start_or_resume(cfg, model, opt, sched):
             for name in ("ckpt.pt", "log.csv", "metrics.json", "report.html"):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(cfg.out_dir, name))
-        return 0, -1.0, trainable_state(model), []
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        saved_cfg, epoch, history = ck["config"], ck["epoch"], ck["history"]
-    except Exception as e:  # truncated, empty, foreign or unsafe: nothing of it is used
-        reason = str(e).splitlines()[0][:200] if str(e) else "no detail"
-        sys.exit(f"{path} is unreadable ({type(e).__name__}: {reason}): delete it or run with --overwrite=true "
-                 "instead of --resume")
-    diff = {k: (v, getattr(cfg, k, None)) for k, v in saved_cfg.items()
-            if k not in RESUME_MAY_DIFFER and getattr(cfg, k, None) != v}
-    if diff:
-        sys.exit(f"{path} is from another configuration: " + ", ".join(f"{k}={a!r} there, {b!r} now" for k, (a, b)
-                                                                      in diff.items()) +
-                 f" (only {', '.join(sorted(RESUME_MAY_DIFFER - {'resume', 'overwrite'}))} may change on --resume)")
+        return 0, -1.0, trainable_state(model), [], ({}, 0.0)
+    ck = read_checkpoint(path)  # its settings were compared with these in check_out_dir
     if set(ck["model"]) != {n for n, p in model.named_parameters() if p.requires_grad}:
         sys.exit(f"{path} holds other trainable tensors than this model: was it written by another version?")
     model.load_state_dict(ck["model"], strict=False)  # the trainable part only; the backbones come from stage 0
@@ -442,9 +465,9 @@ def start_or_resume(cfg, model, opt, sched):
     if "cuda_rng" in ck and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ck["cuda_rng"])
     if RANK == 0:
-        write_log(os.path.join(cfg.out_dir, "log.csv"), history)  # drops epochs logged after the last checkpoint
-    log(f"resumed from {path} after epoch {epoch}")
-    return epoch, ck["best_val"], ck["best"], history
+        write_log(os.path.join(cfg.out_dir, "log.csv"), ck["history"])  # drops epochs logged after the checkpoint
+    log(f"resumed from {path} after epoch {ck['epoch']}")
+    return ck["epoch"], ck["best_val"], ck["best"], ck["history"], (ck["seconds"], ck["elapsed"])
 
 
 def setup(cfg):
@@ -463,7 +486,7 @@ def setup(cfg):
 
 def train_epoch(ddp, loader, opt, cfg, device, cache, epoch, resumable):
     """One pass over the training clips; -> mean loss. Stops the run on a non-finite loss."""
-    total, progress = 0.0, data.Progress(f"  epoch {epoch + 1}", len(loader), show=RANK == 0)
+    total, progress = 0.0, data.Progress(f"  epoch {epoch + 1}", len(loader), show=RANK == 0, keep=False)
     for step, batch in enumerate(loader):
         logits, aux, labels = run_batch(ddp, batch, device, cache, p_drop=cfg.modality_dropout)
         loss = loss_fn(logits, labels, aux, cfg)
@@ -493,7 +516,9 @@ def main(cfg):
         f"parameters of {counts['total']:,} in all")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, cfg.lr_step, gamma=0.35)
-    start, best_val, best, history = start_or_resume(cfg, model, opt, sched)
+    start, best_val, best, history, (before, elapsed) = start_or_resume(cfg, model, opt, sched)
+    t_start -= elapsed  # a resumed run's times count the earlier processes too
+    seconds.update({k: round(seconds.get(k, 0) + v, 1) for k, v in before.items()})
 
     caching = cfg.cache_features and cfg.mode != "avmoe"
     with phase("feature cache", seconds):  # only rank 0 evaluates, so only it caches val and test
@@ -527,7 +552,8 @@ def main(cfg):
                   f"{time.time() - t0:.1f} s  ETA {(time.time() - t0) * (cfg.epochs - epoch - 1):.0f} s", flush=True)
             save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
                 "model": trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "epoch": epoch + 1, "best_val": best_val, "best": best, "history": history,
+                "epoch": epoch + 1, "best_val": best_val, "best": best, "history": history, "seconds": seconds,
+                "elapsed": time.time() - t_start,
                 "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg),
                 **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})})
             write_log(os.path.join(cfg.out_dir, "log.csv"), history)
@@ -567,8 +593,7 @@ def final_report(cfg, model, loader, device, cache, counts, history, best_val, s
     metrics["seconds"] = round(time.time() - t_start, 1)
     rest = round(time.time() - t_start - sum(seconds.values()), 1)  # the test, and setting up
     metrics["phase_seconds"] = dict(seconds, **{"test and report": rest})
-    with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+    write_atomic(os.path.join(cfg.out_dir, "metrics.json"), json.dumps(metrics, indent=1))
     print("seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["phase_seconds"].items()) +
           f"; {metrics['seconds']:.0f} in all")
     write_report(os.path.join(cfg.out_dir, "report.html"), cfg, model, loader.dataset.ds, metrics, test,
@@ -603,7 +628,6 @@ def probe(cfg, clips=1000, ridge=1e-2):
             x = torch.cat([layer_features(enc, (frames if m == "v" else fbank).flatten(0, 1))
                            for frames, fbank, _ in torch.utils.data.DataLoader(ds, 32)])  # (N*S, L, D)
             record = getattr(sets[split], "split", None)
-            record = getattr(sets[split], "split", None)
             y = record["audible" if m == "a" else "visible"] if record else torch.stack(list(sets[split].labels))
             xy[split] = x, torch.where(y[:len(ds)] < 0, cfg.num_classes, y[:len(ds)]).flatten()  # none: last class
         (x, y), (xt, yt) = xy["train"], xy["test"]
@@ -616,14 +640,19 @@ def probe(cfg, clips=1000, ridge=1e-2):
             table[STREAMS[m]].append(round(((xt[:, layer] @ w).argmax(-1) == yt).float().mean().item(), 3))
         print(f"{STREAMS[m]:6} linear probe accuracy by layer: " +
               "  ".join(f"{i + 1}: {a:.3f}" for i, a in enumerate(table[STREAMS[m]])))
-    with open(os.path.join(cfg.out_dir, "probe.json"), "w") as f:
-        json.dump(table, f, indent=1)
+    write_atomic(os.path.join(cfg.out_dir, "probe.json"), json.dumps(table, indent=1))
     return table
 
 
 def summary(dirs):
     """Mean +- sample std over runs (e.g. seeds 0, 1, 2) of the numbers in each run's metrics.json."""
-    runs = [json.load(open(os.path.join(d, "metrics.json"))) for d in dirs]
+    runs = []
+    for path in (os.path.join(d, "metrics.json") for d in dirs):
+        try:
+            with open(path) as f:
+                runs.append(json.load(f))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
     for key in ("test_acc", "test_acc_visual_only", "test_acc_audio_only", "val_acc", "token_redundancy", "seconds"):
         v = torch.tensor([float(r[key]) for r in runs])
         print(f"{key:22} {v.mean():.3f} +- {v.std() if len(v) > 1 else 0:.3f}   ({', '.join(f'{x:.3f}' for x in v)})")
@@ -773,7 +802,7 @@ def write_report(path, cfg, model, ds, metrics, test, visual):
          "1). CMA experts read the other modality, UA experts do not: with the audio removed, AVMoE's Figure 7 shows "
          "the weight moving to UA.", test["router"] and len(experts) > 1 and row(
              heatmap(f"{STREAMS[m]}, {how}", r[m]["positions"], experts, r[m]["mean"]) for m in test["router"]
-             for how, r in (("normal input", test["router"]), ("audio removed", visual["router"])))),
+             for how, r in (("normal input", test["router"]), ("audio removed", visual and visual["router"])) if r)),
         ("MoLT layer significance", "alpha: the weight MoLT's token fusion gives each layer's tokens (they sum to 1 "
          "per modality). Token redundancy, the mean squared cosine between different layers' tokens: "
          f"{test['orth']:.3f}.", test["alpha"] and row(bars(STREAMS[m], [f"layer {i}" for i in a["layers"]],
@@ -786,9 +815,8 @@ def write_report(path, cfg, model, ds, metrics, test, visual):
          "taken for.", per_class(names, test["confusion"]))]
     page = "".join(f"<h2>{t}</h2><p>{note}</p>{body}" for t, note, body in sections if body)
     title = f"{cfg.mode} ({cfg.modalities}) on {cfg.data} data"
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{title}</title><style>{CSS}</style>"
-                f"</head><body><h1>Report: {title}</h1>{page}</body></html>\n")
+    write_atomic(path, f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{title}</title><style>{CSS}"
+                       f"</style></head><body><h1>Report: {title}</h1>{page}</body></html>\n")
 
 
 # ----------------------------------------------------------------------------- --bench: the cost of each method
@@ -833,7 +861,7 @@ def bench(cfg, paper_scale=True):
     if paper_scale:  # ViT-B/16 at 192 px and AST-base on a 1 s segment, random weights, one clip of 2 segments
         torch.manual_seed(cfg.seed)
         g = torch.Generator().manual_seed(0)
-        big_batch = (torch.randn(1, 2, 3, 192, 192, generator=g), torch.randn(1, 2, 100, 128, generator=g),
+        big_batch = (torch.randn(1, 2, 3, 192, 192, generator=g), torch.randn(1, 2, data.FRAMES_PER_SEGMENT, 128, generator=g),
                      torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long))
         base = dict(dim=768, depth=12, heads=12, mlp_dim=3072)
         scales["paper scale"] = (ViT(image_size=192, patch_size=16, **base),
@@ -853,8 +881,7 @@ def bench(cfg, paper_scale=True):
         results[f"{scale} molt / avmoe"] = ratio
         print(f"{scale + ' MoLT / AVMoE':24}{ratio['adapter_params']:>16.3f}{ratio['saved_bytes']:>20.3f}"
               f"{ratio['step_seconds']:>12.3f}   ({about[scale]})")
-    with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_atomic(os.path.join(cfg.out_dir, "bench.json"), json.dumps(results, indent=1))
 
 
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
