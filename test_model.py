@@ -1172,10 +1172,12 @@ def test_cached_states_give_the_uncached_results(tmp_path):
     cache = train.FeatureCache(model, sets["train"], "cpu")
     batch = next(iter(torch.utils.data.DataLoader(train.Indexed(sets["train"]), batch_size=3)))
     with torch.no_grad():
-        for drop in ("none", "audio", "frames"):
+        frames, fb = batch[0], batch[1]
+        for drop, inputs in (("none", (frames, fb)), ("audio", (frames, data.remove_audio(fb))),
+                             ("frames", (data.remove_frames(frames), fb))):
             cached = train.run_batch(model, batch, "cpu", cache, drop)[0]
             plain = train.run_batch(model, batch, "cpu", None, drop)[0]
-            assert (cached - plain).abs().max() < 1e-5, drop
+            assert (cached - plain).abs().max() < 1e-5 and (plain - model(*inputs)[0]).abs().max() < 1e-5, drop
     a, _ = run_train(tmp_path / "a")
     b, _ = run_train(tmp_path / "b", "--cache_features=false")
     for k in ("test_acc", "val_acc", "test_acc_visual_only", "test_acc_audio_only"):
