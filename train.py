@@ -430,6 +430,12 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)  # atomic: a crash mid-write never corrupts the last good checkpoint
 
 
+def rng_state():
+    """The random number generators a resumed run must continue from (evaluation draws none)."""
+    return {"rng": torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state_all()}
+                                             if torch.cuda.is_available() else {})}
+
+
 def trainable_state(model):
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -519,7 +525,6 @@ def main(cfg):
     start, best_val, best, history, (before, elapsed) = start_or_resume(cfg, model, opt, sched)
     t_start -= elapsed  # a resumed run's times count the earlier processes too
     seconds.update({k: round(seconds.get(k, 0) + v, 1) for k, v in before.items()})
-
     caching = cfg.cache_features and cfg.mode != "avmoe"
     with phase("feature cache", seconds):  # only rank 0 evaluates, so only it caches val and test
         caches = {s: FeatureCache(model, sets[s], device, None if cfg.data == "synthetic" else
@@ -553,9 +558,7 @@ def main(cfg):
             save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
                 "model": trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "epoch": epoch + 1, "best_val": best_val, "best": best, "history": history, "seconds": seconds,
-                "elapsed": time.time() - t_start,
-                "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg),
-                **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})})
+                "elapsed": time.time() - t_start, "config": dataclasses.asdict(cfg), **rng_state()})
             write_log(os.path.join(cfg.out_dir, "log.csv"), history)
     if RANK == 0:
         model.load_state_dict(best, strict=False)
