@@ -50,12 +50,13 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+
 class Encoder(nn.Module):
     """What ViT and AST share: prefix tokens + position embedding, a stack of blocks, a final LayerNorm."""
 
     def __init__(self, in_chans, dim, depth, heads, mlp_dim, eps, patch, stride, grid, prefix):
         super().__init__()
-        self.dim, self.grid, self.prefix = dim, grid, prefix
+        self.dim, self.grid = dim, grid
         self.patch_embed = nn.Conv2d(in_chans, dim, patch, stride)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, prefix + grid[0] * grid[1], dim) * 0.02)
@@ -66,25 +67,30 @@ class Encoder(nn.Module):
         return self.cls_token
 
     def embed(self, x):
-        """Image-like input (B, C, H, W) -> tokens with position embedding (B, prefix + N, D)."""
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        """Backbone input (B, ...) -> tokens with position embedding (B, prefix + N, D)."""
+        x = self.patch_embed(self.to_image(x)).flatten(2).transpose(1, 2)  # (B, N, D)
         return torch.cat([self.prefix_tokens().expand(len(x), -1, -1), x], 1) + self.pos_embed
 
-    def forward_features(self, x):
-        x = self.embed(self.to_image(x))
+    def block_outputs(self, x):
+        """Backbone input (B, ...) -> each block's output in turn, before the final LayerNorm (B, prefix + N, D)."""
+        x = self.embed(x)
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x)
+            yield x
+
+    def forward_features(self, x):
+        *_, last = self.block_outputs(x)
+        return self.norm(last)
 
 
 class ViT(Encoder):
     """Vision Transformer: images (B, 3, H, W) -> tokens (B, 1 + N, D); pooled output is the class token."""
 
     def __init__(self, image_size=32, patch_size=8, dim=64, depth=4, heads=4, mlp_dim=256, eps=1e-6):
+        g = image_size // patch_size
         if image_size % patch_size:  # timm raises too: the conv would silently drop the edge pixels
             raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}: "
-                             f"use e.g. {image_size // patch_size * patch_size} or {(image_size // patch_size + 1) * patch_size}")
-        g = image_size // patch_size
+                             f"use e.g. {g * patch_size} or {(g + 1) * patch_size}")
         super().__init__(3, dim, depth, heads, mlp_dim, eps, patch_size, patch_size, (g, g), prefix=1)
 
     def to_image(self, x):
@@ -116,36 +122,32 @@ class AST(Encoder):
 # ----------------------------------------------------------------------------- checkpoint loading
 
 HEAD_PREFIXES = ("head.", "head_dist.", "heads.", "mlp_head.", "classifier.")
-# Source key pattern -> our key, per layout. q/k/v of HF are renamed to attn.q/k/v and concatenated below.
+OUR_BLOCK = ("norm1.", "attn.qkv.", "attn.proj.", "norm2.", "mlp.fc1.", "mlp.fc2.")
+# Source name prefix -> ours, per layout: within a block (its prefix, matched by the pattern, becomes blocks.i.), and
+# outside. HF's separate q, k, v become attn.q/k/v here and are concatenated into attn.qkv by _to_ours.
 _BLOCK_RULES = {
-    "timm": (r"blocks\.(\d+)\.", [("norm1.", "norm1."), ("attn.qkv.", "attn.qkv."), ("attn.proj.", "attn.proj."),
-                                  ("norm2.", "norm2."), ("mlp.fc1.", "mlp.fc1."), ("mlp.fc2.", "mlp.fc2.")]),
-    "torchvision": (r"encoder\.layers\.encoder_layer_(\d+)\.", [
-        ("ln_1.", "norm1."), ("self_attention.in_proj_", "attn.qkv."), ("self_attention.out_proj.", "attn.proj."),
-        ("ln_2.", "norm2."), ("mlp.0.", "mlp.fc1."), ("mlp.3.", "mlp.fc2.")]),
-    "hf": (r"(?:encoder\.)?layers?\.(\d+)\.", [
-        ("layernorm_before.", "norm1."), ("attention.attention.query.", "attn.q."),
-        ("attention.attention.key.", "attn.k."), ("attention.attention.value.", "attn.v."),
-        ("attention.output.dense.", "attn.proj."), ("layernorm_after.", "norm2."),
-        ("intermediate.dense.", "mlp.fc1."), ("output.dense.", "mlp.fc2."),
+    "timm": (r"blocks\.(\d+)\.", dict(zip(OUR_BLOCK, OUR_BLOCK))),
+    "torchvision": (r"encoder\.layers\.encoder_layer_(\d+)\.", dict(zip(
+        ("ln_1.", "self_attention.in_proj_", "self_attention.out_proj.", "ln_2.", "mlp.0.", "mlp.3."), OUR_BLOCK))),
+    "hf": (r"(?:encoder\.)?layers?\.(\d+)\.", {
+        "layernorm_before.": "norm1.", "attention.attention.query.": "attn.q.", "attention.attention.key.": "attn.k.",
+        "attention.attention.value.": "attn.v.", "attention.output.dense.": "attn.proj.", "layernorm_after.": "norm2.",
+        "intermediate.dense.": "mlp.fc1.", "output.dense.": "mlp.fc2.",
         # transformers 5 in-memory names
-        ("attention.q_proj.", "attn.q."), ("attention.k_proj.", "attn.k."), ("attention.v_proj.", "attn.v."),
-        ("attention.o_proj.", "attn.proj."), ("mlp.fc1.", "mlp.fc1."), ("mlp.fc2.", "mlp.fc2.")]),
+        "attention.q_proj.": "attn.q.", "attention.k_proj.": "attn.k.", "attention.v_proj.": "attn.v.",
+        "attention.o_proj.": "attn.proj.", "mlp.fc1.": "mlp.fc1.", "mlp.fc2.": "mlp.fc2."}),
 }
 _TOP_RULES = {
     "timm": {"cls_token": "cls_token", "dist_token": "dist_token", "pos_embed": "pos_embed",
-             "patch_embed.proj.weight": "patch_embed.weight", "patch_embed.proj.bias": "patch_embed.bias",
-             "norm.weight": "norm.weight", "norm.bias": "norm.bias"},
-    "torchvision": {"class_token": "cls_token", "encoder.pos_embedding": "pos_embed",
-                    "conv_proj.weight": "patch_embed.weight", "conv_proj.bias": "patch_embed.bias",
-                    "encoder.ln.weight": "norm.weight", "encoder.ln.bias": "norm.bias"},
+             "patch_embed.proj.": "patch_embed.", "norm.": "norm."},
+    "torchvision": {"class_token": "cls_token", "encoder.pos_embedding": "pos_embed", "conv_proj.": "patch_embed.",
+                    "encoder.ln.": "norm."},
     "hf": {"embeddings.cls_token": "cls_token", "embeddings.distillation_token": "dist_token",
-           "embeddings.position_embeddings": "pos_embed",
-           "embeddings.patch_embeddings.projection.weight": "patch_embed.weight",
-           "embeddings.patch_embeddings.projection.bias": "patch_embed.bias",
-           "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"},
+           "embeddings.position_embeddings": "pos_embed", "embeddings.patch_embeddings.projection.": "patch_embed.",
+           "layernorm.": "norm."},
 }
-LAYOUTS = "timm ViT, torchvision VisionTransformer (load_vit); AST repo (module.v.*), HF AST hub or transformers-5 names (load_ast)"
+LAYOUTS = ("timm ViT, torchvision VisionTransformer (load_vit); AST repo (module.v.*), HF AST hub or "
+           "transformers-5 names (load_ast)")
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
@@ -154,13 +156,12 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 def read_safetensors(path):
     """A .safetensors file: 8-byte little-endian header size, a JSON header (name -> dtype, shape, offsets), raw bytes.
     As the format requires, each tensor's bytes lie inside the data, do not overlap another's, and match its shape."""
-    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8)) if size >= 8 else (-1,)
-        if not 0 < n <= size - 8:
-            raise ValueError(f"header length {n} does not fit a file of {size} bytes: not a .safetensors file")
-        header = json.loads(f.read(n))
-        data = f.read()
+        raw = f.read()
+    (n,) = struct.unpack("<Q", raw[:8]) if len(raw) >= 8 else (-1,)
+    if not 0 < n <= len(raw) - 8:
+        raise ValueError(f"header length {n} does not fit a file of {len(raw)} bytes: not a .safetensors file")
+    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
     state, end_of_last = {}, 0
     tensors = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
     for name, info in tensors:
@@ -168,8 +169,7 @@ def read_safetensors(path):
         dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None:
             raise ValueError(f"tensor {name}: dtype {info['dtype']} is not supported here")
-        if not end_of_last <= begin <= end <= len(data) or \
-                end - begin != dtype.itemsize * math.prod(info["shape"]):
+        if not end_of_last <= begin <= end <= len(data) or end - begin != dtype.itemsize * math.prod(info["shape"]):
             raise ValueError(f"tensor {name}: offsets {begin}..{end} ({info['dtype']}, shape {info['shape']}) are out "
                              f"of bounds, overlap another tensor or do not match dtype size x shape")
         flat = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
@@ -179,6 +179,7 @@ def read_safetensors(path):
 
 def read_state(src):
     """A path (.pth/.pt/.bin via torch.load(weights_only=True), .safetensors) or a state dict -> flat state dict."""
+    state = src
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
         if not os.path.isfile(path):
@@ -194,8 +195,6 @@ def read_state(src):
                 reason = f"not a zip archive as torch.save writes, nor a legacy file it can read: {reason}"
             raise ValueError(f"could not read checkpoint {path} ({type(e).__name__}: {reason}): save a state dict, "
                              "e.g. torch.save(model.state_dict(), path), or use a .safetensors file") from None
-    else:
-        state = src
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -222,16 +221,12 @@ def _to_ours(state, layout, prefix):
     block_re, block_rules = _BLOCK_RULES[layout]
     for key, value in state.items():
         name = key.removeprefix(prefix)
+        m = re.match(block_re, name)
+        where, rest, rules = (f"blocks.{m[1]}.", name[m.end():], block_rules) if m else ("", name, _TOP_RULES[layout])
+        new = next((where + dst + rest[len(src):] for src, dst in rules.items() if rest.startswith(src)), None)
         if name.startswith(HEAD_PREFIXES):
             heads.append(key)
-            continue
-        new = _TOP_RULES[layout].get(name)
-        m = re.match(block_re, name)
-        if m:
-            rest = name[m.end():]
-            new = next((f"blocks.{m.group(1)}.{dst}{rest[len(src):]}" for src, dst in block_rules
-                        if rest.startswith(src)), None)
-        if new is None:
+        elif new is None:
             unknown.append(key)
         else:
             out[new] = value
@@ -247,17 +242,6 @@ def _to_ours(state, layout, prefix):
     return out
 
 
-def _dims(state, num_heads):
-    dim = state["pos_embed"].shape[-1]
-    if num_heads is None:
-        if dim % 64:
-            raise ValueError(f"width {dim} is not a multiple of 64, so the number of heads cannot be guessed: "
-                             "pass num_heads=")
-        num_heads = dim // 64
-    depth = len({int(k.split(".")[1]) for k in state if k.startswith("blocks.")})
-    return dict(dim=dim, depth=depth, heads=num_heads, mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0])
-
-
 def _load_into(model, state):
     """Copy tensors into the model; a missing, extra or mis-shaped tensor is an error naming the key."""
     ours = model.state_dict()
@@ -265,7 +249,8 @@ def _load_into(model, state):
         if key not in state:
             raise ValueError(f"checkpoint is missing tensor {key} (shape {tuple(value.shape)})")
         if state[key].shape != value.shape:
-            raise ValueError(f"tensor {key}: checkpoint shape {tuple(state[key].shape)}, model expects {tuple(value.shape)}")
+            raise ValueError(f"tensor {key}: checkpoint shape {tuple(state[key].shape)}, "
+                             f"model expects {tuple(value.shape)}")
     extra = sorted(set(state) - set(ours))
     if extra:
         raise ValueError(f"unexpected tensors in checkpoint: {extra[:8]}")
@@ -283,7 +268,13 @@ def _read_backbone(src, num_heads, what):
     for key in ["pos_embed", "patch_embed.weight", "blocks.0.mlp.fc1.weight"] + ["dist_token"] * (what == "AST"):
         if key not in state:
             raise ValueError(f"checkpoint is missing tensor {key}, needed to read the {what} size")
-    return state, layout, _dims(state, num_heads), state["patch_embed.weight"].shape[-1]
+    dim = state["pos_embed"].shape[-1]
+    if num_heads is None and dim % 64:
+        raise ValueError(f"width {dim} is not a multiple of 64, so the number of heads cannot be guessed: "
+                         "pass num_heads=")
+    dims = dict(dim=dim, depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
+                heads=dim // 64 if num_heads is None else num_heads, mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0])
+    return state, layout, dims, state["patch_embed.weight"].shape[-1]
 
 
 def load_vit(src, image_size=None, num_heads=None):
@@ -300,21 +291,8 @@ def load_vit(src, image_size=None, num_heads=None):
         pos = state["pos_embed"].float()
         grid = pos[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, D, old, old)
         grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False, antialias=True)
-        state["pos_embed"] = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, new * new, -1)], 1)  # (1, 1+N, D)
+        state["pos_embed"] = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], 1)  # (1, 1+N, D)
     return _load_into(ViT(image_size, patch, eps=1e-6, **dims), state)
-
-
-def _fit_axis(pos, axis, new):
-    """AST repo rule for one axis of the (1, D, f, t) grid: center-crop when smaller, bilinear when larger."""
-    old = pos.shape[axis]
-    if new < old:
-        start = int(old / 2) - int(new / 2)
-        return pos.narrow(axis, start, new)
-    if new > old:
-        size = list(pos.shape[2:])
-        size[axis - 2] = new
-        return F.interpolate(pos, size=size, mode="bilinear", align_corners=False)
-    return pos
 
 
 def load_ast(src, num_mel_bins=128, target_length=1024, fstride=10, tstride=10, num_heads=None):
@@ -328,7 +306,13 @@ def load_ast(src, num_mel_bins=128, target_length=1024, fstride=10, tstride=10, 
         raise ValueError(f"position embedding has {n} patches, not a multiple of the {f_old} frequency patches "
                          f"that num_mel_bins={num_mel_bins}, fstride={fstride} give: check those arguments")
     grid = pos[:, 2:].reshape(1, f_old, n // f_old, -1).permute(0, 3, 1, 2)  # (1, D, f, t)
-    grid = _fit_axis(_fit_axis(grid, 3, model.grid[1]), 2, model.grid[0])
+    for axis, new in ((3, model.grid[1]), (2, model.grid[0])):  # AST repo: center-crop when smaller, else bilinear
+        old = grid.shape[axis]
+        if new < old:
+            grid = grid.narrow(axis, int(old / 2) - int(new / 2), new)
+        elif new > old:
+            size = (grid.shape[2], new) if axis == 3 else (new, grid.shape[3])
+            grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
     state["pos_embed"] = torch.cat([pos[:, :2], grid.flatten(2).transpose(1, 2)], 1)  # (1, 2+N, D)
     return _load_into(model, state)
 
@@ -353,7 +337,7 @@ class AVConfig:
     reduction: int = 2  # bottleneck width D / reduction: D/2 for the tiny demo backbones (the papers: D/8 at D=768)
     router_sigma: float = 0.01  # router noise std in training (AVMoE's AVS code)
     late_layers: int = 0  # MoLT: K layers per backbone; 0 = half the shallower depth (at least 1)
-    molt_layers: str = "late"  # MoLT: the last K layers of each backbone (the paper), the first K, or "all" (K = shallower depth)
+    molt_layers: str = "late"  # MoLT: each backbone's last K layers (the paper), the first K ("early"), or "all"
     head_dim: int = 128  # width of the shared head
 
 
@@ -414,21 +398,21 @@ class AVModel(nn.Module):
             raise ValueError(f"modalities={cfg.modalities} needs {'a ViT' if vit is None else 'an AST'} backbone")
         self.enc = nn.ModuleDict({m: {"v": vit, "a": ast}[m] for m in self.mods})
         self.enc.requires_grad_(False).eval()
-        dim = {m: e.dim for m, e in self.enc.items()}
-        self.other = other = {m: next((o for o in self.mods if o != m), None) for m in self.mods}
+        self.other = {m: next((o for o in self.mods if o != m), None) for m in self.mods}
+        dim, depth = {m: e.dim for m, e in self.enc.items()}, {m: len(e.blocks) for m, e in self.enc.items()}
+
+        def mixtures(n, tokens=False):  # n[m] mixtures of experts for each stream m
+            return nn.ModuleDict({m: nn.ModuleList(MoE(dim[m], dim.get(self.other[m]), cfg, tokens)
+                                                   for _ in range(n[m])) for m in self.mods})
         if cfg.mode == "avmoe":  # two mixtures per block and stream (before attention, before MLP), gates start at 0
-            self.moe = nn.ModuleDict({m: nn.ModuleList(MoE(dim[m], dim.get(other[m]), cfg)
-                                                       for _ in range(2 * len(self.enc[m].blocks))) for m in self.mods})
-            self.gates = nn.ParameterDict({m: nn.Parameter(torch.zeros(2 * len(self.enc[m].blocks))) for m in self.mods})
+            self.moe = mixtures({m: 2 * d for m, d in depth.items()})
+            self.gates = nn.ParameterDict({m: nn.Parameter(torch.zeros(2 * d)) for m, d in depth.items()})
         self.layers = {m: [] for m in self.mods}  # MoLT: the blocks whose outputs feed the adapters
         if cfg.mode == "molt":
-            self.layers = chosen_layers(cfg, {m: len(e.blocks) for m, e in self.enc.items()})
-            self.k = len(self.layers[self.mods[0]])
-            self.tokens = nn.ModuleDict({m: nn.ModuleList(MoE(dim[m], dim.get(other[m]), cfg, tokens=True)
-                                                          for _ in range(self.k)) for m in self.mods})
-            self.fusion = nn.ModuleDict({m: TokenFusion(dim[m]) for m in self.mods})
-            self.readout = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(dim[m]), nn.Linear(dim[m], dim[m]))
-                                          for m in self.mods})
+            self.layers = chosen_layers(cfg, depth)
+            self.tokens = mixtures({m: len(ls) for m, ls in self.layers.items()}, tokens=True)
+            self.fusion = nn.ModuleDict({m: TokenFusion(d) for m, d in dim.items()})
+            self.readout = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d)) for m, d in dim.items()})
             for r in self.readout.values():  # zero: at step 0 the head sees exactly the frozen features
                 nn.init.zeros_(r[1].weight)
                 nn.init.zeros_(r[1].bias)
@@ -446,24 +430,21 @@ class AVModel(nn.Module):
         return [f"layer {i + 1}" for i in self.layers[m]]
 
     def inputs(self, frames, fbank):
-        """Clips (B, S, 3, H, W) and (B, S, T, F) -> per-segment backbone inputs, keyed by modality."""
-        x = {"v": frames, "a": fbank}
-        return {m: self.enc[m].to_image(x[m].flatten(0, 1)) for m in self.mods}  # (B*S, C, H, W)
+        """Clips (B, S, 3, H, W) and (B, S, T, F) -> per-segment backbone inputs (B*S, ...), keyed by modality."""
+        return {m: {"v": frames, "a": fbank}[m].flatten(0, 1) for m in self.mods}
 
+    @torch.no_grad()
     def frozen_states(self, frames, fbank):
         """MoLT's backbone pass, without gradients: {m: {"pooled": final features (B*S, D), "late": the block outputs
         of the K chosen layers before the final LayerNorm (B*S, K, N, D)}}, "late" only in MoLT mode. Nothing here
         depends on the adapters."""
         states = {}
-        with torch.no_grad():
-            for m, x in self.inputs(frames, fbank).items():
-                enc, late = self.enc[m], []
-                x = enc.embed(x)
-                for i, blk in enumerate(enc.blocks):
-                    x = blk(x)
-                    if i in self.layers[m]:
-                        late.append(x)
-                states[m] = {"pooled": enc.pool(enc.norm(x))} | ({"late": torch.stack(late, 1)} if late else {})
+        for m, x in self.inputs(frames, fbank).items():
+            enc, late = self.enc[m], []
+            for i, h in enumerate(enc.block_outputs(x)):
+                if i in self.layers[m]:
+                    late.append(h)
+            states[m] = {"pooled": enc.pool(enc.norm(h))} | ({"late": torch.stack(late, 1)} if late else {})
         return states
 
     def forward(self, frames, fbank, states=None, clips=None):
@@ -487,23 +468,18 @@ class AVModel(nn.Module):
         """Sequential adaptation: in every block, r = MoE(X, X_other) read before each sub-layer, added after it."""
         x = {m: self.enc[m].embed(xm) for m, xm in x.items()}  # (B*S, prefix + N, D)
         depth = {m: len(self.enc[m].blocks) for m in self.mods}
-        L, done, weights = max(depth.values()), {m: -1 for m in self.mods}, {m: [] for m in self.mods}
+        L, weights = max(depth.values()), {m: [] for m in self.mods}
         for i in range(L):
-            # layer i of the deeper backbone meets layer floor(i * L_other / L) of the shallower; each block runs once
-            idx = {m: i * depth[m] // L for m in self.mods}
-            run = [m for m in self.mods if idx[m] != done[m]]
-            for pos, sub in enumerate(("attn", "mlp")):
-                r = {}
-                for m in run:
-                    o = self.other[m]
-                    r[m], w = self.moe[m][2 * idx[m] + pos](x[m], x[o] if o else None)
-                    weights[m].append(w)
-                for m in run:
-                    blk = self.enc[m].blocks[idx[m]]
-                    norm, layer = (blk.norm1, blk.attn) if sub == "attn" else (blk.norm2, blk.mlp)
+            # layer i of the deeper backbone meets block floor(i * L_m / L) of stream m; a block runs when that index
+            # moves on (for i = 0 the previous one is floor(-L_m / L) = -1), so each block runs once
+            run = {m: i * d // L for m, d in depth.items() if i * d // L > (i - 1) * d // L}
+            for pos, (norm, layer) in enumerate((("norm1", "attn"), ("norm2", "mlp"))):
+                mixed = {m: self.moe[m][2 * j + pos](x[m], x.get(self.other[m])) for m, j in run.items()}
+                for m, j in run.items():
+                    blk, (r, w) = self.enc[m].blocks[j], mixed[m]
                     # AVMoE insertion: X = X + sublayer(LN(X)) + gate * MoE(X, X_other), gate initialised to 0
-                    x[m] = x[m] + layer(norm(x[m])) + self.gates[m][2 * idx[m] + pos] * r[m]
-            done.update(idx)
+                    x[m] = x[m] + getattr(blk, layer)(getattr(blk, norm)(x[m])) + self.gates[m][2 * j + pos] * r
+                    weights[m].append(w)
         aux["router"] = {m: torch.stack(w, 1) for m, w in weights.items()}  # (B*S, 2 L_m, E)
         return {m: self.enc[m].pool(self.enc[m].norm(x[m])) for m in self.mods}
 
@@ -511,9 +487,8 @@ class AVModel(nn.Module):
         """Parallel adaptation: latent tokens per late layer, fused over layers, added to the frozen features."""
         out = {}
         for m in self.mods:
-            o = self.other[m]
-            h, h_o = states[m]["late"], states[o]["late"] if o else None  # (B*S, K, N, D)
-            mixed = [self.tokens[m][k](h[:, k], h_o[:, k] if o else None) for k in range(self.k)]
+            h, h_o = states[m]["late"], states.get(self.other[m], {}).get("late")  # (B*S, K, N, D)
+            mixed = [moe(h[:, k], None if h_o is None else h_o[:, k]) for k, moe in enumerate(self.tokens[m])]
             tokens = torch.stack([t for t, _ in mixed], 1)  # (B*S, K, n, D)
             aux["router"][m] = torch.stack([w for _, w in mixed], 1)  # (B*S, K, E)
             fused, aux["alpha"][m] = self.fusion[m](tokens)  # (B*S, n, D), (B*S, K)

@@ -579,7 +579,7 @@ def reference_avmoe(model, frames, fb):
     """AVMoE insertion by hand, from SPEC 3: visual depth 5 meets audio depth 2 at floor(i * 2 / 5); each block runs
     once; before each sub-layer a mixture reads both streams; its output is added after the sub-layer."""
     vit, ast = model.enc["v"], model.enc["a"]
-    x = {"v": vit.embed(frames.flatten(0, 1)), "a": ast.embed(ast.to_image(fb.flatten(0, 1)))}
+    x = {"v": vit.embed(frames.flatten(0, 1)), "a": ast.embed(fb.flatten(0, 1))}
     meets = [(0, 0), (1, None), (2, None), (3, 1), (4, None)]  # (visual block, audio block or None: already ran)
     for i, j in meets:
         for pos, (norm, layer) in enumerate((("norm1", "attn"), ("norm2", "mlp"))):
@@ -605,7 +605,7 @@ def test_molt_forward_against_a_hand_written_one():
     vit, ast = small_backbones(dim_v=48, dim_a=32, depth_v=3, depth_a=2)
     model = randomize_adapters(AVModel(AVConfig(mode="molt", num_classes=4, latent_tokens=4, late_layers=2), vit, ast))
     frames, fb, _ = clip_batch(b=1, s=4)
-    x, h = {"v": vit.embed(frames.flatten(0, 1)), "a": ast.embed(ast.to_image(fb.flatten(0, 1)))}, {"v": [], "a": []}
+    x, h = {"v": vit.embed(frames.flatten(0, 1)), "a": ast.embed(fb.flatten(0, 1))}, {"v": [], "a": []}
     with torch.no_grad():
         for m, enc in (("v", vit), ("a", ast)):
             for blk in enc.blocks:
@@ -1144,7 +1144,7 @@ def test_molt_layer_choice():
         assert model.layers["v"] == expect and len(model.tokens["a"]) == len(expect)
     states = model.frozen_states(frames, fb)  # "all": every block output, in order
     with torch.no_grad():
-        x = ast.embed(ast.to_image(fb.flatten(0, 1)))
+        x = ast.embed(fb.flatten(0, 1))
         for i, blk in enumerate(ast.blocks):
             x = blk(x)
             assert torch.equal(states["a"]["late"][:, i], x)

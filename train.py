@@ -610,11 +610,7 @@ def final_report(cfg, model, loader, device, cache, counts, history, best_val, s
 @torch.no_grad()
 def layer_features(enc, x):
     """Each block's output, averaged over the tokens: inputs (B, ...) -> (B, L, D)."""
-    x, out = enc.embed(enc.to_image(x)), []
-    for blk in enc.blocks:
-        x = blk(x)
-        out.append(x.mean(1))
-    return torch.stack(out, 1)
+    return torch.stack([h.mean(1) for h in enc.block_outputs(x)], 1)  # (B, L, D)
 
 
 def probe(cfg, clips=1000, ridge=1e-2):
