@@ -1019,7 +1019,8 @@ def test_metrics_report_what_the_issue_lists(tmp_path):
     w = m["router_weights"]["normal"]["v"]
     assert len(w["mean"]) == 1 and abs(sum(w["mean"][0]) - 1) < 1e-5 and abs(sum(w["top1"][0]) - 1) < 1e-5
     assert w["positions"] == ["layer 2"] and m["layer_weights"]["a"]["layers"] == [2]  # depth 2: K = 1, the last
-    assert "visual layer 2" in " ".join(printed.split()) or "layer 2" in printed
+    report = (tmp_path / "report.html").read_text()  # the router by layer position: on the page, no longer printed
+    assert "visual, normal input" in report and "visual, audio removed" in report and "layer 2" in report
     assert abs(sum(m["layer_weights"]["a"]["alpha"]) - 1) < 1e-5
     assert set(m["phase_seconds"]) >= {"data", "stage 0", "feature cache", "training", "validation"}
     assert abs(sum(m["phase_seconds"].values()) - m["seconds"]) < 1 and "seconds per phase" in printed
@@ -1170,12 +1171,12 @@ def test_cached_states_give_the_uncached_results(tmp_path):
         vit, ast = train.backbones(cfg)
     model = AVModel(cfg, vit, ast).eval()
     cache = train.FeatureCache(model, sets["train"], "cpu")
-    batch = next(iter(torch.utils.data.DataLoader(train.Indexed(sets["train"]), batch_size=3)))
+    batch = next(iter(torch.utils.data.DataLoader(sets["train"], batch_size=3)))  # clips 0, 1, 2
     with torch.no_grad():
-        frames, fb = batch[0], batch[1]
+        frames, fb, labels = batch
         for drop, inputs in (("none", (frames, fb)), ("audio", (frames, data.remove_audio(fb))),
                              ("frames", (data.remove_frames(frames), fb))):
-            cached = train.run_batch(model, batch, "cpu", cache, drop)[0]
+            cached = train.run_batch(model, (torch.arange(3), labels), "cpu", cache, drop)[0]
             plain = train.run_batch(model, batch, "cpu", None, drop)[0]
             assert (cached - plain).abs().max() < 1e-5 and (plain - model(*inputs)[0]).abs().max() < 1e-5, drop
     a, _ = run_train(tmp_path / "a")
@@ -1209,7 +1210,7 @@ def test_measure_counts_each_saved_storage_once():
             return y.reshape(1, 1, 1).expand(1, 1, 2), {"orth": torch.zeros(()), "balance": torch.zeros(())}
 
     def saved(n):
-        batch = (torch.ones(1, 1, n), None, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1))
+        batch = (torch.ones(1, 1, n), None, torch.zeros(1, 1, dtype=torch.long))
         return train.measure(Tiny(n), batch, "cpu", steps=1, cfg=train.Config())["saved_bytes"]
     assert saved(2000) - saved(1000) == 4000  # h alone: parameters and their views are left out
 

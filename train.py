@@ -7,27 +7,27 @@
     python train.py --data=ave --data_root=AVE_Dataset --prepared_dir=prepared --vit_ckpt=... --ast_ckpt=...
     torchrun --nproc_per_node=2 train.py            data parallel (gloo on CPU, nccl on GPU)
     python train.py --bench                         parameters, activation memory and step time: AVMoE vs MoLT
+    python train.py --probe                         layer-wise linear probe of the frozen backbones
+    python train.py --summary out/s0 out/s1 ...     mean +- std of the runs' metrics.json
 
 Stage 0 pre-trains the small backbones on a task of their own (unless --vit_ckpt/--ast_ckpt are given), saves them
 in the timm and AST-repo layouts and loads them back through load_vit/load_ast. Stage 1 freezes them and trains the
 adapters; the model is selected on val and reported on test. Each run writes to its own --out_dir; the generated data
 and stage-0 backbones are cached in --cache_dir and shared by runs.
 """
-import contextlib
 import base64
-import csv
+import contextlib
 import dataclasses
 import html
 import inspect
-import io
 import json
 import math
 import os
 import re
 import shutil
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
@@ -38,11 +38,10 @@ import torch.nn.functional as F
 import torchvision
 
 import data
-from data import SECONDS
 from model import AST, AVConfig, AVModel, ViT, check_config, load_ast, load_vit, param_counts, timm_state_dict
 
 
-@dataclass
+@dataclasses.dataclass
 class Config(AVConfig, data.SynthConfig):
     # data
     data: str = "synthetic"  # "synthetic" or "ave" (real AVE, prepared with data.py --prepare_ave)
@@ -80,12 +79,19 @@ class Config(AVConfig, data.SynthConfig):
     dist_timeout: int = 600  # torchrun: seconds a process waits for the others before it stops with an error
 
 
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 STREAMS = {"a": "audio", "v": "visual"}
+ROLES = {0: "event", 1: "heard only", 2: "seen only", -1: "-"}  # the synthetic generator's runs (data.make_clip)
+RUN_FILES = ("ckpt.pt", "log.csv", "metrics.json", "report.html")  # what a run writes in out_dir
+BOOLS = {"": True, "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 RESUME_MAY_DIFFER = {"epochs", "out_dir", "cache_dir", "device", "resume", "overwrite", "workers", "dist_timeout"}
 CHOICES = {"data": ("synthetic", "ave"), "device": ("auto", "cuda", "mps", "cpu")}
 AT_LEAST_ONE = ("num_classes", "train_clips", "val_clips", "test_clips", "workers", "dim", "depth", "heads",
                 "pretrain_samples", "pretrain_epochs", "epochs", "batch_size", "lr_step", "dist_timeout", "fstride",
                 "tstride")
+AT_LEAST_ZERO = ("lr", "weight_decay", "lambda_orth", "lambda_balance", "modality_dropout")  # and lr above 0
+
+# ----------------------------------------------------------------------------- settings
 
 
 def print_help(cfg):
@@ -99,6 +105,29 @@ def print_help(cfg):
         print(f"  {f'--{f.name}={getattr(cfg, f.name)}':<26} {notes.get(f.name, '')}")
 
 
+def parse_config(argv):
+    """--key=value flags -> Config; a bad flag stops with one line before any work."""
+    cfg = Config()
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print_help(cfg)
+            sys.exit(0)
+        key, _, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not hasattr(cfg, key):
+            sys.exit(f"unknown argument {arg}: see python train.py --help")
+        kind = type(getattr(cfg, key))
+        try:
+            setattr(cfg, key, BOOLS[value.lower()] if kind is bool else kind(value))
+        except (KeyError, ValueError):
+            sys.exit(f"--{key}={value}: expected a value of type {kind.__name__}")
+    try:
+        check(cfg)
+        check_run_dir(cfg)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    return cfg
+
+
 def check(cfg):
     """Every setting that can be checked before any work; ValueError names the flag and what to do."""
     check_config(cfg)
@@ -108,7 +137,7 @@ def check(cfg):
     for key in AT_LEAST_ONE:
         if getattr(cfg, key) < 1:
             raise ValueError(f"--{key} must be at least 1, not {getattr(cfg, key)}")
-    for key in ("lr", "weight_decay", "lambda_orth", "lambda_balance", "modality_dropout"):
+    for key in AT_LEAST_ZERO:
         if not 0 <= getattr(cfg, key) < math.inf or (key == "lr" and cfg.lr == 0):
             raise ValueError(f"--{key}={getattr(cfg, key)} must be {'positive' if key == 'lr' else 'at least 0'}")
     if cfg.modality_dropout > 0.5:
@@ -127,27 +156,19 @@ def check(cfg):
     if cfg.data == "ave" and not (os.path.isdir(cfg.data_root) and os.path.isdir(cfg.prepared_dir)):
         raise ValueError("--data=ave needs --data_root=DIR (Annotations.txt, split files) and --prepared_dir=DIR "
                          "(made by: python data.py --prepare_ave DIR --out PREPARED), both existing folders")
-    check_out_dir(cfg)
 
 
-def writable(folder, flag):
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write_test_{RANK}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--{flag}={folder} is not a writable folder ({e.strerror})") from None
-
-
-def check_out_dir(cfg):
+def check_run_dir(cfg):
     """out_dir and cache_dir must be writable folders; a new run must not silently replace the one in out_dir, and
     --resume must find a readable checkpoint of the same settings."""
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: pick one")
-    writable(cfg.out_dir, "out_dir")
-    writable(cfg.cache_dir, "cache_dir")
+    for flag in ("out_dir", "cache_dir"):
+        try:
+            os.makedirs(getattr(cfg, flag), exist_ok=True)
+            tempfile.TemporaryFile(dir=getattr(cfg, flag)).close()  # can this process write there?
+        except OSError as e:
+            raise ValueError(f"--{flag}={getattr(cfg, flag)} is not a writable folder ({e.strerror})") from None
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if os.path.exists(path) and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"{path} exists: pass --resume=true to continue, or --overwrite=true / another --out_dir")
@@ -173,35 +194,15 @@ def read_checkpoint(path):
                          "--overwrite=true instead of --resume") from None
 
 
-def write_atomic(path, text):
-    """The whole file or nothing: a run killed while writing never leaves a half file that looks current."""
-    with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
-        f.write(text)
+def write_atomic(path, content):
+    """Text, or anything torch.save takes: the whole file or nothing, so a run killed while writing never leaves a
+    half file that looks current (nor corrupts the last good checkpoint)."""
+    if isinstance(content, str):
+        with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
+            f.write(content)
+    else:
+        torch.save(content, path + ".tmp")
     os.replace(path + ".tmp", path)
-
-
-def parse_config(argv):
-    """--key=value flags -> Config; a bad flag stops with one line before any work."""
-    cfg = Config()
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print_help(cfg)
-            sys.exit(0)
-        key, _, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not hasattr(cfg, key):
-            sys.exit(f"unknown argument {arg}: see python train.py --help")
-        kind = type(getattr(cfg, key))
-        try:
-            if kind is bool and value.lower() not in ("", "1", "0", "true", "false", "yes", "no"):
-                raise ValueError
-            setattr(cfg, key, value.lower() in ("", "1", "true", "yes") if kind is bool else kind(value))
-        except ValueError:
-            sys.exit(f"--{key}={value}: expected a value of type {kind.__name__}")
-    try:
-        check(cfg)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    return cfg
 
 
 def log(*args):
@@ -217,11 +218,13 @@ def phase(name, seconds):
     seconds[name] = round(seconds.get(name, 0) + time.time() - t0, 1)
 
 
-# ----------------------------------------------------------------------------- stage 0: backbones
+# ----------------------------------------------------------------------------- stage 0: backbones, and the data
 
 
-def pretrain(enc, x, y, cfg, name):
-    """Supervised pre-training of one backbone on single frames or single 1 s fbanks (a task of its own)."""
+def pretrain(enc, x, y, cfg, path, prefix):
+    """Supervised pre-training of one backbone on single frames or single 1 s fbanks (a task of its own), saved in
+    the timm layout (prefix "module.v.": the AST repo's)."""
+    name = type(enc).__name__
     head = nn.Linear(enc.dim, int(y.max()) + 1)
     opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.05)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -237,6 +240,7 @@ def pretrain(enc, x, y, cfg, name):
             correct += (logits.argmax(-1) == y[idx]).sum().item()
             progress()
     log(f"  stage 0 {name}: train acc {correct / len(x):.3f} in the last epoch")
+    write_atomic(path, timm_state_dict(enc, prefix))
 
 
 def backbones(cfg):
@@ -254,15 +258,12 @@ def backbones(cfg):
         os.makedirs(os.path.join(cfg.cache_dir, "backbones"), exist_ok=True)
         if "ViT" in todo:
             torch.manual_seed(cfg.seed)
-            vit = ViT(cfg.image_size, 8, cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim)
-            pretrain(vit, frames, shape, cfg, "ViT")
-            save_checkpoint(vit_path, timm_state_dict(vit))  # the layout timm writes
+            pretrain(ViT(cfg.image_size, 8, cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim), frames, shape, cfg,
+                     vit_path, "")
         if "AST" in todo:
             torch.manual_seed(cfg.seed + 1)
-            ast = AST(cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride, cfg.dim, cfg.depth,
-                      cfg.heads, 4 * cfg.dim)
-            pretrain(ast, fbanks, timbre, cfg, "AST")
-            save_checkpoint(ast_path, timm_state_dict(ast, "module.v."))  # the layout the AST repo writes
+            pretrain(AST(cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride, cfg.dim, cfg.depth,
+                         cfg.heads, 4 * cfg.dim), fbanks, timbre, cfg, ast_path, "module.v.")
     if WORLD > 1:
         dist.barrier()
     # heads cannot be read from weights: ours are known; a user's default to D // 64 unless given
@@ -271,9 +272,6 @@ def backbones(cfg):
     ast = load_ast(ast_path, cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride,
                    num_heads=cfg.ast_heads or (None if cfg.ast_ckpt else cfg.heads))
     return vit, ast
-
-
-# ----------------------------------------------------------------------------- data and the feature cache
 
 
 def datasets(cfg):
@@ -290,20 +288,6 @@ def datasets(cfg):
     return sets, sets["train"].num_classes
 
 
-class Indexed(torch.utils.data.Dataset):
-    """Adds the item index, so cached backbone states can be looked up per clip; with a cache, the frames and fbanks
-    are not loaded at all (empty tensors stand in for them)."""
-
-    def __init__(self, ds, inputs=True):
-        self.ds, self.inputs = ds, inputs
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return (*self.ds[i], i) if self.inputs else (torch.empty(0), torch.empty(0), self.ds.labels[i], i)
-
-
 def remove(frames, fbank, drop_frames, drop_audio):
     """Remove frames / audio of the segments where the (B, S) masks are true: black frames, silent audio."""
     if frames is not None and drop_frames.any():
@@ -313,80 +297,69 @@ def remove(frames, fbank, drop_frames, drop_audio):
     return frames, fbank
 
 
-class FeatureCache:
-    """MoLT never changes the backbones, so their states are computed once: per segment, the pooled features and the
-    chosen layers' hidden states (in memory, or for real AVE an fp16 file under out_dir); plus the states of a
-    removed frame and of silence, for modality dropout."""
-
-    def __init__(self, model, ds, device, path=None, batch_size=32):
-        self.states, pos = {}, 0
-        progress = data.Progress(f"caching the frozen backbone states of {len(ds)} clips", len(ds), show=RANK == 0)
-        for frames, fbank, _ in torch.utils.data.DataLoader(ds, batch_size, generator=torch.Generator()):
-            states = model.frozen_states(*to_device(model, frames, fbank, device))
-            if not self.states:
-                self.states = self.allocate(states, len(ds) * SECONDS, path)
-            for m, st in states.items():
-                for name, s in st.items():
-                    self.states[m][name][pos:pos + len(s)] = s.cpu()
-            pos += len(frames) * SECONDS
-            progress(n=len(frames))
-        frames, fbank, _ = ds[0]
-        every = torch.ones(1, SECONDS, dtype=torch.bool)
-        blank = model.frozen_states(*to_device(model, *remove(frames[None], fbank[None], every, every), device))
-        self.removed = {m: {name: s[:1].cpu() for name, s in st.items()} for m, st in blank.items()}
-
-    @staticmethod
-    def allocate(states, n, path):
-        """Float32 tensors in memory, or fp16 tensors mapped onto .npy files after checking the free disk."""
-        shapes = {m: {name: (n, *s.shape[1:]) for name, s in st.items()} for m, st in states.items()}
-        if path is None:
-            return {m: {name: torch.empty(shape) for name, shape in sh.items()} for m, sh in shapes.items()}
-        need = sum(2 * math.prod(shape) for sh in shapes.values() for shape in sh.values())
-        free = shutil.disk_usage(os.path.dirname(path) or ".").free
-        if need > 0.9 * free:
-            sys.exit(f"the feature cache needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB are free in "
-                     f"{os.path.dirname(path)}: free some space or run with --cache_features=false")
-        log(f"feature cache: {need / 1e9:.2f} GB in {path}_*.npy")
-        return {m: {name: torch.from_numpy(np.lib.format.open_memmap(f"{path}_{m}_{name}.npy", "w+", np.float16, shape))
-                    for name, shape in sh.items()} for m, sh in shapes.items()}
-
-    def get(self, idx, removed):
-        """States of clips idx (B,) with segments replaced where removed[m] (B, S) is true -> {m: {name: tensor}}."""
-        seg = (idx[:, None] * SECONDS + torch.arange(SECONDS)).flatten()  # (B*S,)
-        out = {}
-        for m, st in self.states.items():
-            drop = removed[m].flatten()  # (B*S,)
-            out[m] = {name: torch.where(drop.view(-1, *[1] * (s.dim() - 1)), self.removed[m][name], s[seg].float())
-                      for name, s in st.items()}
-        return out
-
-
 def to_device(model, frames, fbank, device):
     """The inputs this model reads, on its device (None for a modality it does not have)."""
     return (frames.to(device) if "v" in model.mods else None), (fbank.to(device) if "a" in model.mods else None)
+
+
+class FeatureCache:
+    """MoLT never changes the backbones, so their states are computed once: per segment, the pooled features and the
+    chosen layers' hidden states, keyed (modality, name), in memory or for real AVE in fp16 files under out_dir; and
+    the states of a removed frame and of silence, for modality dropout."""
+
+    def __init__(self, model, ds, device, path=None):
+        def states(frames, fbank):  # {(m, name): (segments, ...)} on the CPU
+            st = model.frozen_states(*to_device(model, frames, fbank, device))
+            return {(m, name): s.cpu() for m, named in st.items() for name, s in named.items()}
+        frames, fbank, _ = ds[0]
+        every = torch.ones(1, data.SECONDS, dtype=torch.bool)
+        self.removed = {k: s[:1] for k, s in states(*remove(frames[None], fbank[None], every, every)).items()}
+        shapes = {k: (len(ds) * data.SECONDS, *s.shape[1:]) for k, s in self.removed.items()}
+        if path is None:
+            self.states = {k: torch.empty(shape) for k, shape in shapes.items()}
+        else:  # fp16 tensors mapped onto .npy files, if the disk has room
+            need, free = sum(2 * math.prod(s) for s in shapes.values()), shutil.disk_usage(os.path.dirname(path)).free
+            if need > 0.9 * free:
+                sys.exit(f"the feature cache needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB are free in "
+                         f"{os.path.dirname(path)}: free some space or run with --cache_features=false")
+            log(f"feature cache: {need / 1e9:.2f} GB in {path}_*.npy")
+            self.states = {(m, name): torch.from_numpy(np.lib.format.open_memmap(
+                f"{path}_{m}_{name}.npy", "w+", np.float16, shape)) for (m, name), shape in shapes.items()}
+        progress, pos = data.Progress(f"caching the frozen backbone states of {len(ds)} clips", len(ds),
+                                      show=RANK == 0), 0
+        for frames, fbank, _ in torch.utils.data.DataLoader(ds, 32, generator=torch.Generator()):
+            for k, s in states(frames, fbank).items():
+                self.states[k][pos:pos + len(s)] = s
+            pos += len(frames) * data.SECONDS
+            progress(n=len(frames))
+
+    def get(self, idx, removed, device):
+        """States of clips idx (B,) with segments replaced where removed[m] (B, S) is true -> {m: {name: tensor}}."""
+        seg = (idx[:, None] * data.SECONDS + torch.arange(data.SECONDS)).flatten()  # (B*S,)
+        out = {}
+        for (m, name), s in self.states.items():
+            drop = removed[m].flatten().view(-1, *[1] * (s.dim() - 1))  # (B*S, 1, ...)
+            out.setdefault(m, {})[name] = torch.where(drop, self.removed[m, name], s[seg].float()).to(device)
+        return out
 
 
 # ----------------------------------------------------------------------------- training and evaluation
 
 
 def run_batch(model, batch, device, cache=None, drop="none", p_drop=0.0):
-    """One forward pass (model may be wrapped in DDP). drop: "audio"/"frames" removes that modality everywhere;
-    p_drop removes per segment."""
-    net = getattr(model, "module", model)
-    frames, fbank, labels, idx = batch
+    """One forward pass (model may be wrapped in DDP) over (frames, fbank, labels), or with a cache over (clip index,
+    labels). drop: "audio"/"frames" removes that modality everywhere; p_drop removes per segment."""
+    labels = batch[-1]
     B, S = labels.shape
-    drop_a = torch.full((B, S), drop == "audio")
-    drop_v = torch.full((B, S), drop == "frames")
+    drop_a, drop_v = torch.full((B, S), drop == "audio"), torch.full((B, S), drop == "frames")
     if p_drop > 0:  # modality dropout: never both modalities of one segment
         u = torch.rand(B, S)
         drop_a, drop_v = drop_a | (u < p_drop), drop_v | ((u >= p_drop) & (u < 2 * p_drop))
     if cache is not None:
-        states = cache.get(idx, {"a": drop_a, "v": drop_v})
-        states = {m: {name: s.to(device) for name, s in st.items()} for m, st in states.items()}
-        logits, aux = model(None, None, states=states, clips=(B, S))
+        logits, aux = model(None, None, states=cache.get(batch[0], {"a": drop_a, "v": drop_v}, device), clips=(B, S))
     else:
-        frames, fbank = remove(frames, fbank, drop_frames=drop_v, drop_audio=drop_a)
-        logits, aux = model(*to_device(net, frames, fbank, device))
+        frames, fbank = remove(*batch[:2], drop_frames=drop_v, drop_audio=drop_a)
+        logits, aux = model(*to_device(getattr(model, "module", model), frames, fbank, device))
     return logits, aux, labels.to(device)
 
 
@@ -406,7 +379,7 @@ def evaluate(model, loader, device, cache=None, drop="none"):
     for batch in loader:
         logits, aux, labels = run_batch(model, batch, device, cache, drop)
         preds.append(logits.argmax(-1).cpu())
-        confusion += torch.bincount(labels.flatten().cpu() * n + logits.argmax(-1).flatten().cpu(),
+        confusion += torch.bincount(labels.flatten().cpu() * n + preds[-1].flatten(),
                                     minlength=n * n).view(n, n)  # (true, predicted)
         orth += aux["orth"].item() * labels.numel() / len(model.mods)
         for m, w in aux["router"].items():  # (B*S, positions, experts)
@@ -424,44 +397,31 @@ def evaluate(model, loader, device, cache=None, drop="none"):
                       for m, a in alpha.items()}}
 
 
-def save_checkpoint(path, state):
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write never corrupts the last good checkpoint
-
-
-def rng_state():
-    """The random number generators a resumed run must continue from (evaluation draws none)."""
-    return {"rng": torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state_all()}
-                                             if torch.cuda.is_available() else {})}
-
-
 def trainable_state(model):
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def write_log(path, history):
+def write_log(cfg, history):
     """log.csv: this run's epochs, rewritten whole from the checkpoint's history (so it never repeats or mixes)."""
-    text = io.StringIO()
-    w = csv.DictWriter(text, ["epoch", "train_loss", "val_acc", "seconds"])
-    w.writeheader()
-    w.writerows(history)
-    write_atomic(path, text.getvalue())
+    columns = ("epoch", "train_loss", "val_acc", "seconds")
+    rows = [columns] + [[h[k] for k in columns] for h in history]
+    write_atomic(os.path.join(cfg.out_dir, "log.csv"), "".join(",".join(map(str, r)) + "\r\n" for r in rows))
 
 
 def start_or_resume(cfg, model, opt, sched):
     """A fresh run clears out_dir's outputs of an earlier one; --resume restores everything the checkpoint holds.
-    -> (first epoch, best val acc, best trainable weights, history, (phase seconds, wall seconds) before)."""
+    -> the run's progress: epochs done, best val acc and its trainable weights, history, phase and wall seconds."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not (cfg.resume and os.path.exists(path)):
         if cfg.resume:
             log(f"--resume: no {path} yet, starting from scratch")
         if RANK == 0:
-            for name in ("ckpt.pt", "log.csv", "metrics.json", "report.html"):
+            for name in RUN_FILES:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(cfg.out_dir, name))
-        return 0, -1.0, trainable_state(model), [], ({}, 0.0)
-    ck = read_checkpoint(path)  # its settings were compared with these in check_out_dir
+        return {"epoch": 0, "best_val": -1.0, "best": trainable_state(model), "history": [], "seconds": {},
+                "elapsed": 0.0}
+    ck = read_checkpoint(path)  # its settings were compared with these in check_run_dir
     if set(ck["model"]) != {n for n, p in model.named_parameters() if p.requires_grad}:
         sys.exit(f"{path} holds other trainable tensors than this model: was it written by another version?")
     model.load_state_dict(ck["model"], strict=False)  # the trainable part only; the backbones come from stage 0
@@ -471,9 +431,9 @@ def start_or_resume(cfg, model, opt, sched):
     if "cuda_rng" in ck and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ck["cuda_rng"])
     if RANK == 0:
-        write_log(os.path.join(cfg.out_dir, "log.csv"), ck["history"])  # drops epochs logged after the checkpoint
+        write_log(cfg, ck["history"])  # drops epochs logged after the checkpoint
     log(f"resumed from {path} after epoch {ck['epoch']}")
-    return ck["epoch"], ck["best_val"], ck["best"], ck["history"], (ck["seconds"], ck["elapsed"])
+    return {k: ck[k] for k in ("epoch", "best_val", "best", "history", "seconds", "elapsed")}
 
 
 def setup(cfg):
@@ -490,14 +450,21 @@ def setup(cfg):
     return device
 
 
-def train_epoch(ddp, loader, opt, cfg, device, cache, epoch, resumable):
-    """One pass over the training clips; -> mean loss. Stops the run on a non-finite loss."""
+def train_epoch(ddp, train, opt, cfg, device, cache, epoch):
+    """One pass over the training clips, in an order fixed by the seed and the epoch; -> mean loss. Stops the run
+    on a non-finite loss."""
+    ddp.train()
+    sampler = torch.utils.data.DistributedSampler(train, seed=cfg.seed) if WORLD > 1 else None
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # the same order after a resume
+    loader = torch.utils.data.DataLoader(train, cfg.batch_size, sampler=sampler, shuffle=sampler is None, generator=g)
     total, progress = 0.0, data.Progress(f"  epoch {epoch + 1}", len(loader), show=RANK == 0, keep=False)
     for step, batch in enumerate(loader):
         logits, aux, labels = run_batch(ddp, batch, device, cache, p_drop=cfg.modality_dropout)
         loss = loss_fn(logits, labels, aux, cfg)
         if not torch.isfinite(loss):
-            kept = "still holds the last good epoch" if resumable else "was not written: no epoch finished"
+            kept = "still holds the last good epoch" if epoch > 0 else "was not written: no epoch finished"
             sys.exit(f"[rank {RANK}] loss is {loss.item()} at epoch {epoch + 1} step {step}: stopping; "
                      f"{cfg.out_dir}/ckpt.pt {kept} (try a lower --lr)")
         opt.zero_grad(set_to_none=True)
@@ -522,86 +489,69 @@ def main(cfg):
         f"parameters of {counts['total']:,} in all")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, cfg.lr_step, gamma=0.35)
-    start, best_val, best, history, (before, elapsed) = start_or_resume(cfg, model, opt, sched)
-    t_start -= elapsed  # a resumed run's times count the earlier processes too
-    seconds.update({k: round(seconds.get(k, 0) + v, 1) for k, v in before.items()})
+    run = start_or_resume(cfg, model, opt, sched)
+    for k, v in run["seconds"].items():  # a resumed run's times count the earlier processes too
+        seconds[k] = round(seconds.get(k, 0) + v, 1)
+    run["seconds"], t_start = seconds, t_start - run["elapsed"]
     caching = cfg.cache_features and cfg.mode != "avmoe"
     with phase("feature cache", seconds):  # only rank 0 evaluates, so only it caches val and test
         caches = {s: FeatureCache(model, sets[s], device, None if cfg.data == "synthetic" else
                                   os.path.join(cfg.out_dir, f"features_rank{RANK}_{s}"))
                   if caching and (s == "train" or RANK == 0) else None for s in sets}
-    train = Indexed(sets["train"], inputs=not caching)
-    sampler = torch.utils.data.DistributedSampler(train, seed=cfg.seed) if WORLD > 1 else None
-    loaders = {s: torch.utils.data.DataLoader(Indexed(sets[s], inputs=not caching), 2 * cfg.batch_size,
-                                              generator=torch.Generator())  # own RNG: evaluating draws no random number
-               for s in ("val", "test")}
-    for epoch in range(start, cfg.epochs):
+    clips = {s: torch.utils.data.TensorDataset(torch.arange(len(ds)), torch.stack(list(ds.labels))) if caching else ds
+             for s, ds in sets.items()}  # with a cache, a clip's frames and fbanks are never loaded
+    loaders = {s: torch.utils.data.DataLoader(clips[s], 2 * cfg.batch_size, generator=torch.Generator())
+               for s in ("val", "test")}  # their own RNG: evaluating draws no random number
+    for epoch in range(run["epoch"], cfg.epochs):
         t0 = time.time()
-        ddp.train()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # the same order after a resume
-        loader = torch.utils.data.DataLoader(train, cfg.batch_size, sampler=sampler, shuffle=sampler is None,
-                                             generator=g)
         with phase("training", seconds):
-            loss = train_epoch(ddp, loader, opt, cfg, device, caches["train"], epoch, resumable=epoch > 0)
+            loss = train_epoch(ddp, clips["train"], opt, cfg, device, caches["train"], epoch)
         sched.step()
         if RANK == 0:
             with phase("validation", seconds):
                 val_acc = evaluate(model, loaders["val"], device, caches["val"])["acc"]
-            if val_acc > best_val:  # model selection on val, never on test
-                best_val, best = val_acc, trainable_state(model)
-            history.append({"epoch": epoch + 1, "train_loss": round(loss, 4), "val_acc": round(val_acc, 4),
-                            "seconds": round(time.time() - t0, 2)})
+            if val_acc > run["best_val"]:  # model selection on val, never on test
+                run["best_val"], run["best"] = val_acc, trainable_state(model)
+            run["history"].append({"epoch": epoch + 1, "train_loss": round(loss, 4), "val_acc": round(val_acc, 4),
+                                   "seconds": round(time.time() - t0, 2)})
             print(f"\repoch {epoch + 1}/{cfg.epochs}: loss {loss:.3f}  val acc {val_acc:.3f}  "
                   f"{time.time() - t0:.1f} s  ETA {(time.time() - t0) * (cfg.epochs - epoch - 1):.0f} s", flush=True)
-            save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
-                "model": trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "epoch": epoch + 1, "best_val": best_val, "best": best, "history": history, "seconds": seconds,
-                "elapsed": time.time() - t_start, "config": dataclasses.asdict(cfg), **rng_state()})
-            write_log(os.path.join(cfg.out_dir, "log.csv"), history)
+            run.update(epoch=epoch + 1, elapsed=time.time() - t_start)
+            write_atomic(os.path.join(cfg.out_dir, "ckpt.pt"), {
+                **run, "model": trainable_state(model), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "config": dataclasses.asdict(cfg),
+                "rng": torch.get_rng_state(),  # evaluation draws none: a resumed run continues from here
+                **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})})
+            write_log(cfg, run["history"])
     if RANK == 0:
-        model.load_state_dict(best, strict=False)
-        final_report(cfg, model, loaders["test"], device, caches["test"], counts, history, best_val, seconds, t_start)
+        model.load_state_dict(run["best"], strict=False)
+        final_report(cfg, model, sets["test"], loaders["test"], device, caches["test"], run, t_start)
     if WORLD > 1:
         dist.barrier()
         dist.destroy_process_group()
 
 
-def final_report(cfg, model, loader, device, cache, counts, history, best_val, seconds, t_start):
+def final_report(cfg, model, ds, loader, device, cache, run, t_start):
     """Test accuracy with both modalities, with the audio removed and with the frames removed; the router and
     MoLT's layer weights; metrics.json and report.html."""
     test, visual, audio = (evaluate(model, loader, device, cache, drop) for drop in ("none", "audio", "frames"))
-    both = len(model.mods) == 2  # removing one of two inputs only means something with both
-    print(f"test acc {test['acc']:.3f} (val {best_val:.3f}); audio removed {visual['acc']:.3f}; "
-          f"frames removed {audio['acc']:.3f}")
-    for title, report in (("normal input", test["router"]), ("audio removed", visual["router"])):
-        print(f"router weights, {title} (mean weight of each expert, CMA first, then UA; in brackets how often it is "
-              "the largest):")
-        for m, r in report.items():
-            for pos, mean, top in zip(r["positions"], r["mean"], r["top1"]):
-                print(f"  {STREAMS[m]:6} {pos:14} " + "  ".join(f"{a:.2f} ({b:.2f})" for a, b in zip(mean, top)))
-    for m, a in test["alpha"].items():
-        print(f"MoLT layer significance, {STREAMS[m]}: " + "  ".join(f"layer {i} {x:.2f}" for i, x in zip(a["layers"],
-                                                                                                     a["alpha"])))
-    if test["alpha"]:
-        print(f"MoLT token redundancy (mean squared cosine between layer-wise tokens): {test['orth']:.3f}")
-    metrics = {"test_acc": test["acc"], "val_acc": best_val, "test_acc_visual_only": visual["acc"],
+    counts = param_counts(model)
+    metrics = {"test_acc": test["acc"], "val_acc": run["best_val"], "test_acc_visual_only": visual["acc"],
                "test_acc_audio_only": audio["acc"], "trainable_params": counts["adapters"] + counts["head"],
                "trainable_adapter_params": counts["adapters"], "head_params": counts["head"],
                "total_params": counts["total"], "mode": cfg.mode, "modalities": cfg.modalities,
                "router_weights": {"normal": test["router"], "visual_only": visual["router"]},
                "layer_weights": test["alpha"], "token_redundancy": test["orth"], "confusion": test["confusion"],
-               "history": history, "config": dataclasses.asdict(cfg)}
-    metrics["seconds"] = round(time.time() - t_start, 1)
-    rest = round(time.time() - t_start - sum(seconds.values()), 1)  # the test, and setting up
-    metrics["phase_seconds"] = dict(seconds, **{"test and report": rest})
+               "history": run["history"], "config": dataclasses.asdict(cfg), "seconds": round(time.time() - t_start, 1)}
+    rest = round(time.time() - t_start - sum(run["seconds"].values()), 1)  # the test, and setting up
+    metrics["phase_seconds"] = dict(run["seconds"], **{"test and report": rest})
     write_atomic(os.path.join(cfg.out_dir, "metrics.json"), json.dumps(metrics, indent=1))
+    both = len(model.mods) == 2  # removing one of two inputs only means something with both
+    write_report(os.path.join(cfg.out_dir, "report.html"), cfg, model, ds, metrics, test, visual if both else None)
+    print(f"test acc {test['acc']:.3f} (val {run['best_val']:.3f}); audio removed {visual['acc']:.3f}; "
+          f"frames removed {audio['acc']:.3f}; the rest in {cfg.out_dir}/report.html")
     print("seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["phase_seconds"].items()) +
           f"; {metrics['seconds']:.0f} in all")
-    write_report(os.path.join(cfg.out_dir, "report.html"), cfg, model, loader.dataset.ds, metrics, test,
-                 visual if both else None)
-    print(f"wrote {cfg.out_dir}/metrics.json and {cfg.out_dir}/report.html")
 
 
 # ----------------------------------------------------------------------------- --probe and --summary
@@ -613,23 +563,22 @@ def layer_features(enc, x):
     return torch.stack([h.mean(1) for h in enc.block_outputs(x)], 1)  # (B, L, D)
 
 
-def probe(cfg, clips=1000, ridge=1e-2):
+def probe(cfg, clips=1000):
     """Where the evidence lives: for each layer of each frozen backbone, the test accuracy of a linear classifier
     (ridge regression onto one-hot targets) on the layer's token-averaged states of single segments, for the class
     that segment's own modality carries (synthetic: the class heard / seen, or none; real AVE: the segment label)."""
     sets, cfg.num_classes = datasets(cfg)
-    encs = dict(zip("va", backbones(cfg)))
-    table = {}
-    for m, enc in encs.items():
-        xy = {}
+    table, ridge = {}, 1e-2  # ridge penalty per training sample
+    for m, enc in zip("va", backbones(cfg)):
+        xy = []
         for split in ("train", "test"):
             ds = torch.utils.data.Subset(sets[split], range(min(clips, len(sets[split]))))
             x = torch.cat([layer_features(enc, (frames if m == "v" else fbank).flatten(0, 1))
                            for frames, fbank, _ in torch.utils.data.DataLoader(ds, 32)])  # (N*S, L, D)
             record = getattr(sets[split], "split", None)
             y = record["audible" if m == "a" else "visible"] if record else torch.stack(list(sets[split].labels))
-            xy[split] = x, torch.where(y[:len(ds)] < 0, cfg.num_classes, y[:len(ds)]).flatten()  # none: last class
-        (x, y), (xt, yt) = xy["train"], xy["test"]
+            xy.append((x, torch.where(y[:len(ds)] < 0, cfg.num_classes, y[:len(ds)]).flatten()))  # none: last class
+        (x, y), (xt, yt) = xy
         mu, sd = x.mean(0), x.std(0) + 1e-6  # (L, D): standardise with the training statistics
         x, xt = [F.pad((v - mu) / sd, (0, 1), value=1.0) for v in (x, xt)]  # (N, L, D + 1): a constant for the bias
         table[STREAMS[m]] = []
@@ -659,13 +608,6 @@ def summary(dirs):
 
 # ----------------------------------------------------------------------------- report.html, for a class to look at
 
-def command(cfg):
-    """The command line that makes this run: the settings that differ from the defaults."""
-    default, launcher = Config(), f"torchrun --nproc_per_node={WORLD} train.py" if WORLD > 1 else "python train.py"
-    return " ".join([launcher] + [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items() if v != getattr(default, k)
-                                  and k not in ("device", "num_classes" if cfg.data == "ave" else "")])
-
-
 CSS = """body{font:20px/1.4 sans-serif;max-width:1360px;margin:auto;padding:0 20px 40px}
 code{background:#eee;padding:4px} svg text{font:18px sans-serif}
 h2{font-size:30px;border-top:3px solid #000;padding-top:12px;margin-top:44px}
@@ -673,7 +615,13 @@ h2{font-size:30px;border-top:3px solid #000;padding-top:12px;margin-top:44px}
 .card b{display:block;font-size:42px} table{border-collapse:collapse} .clip{width:100%;table-layout:fixed}
 td,th{border:1px solid #777;padding:4px 6px;text-align:center;font-size:17px} th{background:#eee}
 td img{display:block;width:100%;image-rendering:pixelated} .wrong{font-weight:bold;background:#c8c8c8}"""
-ROLES = {0: "event", 1: "heard only", 2: "seen only", -1: "-"}  # the synthetic generator's runs (data.make_clip)
+
+
+def command(cfg):
+    """The command line that makes this run: the settings that differ from the defaults."""
+    default, launcher = Config(), f"torchrun --nproc_per_node={WORLD} train.py" if WORLD > 1 else "python train.py"
+    return " ".join([launcher] + [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items() if v != getattr(default, k)
+                                  and k not in ("device", "num_classes" if cfg.data == "ave" else "")])
 
 
 def png(img):
@@ -686,7 +634,11 @@ def text(x, y, s, anchor="middle", extra=""):
     return f'<text x="{x:.0f}" y="{y:.0f}" text-anchor="{anchor}" {extra}>{html.escape(str(s))}</text>'
 
 
-def svg(w, h, title, parts):
+def svg(w, h, title, parts, axes=None):
+    """A drawing with its title on top; axes=(left, top, bottom, right) draws a y axis and an x axis."""
+    if axes:
+        parts = [f'<path d="M{axes[0]},{axes[1]}V{axes[2]}H{axes[3]}" fill="none" stroke="#000" stroke-width="2"/>',
+                 *parts]
     heading = text(w / 2, 24, title, extra="font-weight=bold")
     return f'<svg width="{w:.0f}" height="{h:.0f}">{heading}{"".join(parts)}</svg>'
 
@@ -698,7 +650,6 @@ def line_chart(title, ys, axis, best, fmt):
     bx, right = px(best - 1), best - 1 > (len(ys) - 1) / 2
     points = " ".join(f"{px(i):.1f},{py(v):.1f}" for i, v in enumerate(ys))
     return svg(left + pw + 30, top + ph + 60, title, [
-        f'<path d="M{left},{top}V{top + ph}H{left + pw}" fill="none" stroke="#000" stroke-width="2"/>',
         f'<polyline points="{points}" fill="none" stroke="#000" stroke-width="3"/>',
         f'<line x1="{bx:.0f}" x2="{bx:.0f}" y1="{top - 6}" y2="{top + ph}" stroke="#000" stroke-dasharray="7 5"/>',
         f'<circle cx="{bx:.0f}" cy="{py(ys[best - 1]):.0f}" r="7"/>',
@@ -707,7 +658,8 @@ def line_chart(title, ys, axis, best, fmt):
         text(left - 8, top + 6, fmt.format(hi), "end"), text(left - 8, top + ph + 6, fmt.format(0), "end"),
         text(left, top + ph + 24, 1), text(left + pw, top + ph + 24, len(ys)),
         text(left + pw / 2, top + ph + 50, "epoch"),
-        text(24, top + ph / 2, axis, extra=f'transform="rotate(-90 24 {top + ph / 2:.0f})"')])
+        text(24, top + ph / 2, axis, extra=f'transform="rotate(-90 24 {top + ph / 2:.0f})"')],
+        axes=(left, top, top + ph, left + pw))
 
 
 def heatmap(title, rows, cols, values):
@@ -728,11 +680,11 @@ def heatmap(title, rows, cols, values):
 def bars(title, labels, values):
     """Horizontal bars on a 0..1 scale, each value printed at its end."""
     left, bw, bh = 14 + 9 * max(len(s) for s in labels), 400, 30
-    parts = [f'<path d="M{left},44V{48 + bh * len(values)}H{left + bw}" fill="none" stroke="#000" stroke-width="2"/>']
+    parts = []
     for i, (s, v) in enumerate(zip(labels, values)):
         parts += [text(left - 8, 65 + bh * i, s, "end"), text(left + bw * v + 6, 65 + bh * i, f"{v:.2f}", "start"),
                   f'<rect x="{left}" y="{48 + bh * i}" width="{bw * v:.1f}" height="{bh - 8}" fill="#555"/>']
-    return svg(left + bw + 80, 60 + bh * len(values), title, parts)
+    return svg(left + bw + 80, 60 + bh * len(values), title, parts, axes=(left, 44, 48 + bh * len(values), left + bw))
 
 
 def clip_table(ds, i, preds, names, mods):
@@ -824,18 +776,15 @@ def write_report(path, cfg, model, ds, metrics, test, visual):
 def measure(model, batch, device, steps, cfg):
     """Trainable adapter parameters, bytes autograd saves for backward in one training step (each storage once,
     parameters left out: expanded views of frozen weights would otherwise count a hundredfold), median step time."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
+    params, saved, times = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}, []
 
     def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
-    times = []
-    for i in range(steps + 1):  # the first step is warm-up
+    for i in range(steps + 1):  # the first step is warm-up, and the one whose saved tensors are counted
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if i == 0 else contextlib.nullcontext():
             logits, aux, labels = run_batch(model, batch, device)
@@ -854,36 +803,32 @@ def bench(cfg, paper_scale=True):
     """AVMoE vs MoLT on the same backbones, batch and widths; then the same counts at the papers' scale."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sets, cfg.num_classes = datasets(cfg)
-    vit, ast = backbones(cfg)
-    batch = next(iter(torch.utils.data.DataLoader(Indexed(sets["train"]), batch_size=cfg.batch_size)))
-    results, scales = {}, {"demo": (vit, ast, batch, 5, cfg.reduction)}
+    batch = next(iter(torch.utils.data.DataLoader(sets["train"], batch_size=cfg.batch_size)))
+    scales = {"demo": (*backbones(cfg), batch, 5, cfg.reduction, f"{cfg.batch_size} clips x 10 segments")}
     if paper_scale:  # ViT-B/16 at 192 px and AST-base on a 1 s segment, random weights, one clip of 2 segments
         torch.manual_seed(cfg.seed)
-        g = torch.Generator().manual_seed(0)
-        big_batch = (torch.randn(1, 2, 3, 192, 192, generator=g), torch.randn(1, 2, data.FRAMES_PER_SEGMENT, 128, generator=g),
-                     torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long))
-        base = dict(dim=768, depth=12, heads=12, mlp_dim=3072)
-        scales["paper scale"] = (ViT(image_size=192, patch_size=16, **base),
-                                 AST(num_mel_bins=128, target_length=data.FRAMES_PER_SEGMENT, **base), big_batch, 2, 8)
-    for scale, (v, a, b, steps, r) in scales.items():
-        for mode in ("avmoe", "molt"):  # the papers' bottleneck is D/8
-            model = AVModel(dataclasses.replace(cfg, mode=mode, reduction=r), v, a).to(device)
-            results[f"{scale} {mode}"] = measure(model, b, device, steps, cfg)
+        g, base = torch.Generator().manual_seed(0), dict(dim=768, depth=12, heads=12, mlp_dim=3072)
+        big = (torch.randn(1, 2, 3, 192, 192, generator=g), torch.randn(1, 2, data.FRAMES_PER_SEGMENT, 128,
+                                                                         generator=g),
+               torch.zeros(1, 2, dtype=torch.long))
+        scales["paper scale"] = (ViT(image_size=192, patch_size=16, **base),  # the papers' bottleneck is D/8
+                                 AST(num_mel_bins=128, target_length=data.FRAMES_PER_SEGMENT, **base), big, 2, 8,
+                                 "1 clip x 2 segments, D/8 bottleneck")
+    results = {f"{scale} {mode}": measure(AVModel(dataclasses.replace(cfg, mode=mode, reduction=r), v, a).to(device),
+                                          b, device, steps, cfg)
+               for scale, (v, a, b, steps, r, _) in scales.items() for mode in ("avmoe", "molt")}
     print(f"{'':24}{'adapter params':>16}{'saved for backward':>20}{'step time':>12}")
-    about = {"demo": f"{cfg.batch_size} clips x 10 segments", "paper scale": "1 clip x 2 segments, D/8 bottleneck"}
-    for scale in scales:
-        rows = [results[f"{scale} avmoe"], results[f"{scale} molt"]]
-        for mode, r in zip(("AVMoE", "MoLT"), rows):
-            print(f"{scale + ' ' + mode:24}{r['adapter_params']:>16,}{r['saved_bytes'] / 1e6:>17.1f} MB"
+    for scale, (*_, about) in scales.items():
+        for mode, name in (("avmoe", "AVMoE"), ("molt", "MoLT")):
+            r = results[f"{scale} {mode}"]
+            print(f"{scale + ' ' + name:24}{r['adapter_params']:>16,}{r['saved_bytes'] / 1e6:>17.1f} MB"
                   f"{r['step_seconds']:>11.3f}s")
-        ratio = {k: rows[1][k] / rows[0][k] for k in ("adapter_params", "saved_bytes", "step_seconds")}
-        results[f"{scale} molt / avmoe"] = ratio
+        ratio = results[f"{scale} molt / avmoe"] = {k: results[f"{scale} molt"][k] / results[f"{scale} avmoe"][k]
+                                                   for k in ("adapter_params", "saved_bytes", "step_seconds")}
         print(f"{scale + ' MoLT / AVMoE':24}{ratio['adapter_params']:>16.3f}{ratio['saved_bytes']:>20.3f}"
-              f"{ratio['step_seconds']:>12.3f}   ({about[scale]})")
+              f"{ratio['step_seconds']:>12.3f}   ({about})")
     write_atomic(os.path.join(cfg.out_dir, "bench.json"), json.dumps(results, indent=1))
 
-
-RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 if __name__ == "__main__":
     try:
