@@ -318,15 +318,16 @@ class FeatureCache:
         if path is None:
             self.states = {k: torch.empty(shape) for k, shape in shapes.items()}
         else:  # fp16 tensors mapped onto .npy files, if the disk has room
-            need, free = sum(2 * math.prod(s) for s in shapes.values()), shutil.disk_usage(os.path.dirname(path)).free
+            need = sum(2 * math.prod(shape) for shape in shapes.values())
+            free = shutil.disk_usage(os.path.dirname(path) or ".").free
             if need > 0.9 * free:
                 sys.exit(f"the feature cache needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB are free in "
                          f"{os.path.dirname(path)}: free some space or run with --cache_features=false")
             log(f"feature cache: {need / 1e9:.2f} GB in {path}_*.npy")
             self.states = {(m, name): torch.from_numpy(np.lib.format.open_memmap(
                 f"{path}_{m}_{name}.npy", "w+", np.float16, shape)) for (m, name), shape in shapes.items()}
-        progress, pos = data.Progress(f"caching the frozen backbone states of {len(ds)} clips", len(ds),
-                                      show=RANK == 0), 0
+        progress = data.Progress(f"caching the frozen backbone states of {len(ds)} clips", len(ds), show=RANK == 0)
+        pos = 0
         for frames, fbank, _ in torch.utils.data.DataLoader(ds, 32, generator=torch.Generator()):
             for k, s in states(frames, fbank).items():
                 self.states[k][pos:pos + len(s)] = s
@@ -808,9 +809,8 @@ def bench(cfg, paper_scale=True):
     if paper_scale:  # ViT-B/16 at 192 px and AST-base on a 1 s segment, random weights, one clip of 2 segments
         torch.manual_seed(cfg.seed)
         g, base = torch.Generator().manual_seed(0), dict(dim=768, depth=12, heads=12, mlp_dim=3072)
-        big = (torch.randn(1, 2, 3, 192, 192, generator=g), torch.randn(1, 2, data.FRAMES_PER_SEGMENT, 128,
-                                                                         generator=g),
-               torch.zeros(1, 2, dtype=torch.long))
+        big = (torch.randn(1, 2, 3, 192, 192, generator=g),
+               torch.randn(1, 2, data.FRAMES_PER_SEGMENT, 128, generator=g), torch.zeros(1, 2, dtype=torch.long))
         scales["paper scale"] = (ViT(image_size=192, patch_size=16, **base),  # the papers' bottleneck is D/8
                                  AST(num_mel_bins=128, target_length=data.FRAMES_PER_SEGMENT, **base), big, 2, 8,
                                  "1 clip x 2 segments, D/8 bottleneck")
