@@ -212,6 +212,15 @@ def test_ast_shorter_input_center_crops_time_grid():
     assert (ours.forward_features(fb) - reference_ast(repo, fb, 1e-6, t_keep=keep)).abs().max() < 1e-4
 
 
+def test_ast_crop_start_of_an_even_checkpoint_grid():
+    """int(old/2) - int(new/2), as the AST repo: differs from (old - new) // 2 for an even old and an odd new grid."""
+    repo = ast_repo_state(t_patches=10)
+    fb = torch.randn(2, 60, 64)  # t = 5 time patches
+    ours = load_ast(repo, num_mel_bins=64, target_length=60, num_heads=3)
+    keep = list(range(3, 8))  # int(10/2) - int(5/2) = 3
+    assert (ours.forward_features(fb) - reference_ast(repo, fb, 1e-6, t_keep=keep)).abs().max() < 1e-4
+
+
 def test_ast_longer_input_interpolates_time_grid():
     repo = ast_repo_state()
     ours = load_ast(repo, num_mel_bins=64, target_length=150, num_heads=3)  # t = 14 > 9
@@ -318,7 +327,8 @@ def test_fbank_recipe_shape_normalisation_and_padding():
     assert (fb[:98] - (raw + 4.2677393) / (4.5689974 * 2)).abs().max() < 1e-5  # the same ops: tight
     # frames 98, 99 are zero padding, normalised: (0 + 4.2677393) / 9.1379948 = 0.46703
     assert torch.allclose(fb[98:], torch.full((2, 128), 0.46703), atol=1e-4)
-    assert data.fbank(wave, target_length=50).shape == (50, 128)  # cropped
+    assert (data.fbank(wave, target_length=50) - (raw[:50] + 4.2677393) / (4.5689974 * 2)).abs().max() < 1e-5  # the
+    # AST repo crops the end off (fbank[0:target_length])
     assert data.fbank(torch.zeros(100), num_mel_bins=64, target_length=100).shape == (100, 64)  # < one window
 
 
@@ -372,6 +382,22 @@ def test_f_c_and_cma_match_their_equations():
     s = cma.latents.expand(2, -1, -1) + sdpa(cma.latents.expand(2, -1, -1), o, o)
     fused = x + sdpa(x, s, s)
     assert torch.allclose(cma(x, other), bottleneck_ref(cma.bottleneck, fused), atol=1e-5)
+
+
+def test_f_c_reads_values_not_keys():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 16), torch.randn(2, 7, 16), torch.randn(2, 7, 16)
+    assert torch.allclose(f_c(q, k, v), q + sdpa(q, k, v), atol=1e-5)
+
+
+def test_head_by_hand():
+    from model import Head
+    head = randomize(Head(12, 8, 5), std=0.5)
+    x = torch.randn(2, 10, 12)
+    F = nn.functional
+    h = F.linear(F.layer_norm(x, (12,), head.inp[0].weight, head.inp[0].bias), head.inp[1].weight, head.inp[1].bias)
+    h = h + F.conv1d(h.transpose(1, 2), head.temporal.weight, head.temporal.bias, padding=1).transpose(1, 2)  # (B, S, H)
+    assert torch.allclose(head(x), F.linear(h, head.out.weight, head.out.bias), atol=1e-5)
 
 
 def test_molt_expert_returns_tokens_plus_bottleneck():
