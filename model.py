@@ -330,7 +330,7 @@ def timm_state_dict(model, prefix=""):
 class AVConfig:
     mode: str = "molt"  # "molt" (parallel late-layer tokens), "avmoe" (sequential, every layer), "frozen" (no adapters)
     modalities: str = "av"  # "av", or "a" / "v" for a unimodal baseline (one backbone, UA experts only)
-    num_classes: int = 10  # event classes; the model predicts num_classes + 1, background last
+    num_classes: int = 6  # event classes; the model predicts num_classes + 1, background last
     n_cma: int = 1  # cross-modal experts per mixture
     n_ua: int = 1  # unimodal experts per mixture
     latent_tokens: int = 8  # latent tokens per expert (the papers use 8 to 87)
@@ -412,10 +412,9 @@ class AVModel(nn.Module):
             self.layers = chosen_layers(cfg, depth)
             self.tokens = mixtures({m: len(ls) for m, ls in self.layers.items()}, tokens=True)
             self.fusion = nn.ModuleDict({m: TokenFusion(d) for m, d in dim.items()})
+            # the head reads only the fused tokens (not the frozen pooled features too), so the layers chosen decide
+            # what evidence it gets: what the early-vs-late ablation compares
             self.readout = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d)) for m, d in dim.items()})
-            for r in self.readout.values():  # zero: at step 0 the head sees exactly the frozen features
-                nn.init.zeros_(r[1].weight)
-                nn.init.zeros_(r[1].bias)
         self.head = Head(sum(dim.values()), cfg.head_dim, cfg.num_classes + 1)
 
     def train(self, mode=True):
@@ -456,9 +455,10 @@ class AVModel(nn.Module):
             feats = self.avmoe(self.inputs(frames, fbank), aux)
         else:
             states = states if states is not None else self.frozen_states(frames, fbank)
-            feats = {m: st["pooled"] for m, st in states.items()}
             if self.cfg.mode == "molt":
-                feats = self.molt(states, feats, aux)
+                feats = self.molt(states, aux)
+            else:  # frozen: the head on the backbones' pooled features
+                feats = {m: st["pooled"] for m, st in states.items()}
         for m, w in aux["router"].items():
             aux["balance"] = aux["balance"] + sum(balance_loss(w[:, p]) for p in range(w.shape[1])) / w.shape[1]
         x = torch.cat([feats[m] for m in self.mods], -1).reshape(B, S, -1)  # (B, S, sum D)
@@ -483,8 +483,8 @@ class AVModel(nn.Module):
         aux["router"] = {m: torch.stack(w, 1) for m, w in weights.items()}  # (B*S, 2 L_m, E)
         return {m: self.enc[m].pool(self.enc[m].norm(x[m])) for m in self.mods}
 
-    def molt(self, states, feats, aux):
-        """Parallel adaptation: latent tokens per late layer, fused over layers, added to the frozen features."""
+    def molt(self, states, aux):
+        """Parallel adaptation: latent tokens per late layer, fused over layers, read out per segment."""
         out = {}
         for m in self.mods:
             h, h_o = states[m]["late"], states.get(self.other[m], {}).get("late")  # (B*S, K, N, D)
@@ -493,7 +493,7 @@ class AVModel(nn.Module):
             aux["router"][m] = torch.stack([w for _, w in mixed], 1)  # (B*S, K, E)
             fused, aux["alpha"][m] = self.fusion[m](tokens)  # (B*S, n, D), (B*S, K)
             aux["orth"] = aux["orth"] + orthogonality_loss(tokens)
-            out[m] = feats[m] + self.readout[m](fused.mean(1))  # (B*S, D)
+            out[m] = self.readout[m](fused.mean(1))  # (B*S, D)
         return out
 
 

@@ -53,13 +53,13 @@ class Config(AVConfig, data.SynthConfig):
     ast_ckpt: str = ""  # AST-repo or Hugging Face AST weights; empty: pre-train one in stage 0
     vit_heads: int = 0  # attention heads of --vit_ckpt; 0: D // 64
     ast_heads: int = 0  # attention heads of --ast_ckpt; 0: D // 64
-    fstride: int = 10  # AST patch stride along frequency (10 in the released AudioSet model)
-    tstride: int = 10  # AST patch stride along time
+    fstride: int = 16  # AST patch stride along frequency; 16: no overlap, half the cost (the released AST: 10)
+    tstride: int = 16  # AST patch stride along time (the released AudioSet AST: 10, as its weights need)
     dim: int = 64  # stage-0 backbones: width
     depth: int = 4  # stage-0 backbones: layers
     heads: int = 4  # stage-0 backbones: attention heads
     pretrain_samples: int = 4000  # stage-0 training images and sounds
-    pretrain_epochs: int = 3  # stage-0 epochs
+    pretrain_epochs: int = 10  # stage-0 epochs
     # adaptation
     epochs: int = 10  # training epochs; the epoch with the best val accuracy is kept
     batch_size: int = 32  # clips of 10 segments per step (per process under torchrun)
@@ -147,6 +147,8 @@ def check(cfg):
                          f"the stage-0 ViT's 8 px patch (got {cfg.num_mel_bins} and {cfg.image_size})")
     if cfg.dim % cfg.heads or cfg.num_classes < 2:
         raise ValueError(f"--dim={cfg.dim} must be divisible by --heads={cfg.heads}, and --num_classes at least 2")
+    if cfg.data == "synthetic" and cfg.num_classes > len(data.CLASS_SHAPES):
+        raise ValueError(f"--num_classes: the synthetic AVE has at most {len(data.CLASS_SHAPES)} classes (shapes)")
     stage0 = any(m in cfg.modalities and not ckpt for m, ckpt in (("v", cfg.vit_ckpt), ("a", cfg.ast_ckpt)))
     if stage0 and cfg.mode == "molt" and cfg.late_layers > cfg.depth:
         raise ValueError(f"--late_layers={cfg.late_layers} is more than the stage-0 backbones' {cfg.depth} layers")
@@ -226,9 +228,11 @@ def pretrain(enc, x, y, cfg, path, prefix):
     the timm layout (prefix "module.v.": the AST repo's)."""
     name = type(enc).__name__
     head = nn.Linear(enc.dim, int(y.max()) + 1)
-    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.05)
+    steps = cfg.pretrain_epochs * math.ceil(len(x) / 64)
+    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=2e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)  # a ViT needs warm-up
     g = torch.Generator().manual_seed(cfg.seed)
-    progress = data.Progress(f"stage 0: pre-training the {name}", cfg.pretrain_epochs * math.ceil(len(x) / 64))
+    progress = data.Progress(f"stage 0: pre-training the {name}", steps)
     for epoch in range(cfg.pretrain_epochs):
         correct = 0
         for idx in torch.randperm(len(x), generator=g).split(64):
@@ -237,6 +241,7 @@ def pretrain(enc, x, y, cfg, path, prefix):
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
             correct += (logits.argmax(-1) == y[idx]).sum().item()
             progress()
     log(f"  stage 0 {name}: train acc {correct / len(x):.3f} in the last epoch")
@@ -254,7 +259,7 @@ def backbones(cfg):
     if RANK == 0 and todo:
         log(f"stage 0: pre-training small backbones ({' and '.join(todo)}: shapes for the ViT, timbres for the AST)")
         frames, fbanks, shape, timbre = data.generate_pretraining(cfg.seed + 7, cfg.pretrain_samples,
-                                                                  cfg.image_size, cfg.num_mel_bins)
+                                                                  cfg.image_size, cfg.num_mel_bins, cfg.workers)
         os.makedirs(os.path.join(cfg.cache_dir, "backbones"), exist_ok=True)
         if "ViT" in todo:
             torch.manual_seed(cfg.seed)
