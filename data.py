@@ -208,31 +208,37 @@ def render_pretraining(seed, i, image_size, num_mel_bins):
     return frame, fb.half().numpy(), shape, timbre
 
 
-def draw_all(job, n, workers, what):
-    """[job(i) for i in range(n)] in worker processes, with a progress line. One torch thread per process: the many
+def draw_all(job, args, workers, what):
+    """[job(*a) for a in args] in worker processes, with a progress line. One torch thread per process: the many
     small fbank calls gain nothing from more, and lose much on a busy machine."""
-    progress = Progress(what, n)
+    progress = Progress(what, len(args))
     if workers == 1:
         with single_thread():
-            return [progress(job(i)) for i in range(n)]
+            return [progress(job(*a)) for a in args]
     with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
                              initargs=(1,)) as pool:
-        return [progress(c) for c in pool.map(job, range(n), chunksize=16)]
+        return [progress(c) for c in pool.map(job, *zip(*args), chunksize=16)]
 
 
-def generate(seed, n_clips, num_classes, image_size, num_mel_bins, workers=1):
-    """A deterministic synthetic split: uint8 frames (N,10,H,W,3), fbank (N,10,100,F) and the generator's record."""
-    job = functools.partial(render_clip, seed, num_classes=num_classes, image_size=image_size,
-                            num_mel_bins=num_mel_bins)
-    clips = draw_all(job, n_clips, workers, f"synthetic AVE: drawing {n_clips} clips")
-    keys = ("audible", "visible", "labels", "run", "frames", "fbank")
-    return {k: torch.from_numpy(np.stack([c[j] for c in clips])) for j, k in enumerate(keys)}  # (N, 10, ...)
+def generate(sizes, seed, num_classes, image_size, num_mel_bins, workers=1):
+    """Deterministic synthetic splits {name: n clips} -> {name: uint8 frames (n,10,H,W,3), fbank (n,10,100,F) and
+    the generator's record}, drawn in one pool (starting worker processes costs seconds)."""
+    job = functools.partial(render_clip, num_classes=num_classes, image_size=image_size, num_mel_bins=num_mel_bins)
+    args = [(seed * 1000 + k, i) for k, n in enumerate(sizes.values()) for i in range(n)]  # a stream per clip
+    clips = draw_all(job, args, workers, f"synthetic AVE: drawing {len(args)} clips")
+    keys, splits, start = ("audible", "visible", "labels", "run", "frames", "fbank"), {}, 0
+    for name, n in sizes.items():
+        splits[name] = {k: torch.from_numpy(np.stack([c[j] for c in clips[start:start + n]]))  # (n, 10, ...)
+                        for j, k in enumerate(keys)}
+        start += n
+    return splits
 
 
 def generate_pretraining(seed, n, image_size, num_mel_bins, workers=1):
     """Stage 0 data: normalised frames (n, 3, H, W) labelled by shape, fbanks (n, 100, F) labelled by timbre."""
-    job = functools.partial(render_pretraining, seed, image_size=image_size, num_mel_bins=num_mel_bins)
-    frames, fbanks, shape, timbre = zip(*draw_all(job, n, workers, f"stage 0: drawing {n} images and sounds"))
+    job = functools.partial(render_pretraining, image_size=image_size, num_mel_bins=num_mel_bins)
+    samples = draw_all(job, [(seed, i) for i in range(n)], workers, f"stage 0: drawing {n} images and sounds")
+    frames, fbanks, shape, timbre = zip(*samples)
     frames = imagenet_normalise(torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255)
     return frames, torch.from_numpy(np.stack(fbanks)).float(), torch.tensor(shape), torch.tensor(timbre)
 
@@ -278,8 +284,7 @@ def synthetic_splits(cfg, cache_dir, workers=2):
     if os.path.exists(path):
         return torch.load(path, weights_only=True)
     sizes = {"train": cfg.train_clips, "val": cfg.val_clips, "test": cfg.test_clips}
-    splits = {name: generate(cfg.seed * 1000 + i, n, cfg.num_classes, cfg.image_size, cfg.num_mel_bins, workers)
-              for i, (name, n) in enumerate(sizes.items())}
+    splits = generate(sizes, cfg.seed, cfg.num_classes, cfg.image_size, cfg.num_mel_bins, workers)
     os.makedirs(cache_dir, exist_ok=True)
     torch.save(splits, path + ".tmp")
     os.replace(path + ".tmp", path)

@@ -904,9 +904,8 @@ def test_progress_speaks_every_ten_seconds_in_a_log(monkeypatch, capsys):
 
 
 def test_synthetic_is_deterministic_and_needs_both_modalities():
-    a = data.generate(1, 12, 5, 16, 32)
-    b = data.generate(1, 12, 5, 16, 32)
-    c = data.generate(2, 12, 5, 16, 32)
+    a, b = (data.generate({"x": 12}, 1, 5, 16, 32)["x"] for _ in range(2))
+    c = data.generate({"x": 12}, 2, 5, 16, 32)["x"]
     assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["frames"], c["frames"])
     assert a["frames"].shape == (12, 10, 16, 16, 3) and a["fbank"].shape == (12, 10, 100, 32)
     heard, seen, labels = a["audible"] >= 0, a["visible"] >= 0, a["labels"]
@@ -1268,7 +1267,7 @@ def test_flags_are_checked_before_any_work(tmp_path, capsys):
         train.parse_config(["--help"])
     helped = capsys.readouterr().out
     for phrase in ("--late_layers=0", "half the shallower depth", "--reduction=2", "bottleneck width",
-                   "--fstride=10", "patch stride along frequency", "--val_clips=200"):
+                   "--fstride=16", "patch stride along frequency", "--val_clips=200"):
         assert phrase in helped, phrase
     assert all(len(line.split(None, 1)) == 2 for line in helped.splitlines() if line.startswith("  --"))  # each explained
 

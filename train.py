@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import numpy as np
@@ -223,16 +224,14 @@ def phase(name, seconds):
 # ----------------------------------------------------------------------------- stage 0: backbones, and the data
 
 
-def pretrain(enc, x, y, cfg, path, prefix):
+def pretrain(enc, head, x, y, path, prefix, cfg, progress):
     """Supervised pre-training of one backbone on single frames or single 1 s fbanks (a task of its own), saved in
     the timm layout (prefix "module.v.": the AST repo's)."""
     name = type(enc).__name__
-    head = nn.Linear(enc.dim, int(y.max()) + 1)
     steps = cfg.pretrain_epochs * math.ceil(len(x) / 64)
     opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=2e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)  # a ViT needs warm-up
     g = torch.Generator().manual_seed(cfg.seed)
-    progress = data.Progress(f"stage 0: pre-training the {name}", steps)
     for epoch in range(cfg.pretrain_epochs):
         correct = 0
         for idx in torch.randperm(len(x), generator=g).split(64):
@@ -261,14 +260,20 @@ def backbones(cfg):
         frames, fbanks, shape, timbre = data.generate_pretraining(cfg.seed + 7, cfg.pretrain_samples,
                                                                   cfg.image_size, cfg.num_mel_bins, cfg.workers)
         os.makedirs(os.path.join(cfg.cache_dir, "backbones"), exist_ok=True)
+        jobs = []  # built here, in order: weight init draws from the global RNG, which threads would interleave
         if "ViT" in todo:
             torch.manual_seed(cfg.seed)
-            pretrain(ViT(cfg.image_size, 8, cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim), frames, shape, cfg,
-                     vit_path, "")
+            jobs.append((ViT(cfg.image_size, 8, cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim),
+                         nn.Linear(cfg.dim, len(data.SHAPES) + 1), frames, shape, vit_path, ""))
         if "AST" in todo:
             torch.manual_seed(cfg.seed + 1)
-            pretrain(AST(cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride, cfg.dim, cfg.depth,
-                         cfg.heads, 4 * cfg.dim), fbanks, timbre, cfg, ast_path, "module.v.")
+            jobs.append((AST(cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride, cfg.dim, cfg.depth,
+                             cfg.heads, 4 * cfg.dim), nn.Linear(cfg.dim, len(data.TIMBRES) + 1), fbanks, timbre,
+                         ast_path, "module.v."))
+        steps = cfg.pretrain_epochs * math.ceil(cfg.pretrain_samples / 64)
+        progress = data.Progress(f"stage 0: pre-training the {' and '.join(todo)} (steps)", steps * len(jobs))
+        with data.single_thread(), ThreadPoolExecutor(2) as pool:  # one core each: small models gain little from two
+            list(pool.map(lambda job: pretrain(*job, cfg, progress=progress), jobs))
     if WORLD > 1:
         dist.barrier()
     # heads cannot be read from weights: ours are known; a user's default to D // 64 unless given
