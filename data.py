@@ -51,7 +51,8 @@ def fbank(wave, sample_rate=16000, num_mel_bins=128, target_length=1024):
 
 class Progress:
     """What a long step does, how far it is and its ETA, on one line: rewritten in place on a terminal, else printed
-    every 10 s (and at the end, if it printed before), so that a log is never silent for long and never flooded."""
+    after 5 s, then every 10 s (and at the end, if it printed before), so that a log is never silent for long and
+    never flooded."""
 
     def __init__(self, what, total, show=True, keep=True):  # keep=False: a line that follows says it all
         self.what, self.total, self.show, self.keep, self.done = what, total, show, keep, 0
@@ -64,7 +65,7 @@ class Progress:
             print("\r\033[K", end="", flush=True)  # clear the line for the one that follows
             return item
         end = self.done >= self.total and self.keep and (tty or self.last > self.t0)
-        if self.show and (end or now - self.last >= (0.5 if tty else 10)):
+        if self.show and (end or now - self.last >= (0.5 if tty else 5 if self.last == self.t0 else 10)):
             self.last, eta = now, (now - self.t0) / self.done * (self.total - self.done)
             print(f"\r{self.what}: {self.done}/{self.total} in {now - self.t0:.0f} s, ETA {eta:.0f} s",
                   end="\n" if self.done >= self.total or not tty else "", flush=True)

@@ -890,17 +890,17 @@ def test_audio_only_file_is_skipped_as_having_no_video_stream(tmp_path):
 # ----------------------------------------------------------------------------- synthetic AVE
 
 
-def test_progress_speaks_every_ten_seconds_in_a_log(monkeypatch, capsys):
+def test_progress_speaks_after_five_then_every_ten_seconds_in_a_log(monkeypatch, capsys):
     now = [0.0]
     monkeypatch.setattr(data.time, "time", lambda: now[0])
-    for total in (100, 10):  # 50 s of work, then 5 s
+    for total in (100, 8):  # 50 s of work, then 4 s
         p = data.Progress("work", total)
         for _ in range(total):
             now[0] += 0.5
             p()
     lines = capsys.readouterr().out.replace("\r", "").strip().splitlines()
-    assert lines == [f"work: {k}/100 in {t} s, ETA {50 - t} s" for k, t in ((20, 10), (40, 20), (60, 30), (80, 40),
-                                                                          (100, 50))]  # the short job: silent
+    assert lines == [f"work: {k}/100 in {t} s, ETA {50 - t} s" for k, t in ((10, 5), (30, 15), (50, 25), (70, 35),
+                                                                          (90, 45), (100, 50))]  # the short job: silent
 
 
 def test_synthetic_is_deterministic_and_needs_both_modalities():
