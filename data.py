@@ -295,8 +295,9 @@ def synthetic_splits(cfg, cache_dir, workers=2):
 class SyntheticAVE(torch.utils.data.Dataset):
     """Items like the real AVE: (frames (10,3,H,W) normalised, fbank (10,100,F), labels (10,))."""
 
-    def __init__(self, split):
+    def __init__(self, split, num_classes):
         self.split, self.labels = split, split["labels"]
+        self.class_names = [f"{s} + {t}" for s, t in zip(CLASS_SHAPES, CLASS_TIMBRES)][:num_classes]
 
     def __len__(self):
         return len(self.labels)

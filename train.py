@@ -292,7 +292,7 @@ def datasets(cfg):
         if WORLD > 1:
             dist.barrier()
         splits = splits or data.synthetic_splits(cfg, cache)  # the others read its cache
-        return {name: data.SyntheticAVE(s) for name, s in splits.items()}, cfg.num_classes
+        return {name: data.SyntheticAVE(s, cfg.num_classes) for name, s in splits.items()}, cfg.num_classes
     sets = {s: data.AVEDataset(cfg.prepared_dir, cfg.data_root, s, cfg.image_size, cfg.num_mel_bins)
             for s in ("train", "val", "test")}
     return sets, sets["train"].num_classes
