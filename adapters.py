@@ -2,7 +2,7 @@
 and orthogonality loss.
 
 Notation follows the papers: X_a (B, N_a, D_a) audio tokens, X_v (B, N_v, D_v) visual tokens, L latent tokens.
-MoLT's full text is not available to us: its part below is our reconstruction from the abstract (SPEC 4).
+MoLT's full text is not available to us: its part below is our reconstruction from the paper's abstract.
 """
 import math
 
@@ -63,7 +63,7 @@ class CMA(nn.Module):
 
 
 class UA(nn.Module):
-    """Unimodal adapter: the same path within one modality. The explainer prints UA with S_v (which would make it
+    """Unimodal adapter: the same path within one modality. The AVMoE text we worked from prints UA with S_v (which would make it
     cross-modal); AVMoE describes UA as intra-modal, so we use the modality's own summary S_m."""
 
     def __init__(self, dim, n_latents, reduction):
