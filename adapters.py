@@ -63,8 +63,8 @@ class CMA(nn.Module):
 
 
 class UA(nn.Module):
-    """Unimodal adapter: the same path within one modality. The AVMoE text we worked from prints UA with S_v (which would make it
-    cross-modal); AVMoE describes UA as intra-modal, so we use the modality's own summary S_m."""
+    """Unimodal adapter: the same path within one modality. The AVMoE text we worked from prints UA with S_v (which
+    would make it cross-modal); AVMoE describes UA as intra-modal, so we use the modality's own summary S_m."""
 
     def __init__(self, dim, n_latents, reduction):
         super().__init__()
