@@ -247,7 +247,8 @@ def generate_pretraining(seed, n, image_size, num_mel_bins, workers=1):
 def unimodal_ceiling(split, modality):
     """Best segment accuracy from one modality, from the generator's record: a segment where that modality perceives
     nothing is background; one inside a perceived run belongs to the event with probability 1/k, k the number of
-    perceived runs in the clip (the runs are exchangeable by construction), so the best guess is right max(1/k, 1-1/k)."""
+    perceived runs in the clip (the runs are exchangeable by construction), so the best guess is right
+    max(1/k, 1-1/k)."""
     seen = split["audible" if modality == "a" else "visible"] >= 0  # (N, 10)
     run = torch.where(seen, split["run"], -1)
     k = torch.tensor([len(set(r.tolist()) - {-1}) for r in run]).clamp_min(1)[:, None].float()  # (N, 1)
@@ -413,7 +414,8 @@ def prepare_video(src, dst, image_size=224, timeout=120):
 def check_prepared(path, image_size=None):
     """Raises ValueError if a prepared .npz is unreadable or holds other keys or shapes than prepare_video writes.
     Cheap: reads the zip directory and the arrays' headers, not their data."""
-    expect = {"frames": ((SECONDS, image_size, image_size, 3), np.uint8), "audio": ((SAMPLE_RATE * SECONDS,), np.float32)}
+    expect = {"frames": ((SECONDS, image_size, image_size, 3), np.uint8),
+              "audio": ((SAMPLE_RATE * SECONDS,), np.float32)}
     try:
         with zipfile.ZipFile(path) as z:
             if sorted(z.namelist()) != ["audio.npy", "frames.npy"]:
