@@ -434,16 +434,16 @@ class AVModel(nn.Module):
 
     @torch.no_grad()
     def frozen_states(self, frames, fbank):
-        """MoLT's backbone pass, without gradients: {m: {"pooled": final features (B*S, D), "late": the block outputs
-        of the K chosen layers before the final LayerNorm (B*S, K, N, D)}}, "late" only in MoLT mode. Nothing here
-        depends on the adapters."""
+        """The frozen backbone pass, without gradients: in MoLT mode {m: {"late": the block outputs of the K chosen
+        layers before the final LayerNorm (B*S, K, N, D)}}, else {m: {"pooled": final features (B*S, D)}}: what the
+        head reads in each mode. Nothing here depends on the adapters."""
         states = {}
         for m, x in self.inputs(frames, fbank).items():
             enc, late = self.enc[m], []
             for i, h in enumerate(enc.block_outputs(x)):
                 if i in self.layers[m]:
                     late.append(h)
-            states[m] = {"pooled": enc.pool(enc.norm(h))} | ({"late": torch.stack(late, 1)} if late else {})
+            states[m] = {"late": torch.stack(late, 1)} if late else {"pooled": enc.pool(enc.norm(h))}
         return states
 
     def forward(self, frames, fbank, states=None, clips=None):

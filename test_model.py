@@ -497,7 +497,8 @@ def test_molt_never_sends_gradient_into_the_backbones():
         for blk in vit.blocks:
             x = blk(x)
         assert torch.equal(states["v"]["late"][:, -1], x)  # last late layer = last block output, before the final LN
-        assert torch.equal(states["a"]["pooled"], ast.pool(ast.forward_features(fb.flatten(0, 1))))
+        frozen = AVModel(AVConfig(mode="frozen", num_classes=4), vit, ast).frozen_states(frames, fb)
+        assert torch.equal(frozen["a"]["pooled"], ast.pool(ast.forward_features(fb.flatten(0, 1))))
     assert aux["alpha"]["v"].shape == (20, 1) and torch.allclose(aux["router"]["a"].sum(-1), torch.ones(20, 1))
 
 
