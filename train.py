@@ -10,7 +10,7 @@
     python train.py --probe                         layer-wise linear probe of the frozen backbones
     python train.py --summary out/s0 out/s1 ...     mean +- std of the runs' metrics.json
 
-Stage 0 pre-trains the small backbones on a task of their own (unless --vit_ckpt/--ast_ckpt are given), saves them
+Stage 0 pre-trains the small backbones to name shapes and timbres (unless --vit_ckpt/--ast_ckpt are given), saves them
 in the timm and AST-repo layouts and loads them back through load_vit/load_ast. Stage 1 freezes them and trains the
 adapters; the model is selected on val and reported on test. Each run writes to its own --out_dir; the generated data
 and stage-0 backbones are cached in --cache_dir and shared by runs.
@@ -225,8 +225,8 @@ def phase(name, seconds):
 
 
 def pretrain(enc, head, x, y, path, prefix, cfg, progress):
-    """Supervised pre-training of one backbone on single frames or single 1 s fbanks (a task of its own), saved in
-    the timm layout (prefix "module.v.": the AST repo's)."""
+    """Supervised pre-training of one backbone on single frames or single 1 s fbanks (shape / timbre, never the AV
+    task), saved in the timm layout (prefix "module.v.": the AST repo's)."""
     name = type(enc).__name__
     steps = cfg.pretrain_epochs * math.ceil(len(x) / 64)
     opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=2e-3, weight_decay=0.05)
