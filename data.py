@@ -308,7 +308,6 @@ class SyntheticAVE(torch.utils.data.Dataset):
         return imagenet_normalise(frames), self.split["fbank"][i].float(), self.split["labels"][i]
 
 
-
 # ---- Real AVE ----
 # ROOT holds Annotations.txt, {train,val,test}Set.txt and the videos AVE/<VideoID>.mp4.
 # `python data.py --prepare_ave ROOT --out DIR` decodes every clip once with the ffmpeg CLI into DIR/<VideoID>.npz
@@ -370,9 +369,10 @@ def _run(cmd, timeout):
 
 
 def prepare_video(src, dst, image_size=224, timeout=120):
-    """Decode one clip into dst (.npz with frames (10,S,S,3) uint8 and audio (160000,) float32).
-
-    Returns the notes that apply ("padded", "silent"); raises if the clip is unusable."""
+    """Decode one clip into dst (.npz with frames (10,S,S,3) uint8 and audio (160000,) float32); returns the notes
+    that apply ("padded", "silent"); raises if the clip is unusable."""
+    if not os.path.isfile(src):
+        raise RuntimeError("file missing")
     info = json.loads(_run(["ffprobe", "-v", "error", "-show_entries", "format=duration:stream=codec_type",
                             "-of", "json", src], timeout))
     if float(info.get("format", {}).get("duration", 0)) < 1:
@@ -392,14 +392,11 @@ def prepare_video(src, dst, image_size=224, timeout=120):
     has_audio = "audio" in kinds
     audio = np.zeros(0, np.float32)
     if has_audio:  # ffmpeg downmixes and resamples; -t cuts at 10 s
-        audio = np.frombuffer(_run(["ffmpeg", "-nostdin", "-v", "error", "-i", src, "-map", "0:a:0", "-ac", "1",
-                                    "-ar", str(SAMPLE_RATE), "-t", str(SECONDS), "-f", "f32le", "-"], timeout),
-                              np.float32)
-    n, notes = SAMPLE_RATE * SECONDS, []
-    if len(frames) < SECONDS or (has_audio and len(audio) < n - SAMPLE_RATE // 2):  # AAC often ends a few ms early
-        notes.append("padded")
-    if not has_audio:
-        notes.append("silent")
+        audio = np.frombuffer(_run(["ffmpeg", "-nostdin", "-v", "error", "-i", src, "-map", "0:a:0", "-ac", "1", "-ar",
+                                    str(SAMPLE_RATE), "-t", str(SECONDS), "-f", "f32le", "-"], timeout), np.float32)
+    n = SAMPLE_RATE * SECONDS
+    padded = len(frames) < SECONDS or (has_audio and len(audio) < n - SAMPLE_RATE // 2)  # AAC often ends a few ms early
+    notes = [note for note, applies in (("padded", padded), ("silent", not has_audio)) if applies]
     frames = np.concatenate([frames, frames[-1:].repeat(SECONDS - len(frames), 0)])  # repeat the last frame
     audio = np.pad(audio[:n], (0, n - len(audio[:n])))  # zero-pad
     tmp = dst + ".tmp"  # written whole, then renamed: an interrupted run never leaves a half file behind
@@ -437,32 +434,26 @@ def prepare_ave(root, out, image_size=224, workers=2, timeout=120):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found on PATH: install the ffmpeg command-line tools "
                      "(Debian/Ubuntu: apt-get install -y ffmpeg), then rerun")
-    if not os.path.isdir(os.path.join(root, "AVE")):
-        sys.exit(f"{os.path.join(root, 'AVE')} not found: the videos must be at ROOT/AVE/<VideoID>.mp4")
+    videos = os.path.join(root, "AVE")
+    if not os.path.isdir(videos):
+        sys.exit(f"{videos} not found: the videos must be at ROOT/AVE/<VideoID>.mp4")
     ids = list(dict.fromkeys(r.video_id for r in read_annotations(os.path.join(root, "Annotations.txt"))))
     os.makedirs(out, exist_ok=True)
     dst = {v: os.path.join(out, v + ".npz") for v in ids}
-    todo, broken = [v for v in ids if not os.path.exists(dst[v])], []
-    for v in set(ids) - set(todo):  # an earlier file that cannot be read is redone
+    todo = [v for v in ids if not os.path.exists(dst[v])]
+    for v in sorted(set(ids) - set(todo)):  # an earlier file that cannot be read is redone
         try:
             check_prepared(dst[v], image_size)
         except ValueError as e:
-            broken.append(v)
             os.remove(dst[v])  # if preparing it fails again, the row is dropped rather than left broken
             print(f"{e}: preparing it again")
-    todo += sorted(broken)
+            todo.append(v)
     print(f"{len(ids)} videos, {len(ids) - len(todo)} already in {out}, {len(todo)} to prepare")
     report = dict(prepared=[], skipped={}, padded=[], silent=[])
-
-    def one(v):
-        src = os.path.join(root, "AVE", v + ".mp4")
-        if not os.path.isfile(src):
-            raise RuntimeError("file missing")
-        return prepare_video(src, dst[v], image_size, timeout)
-
     t0 = time.time()
     with ThreadPoolExecutor(workers) as pool:  # the work is in ffmpeg subprocesses, so threads run in parallel
-        jobs = {pool.submit(one, v): v for v in todo}
+        jobs = {pool.submit(prepare_video, os.path.join(videos, v + ".mp4"), dst[v], image_size, timeout): v
+                for v in todo}
         try:
             for i, job in enumerate(as_completed(jobs), 1):
                 v = jobs[job]
@@ -494,15 +485,14 @@ class AVEDataset(torch.utils.data.Dataset):
         assert split in ("train", "val", "test"), f"split must be train, val or test, not {split!r}"
         classes = class_map(os.path.join(root, "Annotations.txt"))
         rows = read_annotations(os.path.join(root, f"{split}Set.txt"))
-        self.files = [os.path.join(prepared_dir, r.video_id + ".npz") for r in rows]
-        self.labels = [segment_labels(r, classes) for r in rows]
-        keep = [i for i, f in enumerate(self.files) if os.path.exists(f)]
+        pairs = [(os.path.join(prepared_dir, r.video_id + ".npz"), segment_labels(r, classes)) for r in rows]
+        keep = [(f, y) for f, y in pairs if os.path.exists(f)]
         if not keep:
             raise FileNotFoundError(f"no prepared clip of the {split} split in {prepared_dir}: "
                                     f"run `python data.py --prepare_ave {root} --out {prepared_dir}` first")
         if len(keep) < len(rows):  # those videos were listed as skipped when preparing
             print(f"AVE {split}: dropped {len(rows) - len(keep)} of {len(rows)} rows whose video was not prepared")
-        self.files, self.labels = [self.files[i] for i in keep], [self.labels[i] for i in keep]
+        self.files, self.labels = [f for f, _ in keep], [y for _, y in keep]
         self.num_classes, self.image_size, self.num_mel_bins = len(classes), image_size, num_mel_bins
         self.class_names = list(classes)
         self.redo = f"rerun `python data.py --prepare_ave {root} --out {prepared_dir}`, which redoes broken files"

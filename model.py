@@ -3,7 +3,6 @@ import json
 import math
 import os
 import re
-import struct
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -50,7 +49,6 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-
 class Encoder(nn.Module):
     """What ViT and AST share: prefix tokens + position embedding, a stack of blocks, a final LayerNorm."""
 
@@ -68,7 +66,7 @@ class Encoder(nn.Module):
 
     def embed(self, x):
         """Backbone input (B, ...) -> tokens with position embedding (B, prefix + N, D)."""
-        x = self.patch_embed(self.to_image(x)).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
         return torch.cat([self.prefix_tokens().expand(len(x), -1, -1), x], 1) + self.pos_embed
 
     def block_outputs(self, x):
@@ -93,9 +91,6 @@ class ViT(Encoder):
                              f"use e.g. {g * patch_size} or {(g + 1) * patch_size}")
         super().__init__(3, dim, depth, heads, mlp_dim, eps, patch_size, patch_size, (g, g), prefix=1)
 
-    def to_image(self, x):
-        return x
-
     def pool(self, tokens):
         return tokens[:, 0]
 
@@ -112,8 +107,9 @@ class AST(Encoder):
     def prefix_tokens(self):
         return torch.cat([self.cls_token, self.dist_token], 1)  # (1, 2, D)
 
-    def to_image(self, x):
-        return x.unsqueeze(1).transpose(2, 3)  # (B, 1, F, T): frequency on the rows, as in the AST repo and HF
+    def embed(self, x):
+        x = x.unsqueeze(1).transpose(2, 3)  # (B, 1, F, T): frequency on the rows, as in the AST repo and HF
+        return super().embed(x)
 
     def pool(self, tokens):
         return (tokens[:, 0] + tokens[:, 1]) / 2
@@ -158,7 +154,7 @@ def read_safetensors(path):
     As the format requires, each tensor's bytes lie inside the data, do not overlap another's, and match its shape."""
     with open(path, "rb") as f:
         raw = f.read()
-    (n,) = struct.unpack("<Q", raw[:8]) if len(raw) >= 8 else (-1,)
+    n = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else -1
     if not 0 < n <= len(raw) - 8:
         raise ValueError(f"header length {n} does not fit a file of {len(raw)} bytes: not a .safetensors file")
     header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
@@ -399,17 +395,17 @@ class AVModel(nn.Module):
         self.enc = nn.ModuleDict({m: {"v": vit, "a": ast}[m] for m in self.mods})
         self.enc.requires_grad_(False).eval()
         self.other = {m: next((o for o in self.mods if o != m), None) for m in self.mods}
-        dim, depth = {m: e.dim for m, e in self.enc.items()}, {m: len(e.blocks) for m, e in self.enc.items()}
+        dim, self.depth = {m: e.dim for m, e in self.enc.items()}, {m: len(e.blocks) for m, e in self.enc.items()}
 
         def mixtures(n, tokens=False):  # n[m] mixtures of experts for each stream m
             return nn.ModuleDict({m: nn.ModuleList(MoE(dim[m], dim.get(self.other[m]), cfg, tokens)
                                                    for _ in range(n[m])) for m in self.mods})
         if cfg.mode == "avmoe":  # two mixtures per block and stream (before attention, before MLP), gates start at 0
-            self.moe = mixtures({m: 2 * d for m, d in depth.items()})
-            self.gates = nn.ParameterDict({m: nn.Parameter(torch.zeros(2 * d)) for m, d in depth.items()})
+            self.moe = mixtures({m: 2 * d for m, d in self.depth.items()})
+            self.gates = nn.ParameterDict({m: nn.Parameter(torch.zeros(2 * d)) for m, d in self.depth.items()})
         self.layers = {m: [] for m in self.mods}  # MoLT: the blocks whose outputs feed the adapters
         if cfg.mode == "molt":
-            self.layers = chosen_layers(cfg, depth)
+            self.layers = chosen_layers(cfg, self.depth)
             self.tokens = mixtures({m: len(ls) for m, ls in self.layers.items()}, tokens=True)
             self.fusion = nn.ModuleDict({m: TokenFusion(d) for m, d in dim.items()})
             # the head reads only the fused tokens (not the frozen pooled features too), so the layers chosen decide
@@ -425,7 +421,7 @@ class AVModel(nn.Module):
     def router_positions(self, m):
         """Names of stream m's router positions, in the order of aux["router"][m]'s second axis (layers from 1)."""
         if self.cfg.mode == "avmoe":
-            return [f"layer {i + 1} {sub}" for i in range(len(self.enc[m].blocks)) for sub in ("attn", "mlp")]
+            return [f"layer {i + 1} {sub}" for i in range(self.depth[m]) for sub in ("attn", "mlp")]
         return [f"layer {i + 1}" for i in self.layers[m]]
 
     def inputs(self, frames, fbank):
@@ -467,12 +463,11 @@ class AVModel(nn.Module):
     def avmoe(self, x, aux):
         """Sequential adaptation: in every block, r = MoE(X, X_other) read before each sub-layer, added after it."""
         x = {m: self.enc[m].embed(xm) for m, xm in x.items()}  # (B*S, prefix + N, D)
-        depth = {m: len(self.enc[m].blocks) for m in self.mods}
-        L, weights = max(depth.values()), {m: [] for m in self.mods}
+        L, weights = max(self.depth.values()), {m: [] for m in self.mods}
         for i in range(L):
             # layer i of the deeper backbone meets block floor(i * L_m / L) of stream m; a block runs when that index
             # moves on (for i = 0 the previous one is floor(-L_m / L) = -1), so each block runs once
-            run = {m: i * d // L for m, d in depth.items() if i * d // L > (i - 1) * d // L}
+            run = {m: i * d // L for m, d in self.depth.items() if i * d // L > (i - 1) * d // L}
             for pos, (norm, layer) in enumerate((("norm1", "attn"), ("norm2", "mlp"))):
                 mixed = {m: self.moe[m][2 * j + pos](x[m], x.get(self.other[m])) for m, j in run.items()}
                 for m, j in run.items():
