@@ -1,6 +1,7 @@
 """Tests. The equation and backbone tests compare with an independent reference: torchvision's ViT and EncoderBlock,
 torchaudio's kaldi fbank, PyTorch's scaled_dot_product_attention, forwards written by hand from the papers' equations
-(AVMoE insertion, MoLT tokens, fusion and readout), or hand-computed values. The others are contract and smoke tests
+(AVMoE insertion, MoLT tokens, fusion and readout), or hand-computed values (also for evaluate, the loss and modality
+dropout, driven by a stand-in model with fixed outputs). The others are contract and smoke tests
 with no outside reference: overfitting one batch, parameter counts, metrics.json and the report, the bench, resume,
 torchrun, the real AVE pipeline on clips made with ffmpeg, and the handling of bad input."""
 import contextlib
@@ -58,6 +59,7 @@ def test_vit_matches_torchvision(heads, dim):
     x = torch.randn(2, 3, 32, 32)
     ours = load_vit(ref.state_dict(), num_heads=heads)
     assert len(ours.blocks) == 2 and ours.blocks[0].attn.heads == (heads or 1)
+    assert {m.eps for m in ours.modules() if isinstance(m, nn.LayerNorm)} == {ref.encoder.ln.eps} == {1e-6}
     assert (ours.forward_features(x) - tv_tokens(ref, x)).abs().max() < 1e-4
     ref.heads = nn.Identity()  # torchvision's own pooled output: the class token after the final LayerNorm
     assert (ours.pool(ours.forward_features(x)) - ref(x)).abs().max() < 1e-4
@@ -99,11 +101,11 @@ def test_vit_needs_heads_when_width_is_not_a_multiple_of_64():
 # ----------------------------------------------------------------------------- AST
 
 
-def ast_repo_state(dim=48, depth=2, mels=64, t_patches=9, mlp=192):
+def ast_repo_state(dim=48, depth=2, mels=64, t_patches=9, mlp=192, fstride=10):
     """Random tensors under the AST repo's key names (module.v.* plus its heads)."""
     g = torch.Generator().manual_seed(1)
     r = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
-    f = (mels - 16) // 10 + 1
+    f = (mels - 16) // fstride + 1
     s = {"module.v.cls_token": r(1, 1, dim), "module.v.dist_token": r(1, 1, dim),
          "module.v.pos_embed": r(1, 2 + f * t_patches, dim), "module.v.patch_embed.proj.weight": r(dim, 1, 16, 16),
          "module.v.patch_embed.proj.bias": r(dim), "module.v.norm.weight": 1 + r(dim), "module.v.norm.bias": r(dim),
@@ -142,13 +144,14 @@ def hf_state(repo, prefix="audio_spectrogram_transformer."):
     return s
 
 
-def reference_ast(repo, fb, eps, t_keep=None):
-    """AST forward built from torchvision's EncoderBlock and plain tensor ops, with the repo's weights."""
+def reference_ast(repo, fb, eps, t_keep=None, stride=(10, 10)):
+    """AST forward built from torchvision's EncoderBlock and plain tensor ops, with the repo's weights; stride is
+    (frequency, time), the frequency axis on the rows as in the AST repo."""
     p = {k.removeprefix("module.v."): v for k, v in repo.items()}
     dim = p["cls_token"].shape[-1]
     x = nn.functional.conv2d(fb.unsqueeze(1).transpose(2, 3), p["patch_embed.proj.weight"], p["patch_embed.proj.bias"],
-                             stride=10)  # (B, D, f, t)
-    pos = p["pos_embed"][:, 2:].reshape(1, 5, -1, dim)  # (1, f, t, D)
+                             stride=stride)  # (B, D, f, t)
+    pos = p["pos_embed"][:, 2:].reshape(1, x.shape[2], -1, dim)  # (1, f, t, D)
     if t_keep is not None:
         pos = pos[:, :, t_keep]
     x = x.flatten(2).transpose(1, 2) + pos.reshape(1, -1, dim)  # (B, N, D)
@@ -219,6 +222,23 @@ def test_ast_crop_start_of_an_even_checkpoint_grid():
     ours = load_ast(repo, num_mel_bins=64, target_length=60, num_heads=3)
     keep = list(range(3, 8))  # int(10/2) - int(5/2) = 3
     assert (ours.forward_features(fb) - reference_ast(repo, fb, 1e-6, t_keep=keep)).abs().max() < 1e-4
+
+
+def test_ast_crop_start_of_an_odd_checkpoint_grid():
+    repo = ast_repo_state()  # 9 time patches
+    fb = torch.randn(2, 46, 64)  # t = (46 - 16) // 10 + 1 = 4 patches
+    ours = load_ast(repo, num_mel_bins=64, target_length=46, num_heads=3)
+    keep = list(range(2, 6))  # int(9/2) - int(4/2) = 2
+    assert (ours.forward_features(fb) - reference_ast(repo, fb, 1e-6, t_keep=keep)).abs().max() < 1e-4
+
+
+def test_ast_frequency_and_time_strides_apply_to_their_own_axes():
+    repo = ast_repo_state(fstride=16)  # f = (64 - 16) // 16 + 1 = 4 frequency patches, 9 time patches
+    fb = torch.randn(2, 100, 64)  # t = (100 - 16) // 10 + 1 = 9
+    ours = load_ast(repo, num_mel_bins=64, target_length=100, fstride=16, tstride=10, num_heads=3)
+    assert ours.grid == (4, 9)
+    ref = reference_ast(repo, fb, 1e-6, stride=(16, 10))
+    assert (ours.forward_features(fb) - ref).abs().max() < 1e-4
 
 
 def test_ast_longer_input_interpolates_time_grid():
@@ -409,6 +429,21 @@ def test_molt_expert_returns_tokens_plus_bottleneck():
     out = ua(h)
     assert out.shape == (3, 4, 16)
     assert torch.allclose(out, t + bottleneck_ref(ua.bottleneck, t), atol=1e-5)
+
+
+def test_bottleneck_width_is_d_over_r():
+    b = CMA(16, 24, 4, reduction=4).bottleneck
+    assert b.down.weight.shape == (4, 16) and b.up.weight.shape == (16, 4)  # D / r = 16 / 4
+
+
+def test_a_fresh_mixture_is_uniform_with_distinct_latents_and_cma_first():
+    torch.manual_seed(0)
+    moe = MoE(16, 24, AVConfig(n_cma=2, n_ua=1, latent_tokens=4)).eval()
+    assert [type(e).__name__ for e in moe.experts] == ["CMA", "CMA", "UA"]
+    _, w = moe(torch.randn(3, 5, 16), torch.randn(3, 7, 24))
+    assert torch.allclose(w, torch.full((3, 3), 1 / 3))  # the router's last layer starts at zero
+    q = nn.functional.normalize(moe.experts[0].latents[0], dim=-1)  # (n, D)
+    assert (q @ q.T - torch.eye(4)).abs().max() < 0.9  # latents start apart, or they would stay identical
 
 
 def test_router_weights_sum_to_one_noisy_in_training_only():
@@ -847,6 +882,20 @@ def test_dataset_rows_labels_and_tensors(ave, capsys):
         data.AVEDataset(out, root, "test")  # its only clip was too short to prepare
 
 
+def test_dataset_resizes_frames_like_torchvision(tmp_path):
+    root, prepared = tmp_path / "root", tmp_path / "prepared"
+    root.mkdir(), prepared.mkdir()
+    row = "Church bell&vid1&good&0&10"
+    write(root / "Annotations.txt", [row]), write(root / "trainSet.txt", [row])
+    frames = np.random.default_rng(0).integers(0, 256, (10, 24, 24, 3), dtype=np.uint8)  # texture: the filter shows
+    np.savez(prepared / "vid1.npz", frames=frames, audio=np.zeros(160000, np.float32))
+    x, _, _ = data.AVEDataset(prepared, root, "train", image_size=16, num_mel_bins=32)[0]
+    ref = TF.resize(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255, [16, 16],
+                    interpolation=TF.InterpolationMode.BILINEAR, antialias=True)  # (10, 3, 16, 16)
+    mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
+    assert (x - (ref - mean) / std).abs().max() < 1e-5
+
+
 @needs_ffmpeg
 def test_broken_prepared_clips_are_named_and_redone(ave, tmp_path, monkeypatch):
     root, out, _, _ = ave
@@ -960,19 +1009,73 @@ def run_train(tmp, *extra):
 
 
 def test_resume_gives_the_same_result_and_checks_the_config(tmp_path):
-    whole, printed = run_train(tmp_path / "a", "--mode=avmoe", "--modality_dropout=0.2")
+    whole, printed = run_train(tmp_path / "a", "--mode=avmoe", "--modality_dropout=0.2", "--lr_step=1")
     assert "stage 0" in printed and "test acc" in printed
     ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)  # only tensors and plain values
     assert ckpt["epoch"] == 2 and set(ckpt["config"]) >= {"mode", "lr"}
-    run_train(tmp_path / "b", "--mode=avmoe", "--modality_dropout=0.2", "--epochs=1")
-    resumed, printed = run_train(tmp_path / "b", "--mode=avmoe", "--modality_dropout=0.2", "--resume")
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(3e-3 * 0.35 ** 2)  # x 0.35 every epoch
+    run_train(tmp_path / "b", "--mode=avmoe", "--modality_dropout=0.2", "--lr_step=1", "--epochs=1")
+    resumed, printed = run_train(tmp_path / "b", "--mode=avmoe", "--modality_dropout=0.2", "--lr_step=1", "--resume")
     assert "resumed" in printed
     for k in ("test_acc", "val_acc", "test_acc_visual_only", "test_acc_audio_only", "router_weights"):
         assert resumed[k] == whole[k], k
     a, b = (torch.load(p / "ckpt.pt", weights_only=True)["model"] for p in (tmp_path / "a", tmp_path / "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SystemExit, match=r"lr=0\.003 there, 0\.001 now"):
-        run_train(tmp_path / "b", "--mode=avmoe", "--modality_dropout=0.2", "--resume", "--lr=0.001")
+        run_train(tmp_path / "b", "--mode=avmoe", "--modality_dropout=0.2", "--lr_step=1", "--resume", "--lr=0.001")
+
+
+class Fixed(nn.Module):
+    """A stand-in model: the given predictions, router weights and orthogonality loss, whatever the input; it
+    records the inputs it was given."""
+
+    def __init__(self, preds, router, orth):
+        super().__init__()
+        self.cfg, self.mods, self.layers, self.seen = AVConfig(num_classes=3), "va", {"v": [0]}, []
+        self.preds, self.router, self.orth = preds, router, orth
+
+    def router_positions(self, m):
+        return ["layer 1"]
+
+    def forward(self, frames, fbank):
+        self.seen.append((frames, fbank))
+        logits = nn.functional.one_hot(self.preds[:len(frames)], 4).float()  # (B, S, C + 1)
+        return logits, {"router": {"v": self.router}, "alpha": {}, "orth": torch.tensor(self.orth)}
+
+
+def test_evaluate_counts_by_hand():
+    labels, preds = torch.tensor([[0, 3, 3]]), torch.tensor([[0, 3, 1]])  # 3 = background, right once
+    router = torch.tensor([[[0.7, 0.3]], [[0.2, 0.8]], [[0.6, 0.4]]])  # (segments, positions, experts)
+    model = Fixed(preds, router, 0.3)
+    r = train.evaluate(model, [(torch.zeros(1, 3, 3, 8, 8), torch.zeros(1, 3, 10, 16), labels)], "cpu")
+    assert r["acc"] == pytest.approx(2 / 3)
+    confusion = [[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 1]]  # (true, predicted)
+    assert r["confusion"] == confusion and torch.equal(r["pred"], preds)
+    assert r["router"]["v"]["mean"][0] == pytest.approx([0.5, 0.5])
+    assert r["router"]["v"]["top1"][0] == pytest.approx([2 / 3, 1 / 3])  # the larger weight, per segment
+    assert r["orth"] == pytest.approx(0.3 / 2)  # the loss sums the two modalities' terms: their mean
+
+
+def test_loss_adds_the_weighted_regularisers():
+    logits, labels = torch.randn(2, 10, 4), torch.randint(0, 4, (2, 10))
+    cfg = train.Config(lambda_orth=0.1, lambda_balance=0.01)
+    loss = train.loss_fn(logits, labels, {"orth": torch.tensor(1.0), "balance": torch.tensor(2.0)}, cfg)
+    expect = nn.functional.cross_entropy(logits.reshape(20, 4), labels.reshape(20)) + 0.1 * 1.0 + 0.01 * 2.0
+    assert loss.item() == pytest.approx(expect.item())
+
+
+def test_modality_dropout_removes_one_modality_per_segment_at_its_rate():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    frames, fb = torch.randn(64, 10, 3, 8, 8, generator=g), torch.randn(64, 10, 20, 16, generator=g)
+    model = Fixed(torch.zeros(64, 10, dtype=torch.long), torch.full((640, 1, 2), 0.5), 0.0)
+    train.run_batch(model, (frames, fb, torch.zeros(64, 10, dtype=torch.long)), "cpu", p_drop=0.4)
+    seen_v, seen_a = model.seen[0]
+    no_v = (seen_v == data.remove_frames(frames)).flatten(2).all(-1)  # (B, S): black frame
+    no_a = (seen_a == data.remove_audio(fb)).flatten(2).all(-1)  # (B, S): silence
+    assert not (no_v & no_a).any()
+    assert abs(no_v.float().mean() - 0.4) < 0.05 and abs(no_a.float().mean() - 0.4) < 0.05
+    assert torch.equal(seen_v[~no_v], frames[~no_v]) and torch.equal(seen_a[~no_a], fb[~no_a])
 
 
 def test_checkpoint_writes_are_atomic_and_nan_stops_the_run(tmp_path, monkeypatch):
@@ -1188,6 +1291,28 @@ def test_molt_layer_rule_for_unequal_depths_and_depth_one():
         AVModel(AVConfig(mode="molt", late_layers=3), vit, ast)
     vit, ast = small_backbones(depth_v=1, depth_a=1)  # half of one layer: K = 1, not an error
     assert AVModel(AVConfig(mode="molt", num_classes=4), vit, ast).layers == {"v": [0], "a": [0]}
+
+
+def test_default_k_is_half_the_shallower_depth_rounded_down():
+    vit, ast = small_backbones(depth_v=3, depth_a=3)
+    for choice, expect in (("late", [2]), ("early", [0])):  # floor(3 / 2) = 1 layer
+        assert AVModel(AVConfig(mode="molt", num_classes=4, molt_layers=choice), vit, ast).layers["v"] == expect
+
+
+def test_balance_loss_is_averaged_over_router_positions():
+    """SPEC 3 by hand from the router weights: per position, -log E - mean_e log(mean_b w); mean over positions,
+    summed over the two streams."""
+    vit, ast = small_backbones(depth_v=2, depth_a=2)
+    model = randomize_adapters(AVModel(AVConfig(mode="avmoe", num_classes=4, latent_tokens=4), vit, ast))
+    frames, fb, _ = clip_batch(b=2, s=3)
+    with torch.no_grad():
+        _, aux = model(frames, fb)
+    expect = 0.0
+    for w in aux["router"].values():  # (B*S, positions, E)
+        per_position = -np.log(w.shape[-1]) - w.mean(0).log().mean(-1)  # (positions,)
+        assert per_position.std() > 1e-4  # positions differ, so summing them or pooling them would show
+        expect += per_position.mean()
+    assert torch.allclose(aux["balance"], expect, atol=1e-6)
 
 
 def test_cached_states_give_the_uncached_results(tmp_path):
