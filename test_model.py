@@ -352,6 +352,16 @@ def test_fbank_recipe_shape_normalisation_and_padding():
     assert data.fbank(torch.zeros(100), num_mel_bins=64, target_length=100).shape == (100, 64)  # < one window
 
 
+def test_fbank_calls_kaldi_with_the_spec_recipe(monkeypatch):
+    """Two settings of the recipe cannot show in the output here (dither=0.0 is torchaudio's default; htk_compat only
+    matters with use_energy): pin the call to SPEC's arguments, so that neither drifts unnoticed."""
+    calls, kaldi = [], torchaudio.compliance.kaldi.fbank
+    monkeypatch.setattr(torchaudio.compliance.kaldi, "fbank", lambda w, **kw: calls.append(kw) or kaldi(w, **kw))
+    data.fbank(torch.randn(16000), num_mel_bins=64, target_length=100)
+    assert calls == [dict(htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning",
+                          num_mel_bins=64, dither=0.0, frame_shift=10)]
+
+
 def test_fbank_downmixes_channels_like_ffmpeg():
     torch.manual_seed(0)
     left, right = torch.randn(16000) * 0.1, 0.3 * torch.sin(torch.arange(16000) / 16000 * 2 * torch.pi * 440)
