@@ -1325,6 +1325,31 @@ def test_balance_loss_is_averaged_over_router_positions():
     assert torch.allclose(aux["balance"], expect, atol=1e-6)
 
 
+def test_ridge_probe_against_numpy():
+    """Standardise with the training statistics, ridge onto one-hot targets with penalty 1e-2 per sample, written
+    again in numpy from the docstring; the layers are built so that each step shows."""
+    g = np.random.default_rng(0)
+    y, yt = g.integers(0, 2, 400), g.integers(0, 2, 400)
+
+    def features(labels, shift):
+        signal = 2 * labels - 1 + 0.3 * g.standard_normal(len(labels))
+        noise = g.standard_normal((len(labels), 2))
+        tiny = np.c_[1e-3 * signal, noise]  # layer 1: found only after standardising (the penalty would win)
+        shifted = np.c_[signal + shift, noise]  # layer 2: the test split moved; training statistics keep the move
+        return np.stack([tiny, shifted], 1)  # (N, 2, 3)
+    x, xt = features(y, 0.0), features(yt, 3.0)
+    mu, sd = x.mean(0), x.std(0, ddof=1) + 1e-6
+    expect = []
+    for layer in range(2):
+        a, at = [np.c_[(v[:, layer] - mu[layer]) / sd[layer], np.ones(len(v))] for v in (x, xt)]
+        w = np.linalg.solve(a.T @ a + 1e-2 * len(a) * np.eye(a.shape[1]), a.T @ np.eye(2)[y])
+        expect.append(((at @ w).argmax(-1) == yt).mean())
+    got = train.ridge_probe(torch.tensor(x, dtype=torch.float32), torch.tensor(y),
+                            torch.tensor(xt, dtype=torch.float32), torch.tensor(yt))
+    assert expect[0] > 0.95 and expect[1] < 0.6  # what the two layers are built to show
+    assert got == pytest.approx(expect, abs=0.005)
+
+
 def test_cached_states_give_the_uncached_results(tmp_path):
     cfg = train.parse_config(TINY + [f"--out_dir={tmp_path}", f"--cache_dir={tmp_path}"])
     sets, cfg.num_classes = train.datasets(cfg)

@@ -579,7 +579,7 @@ def probe(cfg, clips=1000):
     (ridge regression onto one-hot targets) on the layer's token-averaged states of single segments, for the class
     that segment's own modality carries (synthetic: the class heard / seen, or none; real AVE: the segment label)."""
     sets, cfg.num_classes = datasets(cfg)
-    table, ridge = {}, 1e-2  # ridge penalty per training sample
+    table = {}
     for m, enc in zip("va", backbones(cfg)):
         xy = []
         for split in ("train", "test"):
@@ -589,18 +589,24 @@ def probe(cfg, clips=1000):
             record = getattr(sets[split], "split", None)
             y = record["audible" if m == "a" else "visible"] if record else torch.stack(list(sets[split].labels))
             xy.append((x, torch.where(y[:len(ds)] < 0, cfg.num_classes, y[:len(ds)]).flatten()))  # none: last class
-        (x, y), (xt, yt) = xy
-        mu, sd = x.mean(0), x.std(0) + 1e-6  # (L, D): standardise with the training statistics
-        x, xt = [F.pad((v - mu) / sd, (0, 1), value=1.0) for v in (x, xt)]  # (N, L, D + 1): a constant for the bias
-        table[STREAMS[m]] = []
-        for layer in range(x.shape[1]):
-            a = x[:, layer]  # (N, D + 1)
-            w = torch.linalg.solve(a.T @ a + ridge * len(a) * torch.eye(a.shape[1]), a.T @ F.one_hot(y).float())
-            table[STREAMS[m]].append(round(((xt[:, layer] @ w).argmax(-1) == yt).float().mean().item(), 3))
+        table[STREAMS[m]] = ridge_probe(*xy[0], *xy[1])
         print(f"{STREAMS[m]:6} linear probe accuracy by layer: " +
               "  ".join(f"{i + 1}: {a:.3f}" for i, a in enumerate(table[STREAMS[m]])))
     write_atomic(os.path.join(cfg.out_dir, "probe.json"), json.dumps(table, indent=1))
     return table
+
+
+def ridge_probe(x, y, xt, yt, ridge=1e-2):
+    """Per layer: standardise with the training statistics, fit ridge regression onto one-hot targets (penalty ridge
+    per training sample), and score the test set. x (N, L, D), y (N,), xt (M, L, D), yt (M,) -> [accuracy per layer]"""
+    mu, sd = x.mean(0), x.std(0) + 1e-6  # (L, D)
+    x, xt = [F.pad((v - mu) / sd, (0, 1), value=1.0) for v in (x, xt)]  # (N, L, D + 1): a constant for the bias
+    accuracies = []
+    for layer in range(x.shape[1]):
+        a = x[:, layer]  # (N, D + 1)
+        w = torch.linalg.solve(a.T @ a + ridge * len(a) * torch.eye(a.shape[1]), a.T @ F.one_hot(y).float())
+        accuracies.append(round(((xt[:, layer] @ w).argmax(-1) == yt).float().mean().item(), 3))
+    return accuracies
 
 
 def summary(dirs):
