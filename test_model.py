@@ -1150,15 +1150,26 @@ def test_user_errors_are_one_line_before_any_work(tmp_path):
         assert p.returncode != 0 and expect in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
-def test_metrics_report_what_the_issue_lists(tmp_path):
+def test_metrics_report_what_the_issue_lists(tmp_path, monkeypatch):
+    real = train.evaluate
+
+    def marked(model, loader, device, cache=None, drop="none"):  # each evaluation's accuracy says which it was
+        return {**real(model, loader, device, cache, drop), "acc": {"none": 0.5, "audio": 0.25, "frames": 0.125}[drop]}
+    monkeypatch.setattr(train, "evaluate", marked)
     m, printed = run_train(tmp_path)
+    assert (m["test_acc"], m["test_acc_visual_only"], m["test_acc_audio_only"]) == (0.5, 0.25, 0.125)
+    report = (tmp_path / "report.html").read_text()
+    background = np.array(m["confusion"])[-1].sum() / np.array(m["confusion"]).sum()  # true background share
+    for card in ("50.0%</b>test accuracy", "25.0%</b>audio removed", "12.5%</b>frames removed",
+                 f"{background:.1%}</b>always background"):
+        assert card in report, card
     for k in ("test_acc", "val_acc", "test_acc_visual_only", "test_acc_audio_only", "trainable_params",
               "total_params", "seconds", "mode", "modalities", "router_weights", "layer_weights"):
         assert k in m
     w = m["router_weights"]["normal"]["v"]
     assert len(w["mean"]) == 1 and abs(sum(w["mean"][0]) - 1) < 1e-5 and abs(sum(w["top1"][0]) - 1) < 1e-5
     assert w["positions"] == ["layer 2"] and m["layer_weights"]["a"]["layers"] == [2]  # depth 2: K = 1, the last
-    report = (tmp_path / "report.html").read_text()  # the router by layer position: on the page, no longer printed
+    # the router by layer position: on the page, no longer printed
     assert "visual, normal input" in report and "visual, audio removed" in report and "layer 2" in report
     assert abs(sum(m["layer_weights"]["a"]["alpha"]) - 1) < 1e-5
     assert set(m["phase_seconds"]) >= {"data", "stage 0", "feature cache", "training", "validation"}
