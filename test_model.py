@@ -1342,22 +1342,26 @@ def test_ridge_probe_against_numpy():
     g = np.random.default_rng(0)
     y, yt = g.integers(0, 2, 400), g.integers(0, 2, 400)
 
-    def features(labels, shift):
+    def features(labels, shift, spurious):
         signal = 2 * labels - 1 + 0.3 * g.standard_normal(len(labels))
-        noise = g.standard_normal((len(labels), 2))
+        noise, common = g.standard_normal((len(labels), 2)), g.standard_normal(len(labels))
         tiny = np.c_[1e-3 * signal, noise]  # layer 1: found only after standardising (the penalty would win)
         shifted = np.c_[signal + shift, noise]  # layer 2: the test split moved; training statistics keep the move
-        return np.stack([tiny, shifted], 1)  # (N, 2, 3)
-    x, xt = features(y, 0.0), features(yt, 3.0)
+        # layer 3: a weak real signal, and a spurious one (perfect on train, reversed on test) hidden in a direction
+        # of tiny variance, which only a penalty that grows with the sample count keeps out of the fit
+        fake = 0.02 * spurious * (2 * labels - 1)
+        hidden = np.c_[2 * labels - 1 + 1.5 * g.standard_normal(len(labels)), common + fake, common - fake]
+        return np.stack([tiny, shifted, hidden], 1)  # (N, 3, 3)
+    x, xt = features(y, 0.0, 1.0), features(yt, 3.0, -1.0)
     mu, sd = x.mean(0), x.std(0, ddof=1) + 1e-6
     expect = []
-    for layer in range(2):
+    for layer in range(3):
         a, at = [np.c_[(v[:, layer] - mu[layer]) / sd[layer], np.ones(len(v))] for v in (x, xt)]
         w = np.linalg.solve(a.T @ a + 1e-2 * len(a) * np.eye(a.shape[1]), a.T @ np.eye(2)[y])
         expect.append(((at @ w).argmax(-1) == yt).mean())
     got = train.ridge_probe(torch.tensor(x, dtype=torch.float32), torch.tensor(y),
                             torch.tensor(xt, dtype=torch.float32), torch.tensor(yt))
-    assert expect[0] > 0.95 and expect[1] < 0.6  # what the two layers are built to show
+    assert expect[0] > 0.95 and expect[1] < 0.6 and expect[2] > 0.6  # what the layers are built to show
     assert got == pytest.approx(expect, abs=0.005)
 
 
