@@ -224,11 +224,10 @@ def phase(name, seconds):
 # ----------------------------------------------------------------------------- stage 0: backbones, and the data
 
 
-def pretrain(enc, head, x, y, path, prefix, cfg, progress):
+def pretrain(enc, head, x, y, path, prefix, cfg, steps, progress):
     """Supervised pre-training of one backbone on single frames or single 1 s fbanks (shape / timbre, never the AV
-    task), saved in the timm layout (prefix "module.v.": the AST repo's)."""
+    task) for steps batches of 64, saved in the timm layout (prefix "module.v.": the AST repo's)."""
     name = type(enc).__name__
-    steps = cfg.pretrain_epochs * math.ceil(len(x) / 64)
     opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=2e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)  # a ViT needs warm-up
     g = torch.Generator().manual_seed(cfg.seed)
@@ -273,7 +272,7 @@ def backbones(cfg):
         steps = cfg.pretrain_epochs * math.ceil(cfg.pretrain_samples / 64)
         progress = data.Progress(f"stage 0: pre-training the {' and '.join(todo)} (steps)", steps * len(jobs))
         with data.single_thread(), ThreadPoolExecutor(2) as pool:  # one core each: small models gain little from two
-            list(pool.map(lambda job: pretrain(*job, cfg, progress=progress), jobs))
+            list(pool.map(lambda job: pretrain(*job, cfg, steps, progress), jobs))
     if WORLD > 1:
         dist.barrier()
     # heads cannot be read from weights: ours are known; a user's default to D // 64 unless given
