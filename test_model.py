@@ -1007,8 +1007,8 @@ def test_removed_modalities_follow_spec():
 import train  # noqa: E402
 
 TINY = ["--train_clips=8", "--val_clips=4", "--test_clips=4", "--num_classes=3", "--image_size=16",
-        "--num_mel_bins=32", "--dim=16", "--depth=2", "--heads=2", "--pretrain_samples=32", "--pretrain_epochs=1",
-        "--epochs=2", "--batch_size=4", "--latent_tokens=2", "--head_dim=16", "--workers=1"]
+        "--num_mel_bins=32", "--dim=16", "--depth=2", "--heads=2", "--pretrain_samples=32", "--vit_epochs=1",
+        "--ast_epochs=1", "--epochs=2", "--batch_size=4", "--latent_tokens=2", "--head_dim=16", "--workers=1"]
 
 
 def run_train(tmp, *extra):
@@ -1424,6 +1424,25 @@ def test_a_users_checkpoint_is_read_never_written(tmp_path):
     assert (tmp_path / "vit.pth").read_bytes() == before
     assert "AST" in printed and "ViT and AST" not in printed  # stage 0 pre-trained only the missing backbone
     assert not list((tmp_path / "run" / "backbones").glob("vit_*"))
+
+
+def test_stage0_gives_each_backbone_its_own_epochs(tmp_path, monkeypatch):
+    seen, real = {}, train.pretrain
+
+    def spy(enc, head, x, y, path, prefix, epochs, cfg, progress):
+        name, seen["total"] = type(enc).__name__, progress.total
+        seen[name] = 0
+
+        def step(*a, **k):
+            seen[name] += 1
+        return real(enc, head, x, y, path, prefix, epochs, cfg, step)
+    monkeypatch.setattr(train, "pretrain", spy)
+    cfg = train.parse_config(TINY + ["--vit_epochs=3", "--ast_epochs=2", "--pretrain_samples=100",
+                                     f"--out_dir={tmp_path}", f"--cache_dir={tmp_path}"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.backbones(cfg)
+    assert seen == {"ViT": 3 * 2, "AST": 2 * 2, "total": 10}  # epochs x ceil(100 / 64) steps each
+    assert sorted(p.name.split("_")[-2] for p in (tmp_path / "backbones").iterdir()) == ["100x3-2", "100x3-2"]
 
 
 def test_flags_are_checked_before_any_work(tmp_path, capsys):

@@ -60,7 +60,8 @@ class Config(AVConfig, data.SynthConfig):
     depth: int = 4  # stage-0 backbones: layers
     heads: int = 4  # stage-0 backbones: attention heads
     pretrain_samples: int = 4000  # stage-0 training images and sounds
-    pretrain_epochs: int = 10  # stage-0 epochs
+    vit_epochs: int = 14  # stage-0 epochs of the ViT (a ViT step costs about half an AST step)
+    ast_epochs: int = 7  # stage-0 epochs of the AST: both converge, and finish together on two cores
     # adaptation
     epochs: int = 10  # training epochs; the epoch with the best val accuracy is kept
     batch_size: int = 32  # clips of 10 segments per step (per process under torchrun)
@@ -88,8 +89,8 @@ BOOLS = {"": True, "1": True, "true": True, "yes": True, "0": False, "false": Fa
 RESUME_MAY_DIFFER = {"epochs", "out_dir", "cache_dir", "device", "resume", "overwrite", "workers", "dist_timeout"}
 CHOICES = {"data": ("synthetic", "ave"), "device": ("auto", "cuda", "mps", "cpu")}
 AT_LEAST_ONE = ("num_classes", "train_clips", "val_clips", "test_clips", "workers", "dim", "depth", "heads",
-                "pretrain_samples", "pretrain_epochs", "epochs", "batch_size", "lr_step", "dist_timeout", "fstride",
-                "tstride")
+                "pretrain_samples", "vit_epochs", "ast_epochs", "epochs", "batch_size", "lr_step", "dist_timeout",
+                "fstride", "tstride")
 AT_LEAST_ZERO = ("lr", "weight_decay", "lambda_orth", "lambda_balance", "modality_dropout")  # and lr above 0
 
 # ----------------------------------------------------------------------------- settings
@@ -224,14 +225,14 @@ def phase(name, seconds):
 # ----------------------------------------------------------------------------- stage 0: backbones, and the data
 
 
-def pretrain(enc, head, x, y, path, prefix, cfg, steps, progress):
+def pretrain(enc, head, x, y, path, prefix, epochs, cfg, progress):
     """Supervised pre-training of one backbone on single frames or single 1 s fbanks (shape / timbre, never the AV
-    task) for steps batches of 64, saved in the timm layout (prefix "module.v.": the AST repo's)."""
-    name = type(enc).__name__
+    task) for epochs passes in batches of 64, saved in the timm layout (prefix "module.v.": the AST repo's)."""
+    name, steps = type(enc).__name__, epochs * math.ceil(len(x) / 64)
     opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=2e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)  # a ViT needs warm-up
     g = torch.Generator().manual_seed(cfg.seed)
-    for epoch in range(cfg.pretrain_epochs):
+    for epoch in range(epochs):
         correct = 0
         for idx in torch.randperm(len(x), generator=g).split(64):
             logits = head(enc.pool(enc.forward_features(x[idx])))
@@ -249,7 +250,7 @@ def pretrain(enc, head, x, y, path, prefix, cfg, steps, progress):
 def backbones(cfg):
     """The frozen ViT and AST: from the user's checkpoints, or pre-trained here once and cached in cache_dir."""
     key = f"s{cfg.seed}_d{cfg.dim}x{cfg.depth}h{cfg.heads}_{cfg.image_size}px_{cfg.num_mel_bins}mel_" \
-          f"f{cfg.fstride}t{cfg.tstride}_{cfg.pretrain_samples}x{cfg.pretrain_epochs}_{data.GENERATOR}"
+          f"f{cfg.fstride}t{cfg.tstride}_{cfg.pretrain_samples}x{cfg.vit_epochs}-{cfg.ast_epochs}_{data.GENERATOR}"
     vit_path = cfg.vit_ckpt or os.path.join(cfg.cache_dir, "backbones", f"vit_timm_{key}.pth")
     ast_path = cfg.ast_ckpt or os.path.join(cfg.cache_dir, "backbones", f"ast_repo_{key}.pth")
     todo = [name for name, given, path in (("ViT", cfg.vit_ckpt, vit_path), ("AST", cfg.ast_ckpt, ast_path))
@@ -263,16 +264,16 @@ def backbones(cfg):
         if "ViT" in todo:
             torch.manual_seed(cfg.seed)
             jobs.append((ViT(cfg.image_size, 8, cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim),
-                         nn.Linear(cfg.dim, len(data.SHAPES) + 1), frames, shape, vit_path, ""))
+                         nn.Linear(cfg.dim, len(data.SHAPES) + 1), frames, shape, vit_path, "", cfg.vit_epochs))
         if "AST" in todo:
             torch.manual_seed(cfg.seed + 1)
             jobs.append((AST(cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride, cfg.dim, cfg.depth,
                              cfg.heads, 4 * cfg.dim), nn.Linear(cfg.dim, len(data.TIMBRES) + 1), fbanks, timbre,
-                         ast_path, "module.v."))
-        steps = cfg.pretrain_epochs * math.ceil(cfg.pretrain_samples / 64)
-        progress = data.Progress(f"stage 0: pre-training the {' and '.join(todo)} (steps)", steps * len(jobs))
+                         ast_path, "module.v.", cfg.ast_epochs))
+        steps = sum(job[-1] for job in jobs) * math.ceil(cfg.pretrain_samples / 64)
+        progress = data.Progress(f"stage 0: pre-training the {' and '.join(todo)} (steps)", steps)
         with data.single_thread(), ThreadPoolExecutor(2) as pool:  # one core each: small models gain little from two
-            list(pool.map(lambda job: pretrain(*job, cfg, steps, progress), jobs))
+            list(pool.map(lambda job: pretrain(*job, cfg, progress), jobs))
     if WORLD > 1:
         dist.barrier()
     # heads cannot be read from weights: ours are known; a user's default to D // 64 unless given
