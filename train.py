@@ -36,7 +36,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 import data
 from model import AST, AVConfig, AVModel, ViT, check_config, load_ast, load_vit, param_counts, timm_state_dict
@@ -643,6 +642,7 @@ def command(cfg):
 
 def png(img):
     """uint8 (C, H, W) -> <img> with the PNG inline: the page needs no file beside it."""
+    import torchvision  # here, not at the top: its import takes 2 s, in every data worker process too
     b64 = base64.b64encode(torchvision.io.encode_png(img).numpy()).decode()
     return f'<img alt="" src="data:image/png;base64,{b64}">'
 
