@@ -83,6 +83,7 @@ class Config(AVConfig, data.SynthConfig):
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 STREAMS = {"a": "audio", "v": "visual"}
 ROLES = {0: "event", 1: "heard only", 2: "seen only", -1: "-"}  # the synthetic generator's runs (data.make_clip)
+PRETRAIN_BATCH = 64  # stage-0 samples per step
 RUN_FILES = ("ckpt.pt", "log.csv", "metrics.json", "report.html")  # what a run writes in out_dir
 BOOLS = {"": True, "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 RESUME_MAY_DIFFER = {"epochs", "out_dir", "cache_dir", "device", "resume", "overwrite", "workers", "dist_timeout"}
@@ -226,14 +227,15 @@ def phase(name, seconds):
 
 def pretrain(enc, head, x, y, path, prefix, epochs, cfg, progress):
     """Supervised pre-training of one backbone on single frames or single 1 s fbanks (shape / timbre, never the AV
-    task) for epochs passes in batches of 64, saved in the timm layout (prefix "module.v.": the AST repo's)."""
-    name, steps = type(enc).__name__, epochs * math.ceil(len(x) / 64)
+    task) for epochs passes in batches of PRETRAIN_BATCH, saved in the timm layout (prefix "module.v.": the AST
+    repo's)."""
+    name, steps = type(enc).__name__, epochs * math.ceil(len(x) / PRETRAIN_BATCH)
     opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=2e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)  # a ViT needs warm-up
     g = torch.Generator().manual_seed(cfg.seed)
     for epoch in range(epochs):
         correct = 0
-        for idx in torch.randperm(len(x), generator=g).split(64):
+        for idx in torch.randperm(len(x), generator=g).split(PRETRAIN_BATCH):
             logits = head(enc.pool(enc.forward_features(x[idx])))
             loss = F.cross_entropy(logits, y[idx])
             opt.zero_grad()
@@ -259,17 +261,18 @@ def backbones(cfg):
         frames, fbanks, shape, timbre = data.generate_pretraining(cfg.seed + 7, cfg.pretrain_samples,
                                                                   cfg.image_size, cfg.num_mel_bins, cfg.workers)
         os.makedirs(os.path.join(cfg.cache_dir, "backbones"), exist_ok=True)
+        epochs = {"ViT": cfg.vit_epochs, "AST": cfg.ast_epochs}
         jobs = []  # built here, in order: weight init draws from the global RNG, which threads would interleave
         if "ViT" in todo:
             torch.manual_seed(cfg.seed)
             jobs.append((ViT(cfg.image_size, 8, cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim),
-                         nn.Linear(cfg.dim, len(data.SHAPES) + 1), frames, shape, vit_path, "", cfg.vit_epochs))
+                         nn.Linear(cfg.dim, len(data.SHAPES) + 1), frames, shape, vit_path, "", epochs["ViT"]))
         if "AST" in todo:
             torch.manual_seed(cfg.seed + 1)
             jobs.append((AST(cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride, cfg.dim, cfg.depth,
                              cfg.heads, 4 * cfg.dim), nn.Linear(cfg.dim, len(data.TIMBRES) + 1), fbanks, timbre,
-                         ast_path, "module.v.", cfg.ast_epochs))
-        steps = sum(job[-1] for job in jobs) * math.ceil(cfg.pretrain_samples / 64)
+                         ast_path, "module.v.", epochs["AST"]))
+        steps = sum(epochs[name] for name in todo) * math.ceil(cfg.pretrain_samples / PRETRAIN_BATCH)
         progress = data.Progress(f"stage 0: pre-training the {' and '.join(todo)} (steps)", steps)
         with data.single_thread(), ThreadPoolExecutor(2) as pool:  # one core each: small models gain little from two
             list(pool.map(lambda job: pretrain(*job, cfg, progress), jobs))
