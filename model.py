@@ -165,7 +165,8 @@ def read_safetensors(path):
         dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None:
             raise ValueError(f"tensor {name}: dtype {info['dtype']} is not supported here")
-        if not end_of_last <= begin <= end <= len(data) or end - begin != dtype.itemsize * math.prod(info["shape"]):
+        size = torch.empty(0, dtype=dtype).element_size() * math.prod(info["shape"])  # dtype.itemsize needs torch 2.1
+        if not end_of_last <= begin <= end <= len(data) or end - begin != size:
             raise ValueError(f"tensor {name}: offsets {begin}..{end} ({info['dtype']}, shape {info['shape']}) are out "
                              f"of bounds, overlap another tensor or do not match dtype size x shape")
         flat = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)

@@ -977,6 +977,14 @@ def test_synthetic_is_deterministic_and_needs_both_modalities():
     assert torch.equal(heard, (a["run"] == 0) | (a["run"] == 1)) and torch.equal(seen, (a["run"] == 0) | (a["run"] == 2))
 
 
+def test_worker_processes_draw_the_same_clips_as_one_process():
+    """The generator's workers start with spawn on every platform (as macOS and Windows must): its jobs must pickle,
+    and a clip must not depend on which process draws it."""
+    one, two = (data.generate({"train": 3, "val": 2}, 5, 3, 16, 32, workers=w) for w in (1, 2))
+    for split in one:
+        assert all(torch.equal(one[split][k], two[split][k]) for k in one[split]), split
+
+
 def test_unimodal_ceiling_from_the_record():
     # hand-made record: one clip, event run of 2, audible decoy of 3, visible decoy of 1 -> from audio, 5 segments
     # heard in 2 runs (right half the time), 5 silent (background, right): (5 + 2.5) / 10
@@ -1126,7 +1134,8 @@ def test_resumed_log_reads_as_one_run(tmp_path):
     with open(tmp_path / "log.csv", "a") as f:
         f.write("3,0.5,0.5,1.0\n")  # a row written just before a kill during the checkpoint save
     resumed, _ = run_train(tmp_path, "--epochs=3", "--resume")
-    assert resumed["seconds"] > first["seconds"]  # the earlier process's time counts too
+    # the earlier process's time counts too: only it pre-trained (whole seconds, rounded to 0.1, can tie)
+    assert resumed["phase_seconds"]["stage 0"] >= first["phase_seconds"]["stage 0"] > 0
     rows = (tmp_path / "log.csv").read_text().splitlines()
     assert rows[0] == "epoch,train_loss,val_acc,seconds" and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
 
@@ -1137,6 +1146,34 @@ def test_torchrun_waits_at_most_dist_timeout(monkeypatch, tmp_path):
     monkeypatch.setattr(train.dist, "init_process_group", lambda backend, timeout: seen.update(b=backend, t=timeout))
     train.setup(train.parse_config([f"--out_dir={tmp_path}", "--dist_timeout=42", "--device=cpu"]))
     assert seen == {"b": "gloo", "t": train.timedelta(seconds=42)}
+
+
+def float64_in(x):
+    """Whether a tensor, or a list / tuple / dict of them, holds float64 (which MPS refuses)."""
+    if torch.is_tensor(x):
+        return x.dtype == torch.float64
+    items = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else []
+    return any(float64_in(v) for v in items)
+
+
+@pytest.mark.parametrize("extra", [["--mode=avmoe", "--modality_dropout=0.2"], ["--modality_dropout=0.2"],
+                                   ["--mode=frozen", "--cache_features=false"]])
+def test_no_float64_reaches_the_model(tmp_path, monkeypatch, extra):
+    seen = []
+
+    def check(module, args, kwargs, out=None):  # every module's inputs and outputs, states= included
+        if float64_in([args, kwargs, out]) or float64_in(list(module.state_dict().values())):
+            seen.append(type(module).__name__)
+    hooks = [nn.modules.module.register_module_forward_pre_hook(lambda m, a: check(m, a, {})),
+             nn.modules.module.register_module_forward_hook(lambda m, a, o: check(m, a, {}, o))]
+    real = train.AVModel.forward
+    monkeypatch.setattr(train.AVModel, "forward", lambda self, *a, **k: check(self, a, k) or real(self, *a, **k))
+    try:
+        run_train(tmp_path, *extra)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not seen, f"float64 reached {sorted(set(seen))}"
 
 
 def test_user_errors_are_one_line_before_any_work(tmp_path):
