@@ -48,6 +48,10 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
+    def sublayer(self, name, x):
+        """attn(ln1(x)) or mlp(ln2(x)) alone, for an adapter that wraps one sub-layer (AVMoE insertion)."""
+        return self.attn(self.norm1(x)) if name == "attn" else self.mlp(self.norm2(x))
+
 
 class Encoder(nn.Module):
     """What ViT and AST share: prefix tokens + position embedding, a stack of blocks, a final LayerNorm."""
@@ -113,6 +117,200 @@ class AST(Encoder):
 
     def pool(self, tokens):
         return (tokens[:, 0] + tokens[:, 1]) / 2
+
+
+# ----------------------------------------------------------------------------- the audio-visual model
+
+
+@dataclass
+class AVConfig:
+    mode: str = "molt"  # "molt" (parallel late-layer tokens), "avmoe" (sequential, every layer), "frozen" (no adapters)
+    modalities: str = "av"  # "av", or "a" / "v" for a unimodal baseline (one backbone, UA experts only)
+    num_classes: int = 6  # event classes; the model predicts num_classes + 1, background last
+    n_cma: int = 1  # cross-modal experts per mixture
+    n_ua: int = 1  # unimodal experts per mixture
+    latent_tokens: int = 8  # latent tokens per expert (the papers use 8 to 87)
+    reduction: int = 2  # bottleneck width D / reduction: D/2 for the tiny demo backbones (the papers: D/8 at D=768)
+    router_sigma: float = 0.01  # router noise std in training (AVMoE's AVS code)
+    late_layers: int = 0  # MoLT: K layers per backbone; 0 = half the shallower depth (at least 1)
+    molt_layers: str = "late"  # MoLT: each backbone's last K layers (the paper), the first K ("early"), or "all"
+    head_dim: int = 128  # width of the shared head
+
+
+CHOICES = {"mode": ("molt", "avmoe", "frozen"), "modalities": ("av", "a", "v"), "molt_layers": ("late", "early", "all")}
+
+
+def check_config(cfg):
+    """The model's settings, checked in one place (AVModel and train.parse_config call it)."""
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise ValueError(f"{key} must be one of {', '.join(choices)}, not {getattr(cfg, key)!r}")
+    if cfg.molt_layers == "all" and cfg.late_layers:
+        raise ValueError("late_layers does not apply to molt_layers=all (it uses every layer of the shallower "
+                         "backbone): drop one of the two")
+    for key in ("latent_tokens", "reduction", "head_dim"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be at least 1, not {getattr(cfg, key)}")
+    if cfg.n_ua < 1 and not (cfg.n_cma >= 1 and cfg.modalities == "av"):
+        raise ValueError("a mixture needs an expert: n_ua >= 1, or n_cma >= 1 with both modalities")
+    if cfg.n_cma < 0 or cfg.late_layers < 0 or cfg.router_sigma < 0:
+        raise ValueError("n_cma, late_layers and router_sigma cannot be negative")
+
+
+def paired_blocks(depths):
+    """AVMoE with unequal depths: layer i of the deeper backbone (L layers) meets block floor(i * L_m / L) of stream m.
+    -> for each i, {m: that block} for the streams whose block index moves on there, so that each block runs once
+    (for i = 0 the previous index is floor(-L_m / L) = -1: every stream starts with its block 0)."""
+    L = max(depths.values())
+    return [{m: i * d // L for m, d in depths.items() if i * d // L > (i - 1) * d // L} for i in range(L)]
+
+
+def chosen_layers(cfg, depths):
+    """MoLT late layers: K = late_layers, or half the shallower depth (at least 1), or all of it; each backbone gives
+    its last K blocks ("late"; the deeper one's last K when depths differ) or its first K ("early")."""
+    shallow = min(depths.values())
+    k = shallow if cfg.molt_layers == "all" else cfg.late_layers or max(1, shallow // 2)
+    if k > shallow:
+        raise ValueError(f"late_layers={k} is more than the shallower backbone's {shallow} layers")
+    return {m: list(range(k)) if cfg.molt_layers == "early" else list(range(L - k, L)) for m, L in depths.items()}
+
+
+class Head(nn.Module):
+    """Shared by every mode: per-segment features -> one kernel-3 temporal conv over the segments -> logits.
+    (The official AVE code uses CMBS's head: cross-modal relation attention and background suppression.)"""
+
+    def __init__(self, in_dim, hidden, n_out):
+        super().__init__()
+        self.inp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden))
+        self.temporal = nn.Conv1d(hidden, hidden, 3, padding=1)
+        self.out = nn.Linear(hidden, n_out)
+
+    def forward(self, x):
+        h = self.inp(x)  # (B, S, hidden)
+        h = h + self.temporal(h.transpose(1, 2)).transpose(1, 2)  # (B, S, hidden)
+        return self.out(h)  # (B, S, classes + 1)
+
+
+class AVModel(nn.Module):
+    """Frozen ViT + AST with AVMoE or MoLT adapters and a shared head; clips (B, S, ...) -> logits (B, S, C + 1)."""
+
+    def __init__(self, cfg, vit=None, ast=None):
+        super().__init__()
+        check_config(cfg)
+        self.cfg = cfg
+        self.mods = [m for m in "va" if m in cfg.modalities]  # vision first, as in the papers' figures
+        backbone = {"v": vit, "a": ast}
+        if any(backbone[m] is None for m in self.mods):
+            raise ValueError(f"modalities={cfg.modalities} needs {'a ViT' if vit is None else 'an AST'} backbone")
+        self.enc = nn.ModuleDict({m: backbone[m] for m in self.mods})
+        self.enc.requires_grad_(False).eval()
+        self.other = {m: next((o for o in self.mods if o != m), None) for m in self.mods}  # None with one modality
+        dim = {m: e.dim for m, e in self.enc.items()}
+        self.depth = {m: len(e.blocks) for m, e in self.enc.items()}
+
+        def mixtures(n, tokens=False):  # n[m] mixtures of experts for each stream m
+            return nn.ModuleDict({m: nn.ModuleList(MoE(dim[m], dim.get(self.other[m]), cfg, tokens)
+                                                   for _ in range(n[m])) for m in self.mods})
+        # AVMoE: mixture and gate 2j of a stream wrap its block j's attention, 2j + 1 its MLP; gates start at 0
+        self.moe = self.gates = None
+        if cfg.mode == "avmoe":
+            self.moe = mixtures({m: 2 * d for m, d in self.depth.items()})
+            self.gates = nn.ParameterDict({m: nn.Parameter(torch.zeros(2 * d)) for m, d in self.depth.items()})
+        # MoLT: the blocks whose outputs feed the adapters, their token experts, the fusion and the readout
+        self.layers = {m: [] for m in self.mods}
+        self.tokens = self.fusion = self.readout = None
+        if cfg.mode == "molt":
+            self.layers = chosen_layers(cfg, self.depth)
+            self.tokens = mixtures({m: len(ls) for m, ls in self.layers.items()}, tokens=True)
+            self.fusion = nn.ModuleDict({m: TokenFusion(d) for m, d in dim.items()})
+            # the head reads only the fused tokens (not the frozen pooled features too), so the layers chosen decide
+            # what evidence it gets: what the early-vs-late ablation compares
+            self.readout = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d)) for m, d in dim.items()})
+        self.head = Head(sum(dim.values()), cfg.head_dim, cfg.num_classes + 1)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.enc.eval()  # frozen backbones keep dropout off and never change
+        return self
+
+    def router_positions(self, m):
+        """Names of stream m's router positions, in the order of aux["router"][m]'s second axis (layers from 1)."""
+        if self.cfg.mode == "avmoe":
+            return [f"layer {i + 1} {sub}" for i in range(self.depth[m]) for sub in ("attn", "mlp")]
+        return [f"layer {i + 1}" for i in self.layers[m]]
+
+    def inputs(self, frames, fbank):
+        """Clips (B, S, 3, H, W) and (B, S, T, F) -> per-segment backbone inputs (B*S, ...), keyed by modality."""
+        return {m: {"v": frames, "a": fbank}[m].flatten(0, 1) for m in self.mods}
+
+    @torch.no_grad()
+    def frozen_states(self, frames, fbank):
+        """The frozen backbone pass, without gradients: in MoLT mode {m: {"late": the block outputs of the K chosen
+        layers before the final LayerNorm (B*S, K, N, D)}}, else {m: {"pooled": final features (B*S, D)}}: what the
+        head reads in each mode. Nothing here depends on the adapters."""
+        states = {}
+        for m, x in self.inputs(frames, fbank).items():
+            enc, late = self.enc[m], []
+            for i, h in enumerate(enc.block_outputs(x)):
+                if i in self.layers[m]:
+                    late.append(h)
+            states[m] = {"late": torch.stack(late, 1)} if late else {"pooled": enc.pool(enc.norm(h))}
+        return states
+
+    def forward(self, frames, fbank, states=None, batch_shape=None):
+        """Clips of S segments -> logits (B, S, C + 1) and aux: router weights {m: (B*S, P, E)}, layer weights
+        {m: (B*S, K)}, losses. MoLT and frozen may be given precomputed frozen_states (then batch_shape=(B, S))."""
+        B, S = batch_shape or (frames if frames is not None else fbank).shape[:2]
+        aux = {"router": {}, "alpha": {}, "orth": torch.zeros(()), "balance": torch.zeros(())}
+        if self.cfg.mode == "avmoe":
+            feats = self.avmoe(self.inputs(frames, fbank), aux)
+        else:
+            states = states if states is not None else self.frozen_states(frames, fbank)
+            if self.cfg.mode == "molt":
+                feats = self.molt(states, aux)
+            else:  # frozen: the head on the backbones' pooled features
+                feats = {m: st["pooled"] for m, st in states.items()}
+        for m, w in aux["router"].items():
+            aux["balance"] = aux["balance"] + sum(balance_loss(w[:, p]) for p in range(w.shape[1])) / w.shape[1]
+        x = torch.cat([feats[m] for m in self.mods], -1).reshape(B, S, -1)  # (B, S, sum D)
+        return self.head(x), aux
+
+    def avmoe(self, x, aux):
+        """Sequential adaptation: in every block, r = MoE(X, X_other) read before each sub-layer, added after it."""
+        x = {m: self.enc[m].embed(xm) for m, xm in x.items()}  # (B*S, prefix + N, D)
+        weights = {m: [] for m in self.mods}
+        for blocks in paired_blocks(self.depth):  # {m: j}: block j of stream m runs at this depth
+            for pos, sub in enumerate(("attn", "mlp")):
+                k = {m: 2 * j + pos for m, j in blocks.items()}  # the mixture and gate around this sub-layer
+                # both streams' mixtures read the other stream as it was before this sub-layer
+                mixed = {m: self.moe[m][k[m]](x[m], x.get(self.other[m])) for m in blocks}
+                for m, j in blocks.items():
+                    r, w = mixed[m]
+                    # AVMoE insertion: X = X + sublayer(LN(X)) + gate * MoE(X, X_other), gate initialised to 0
+                    x[m] = x[m] + self.enc[m].blocks[j].sublayer(sub, x[m]) + self.gates[m][k[m]] * r
+                    weights[m].append(w)
+        aux["router"] = {m: torch.stack(w, 1) for m, w in weights.items()}  # (B*S, 2 L_m, E)
+        return {m: self.enc[m].pool(self.enc[m].norm(x[m])) for m in self.mods}
+
+    def molt(self, states, aux):
+        """Parallel adaptation: latent tokens per late layer, fused over layers, read out per segment."""
+        out = {}
+        for m in self.mods:
+            h, h_o = states[m]["late"], states.get(self.other[m], {}).get("late")  # (B*S, K, N, D)
+            mixed = [moe(h[:, k], None if h_o is None else h_o[:, k]) for k, moe in enumerate(self.tokens[m])]
+            tokens = torch.stack([t for t, _ in mixed], 1)  # (B*S, K, n, D)
+            aux["router"][m] = torch.stack([w for _, w in mixed], 1)  # (B*S, K, E)
+            fused, aux["alpha"][m] = self.fusion[m](tokens)  # (B*S, n, D), (B*S, K)
+            aux["orth"] = aux["orth"] + orthogonality_loss(tokens)
+            out[m] = self.readout[m](fused.mean(1))  # (B*S, D)
+        return out
+
+
+def param_counts(model):
+    """Trainable parameters of the adapters (everything trainable but the head), of the head, and all parameters."""
+    head = sum(p.numel() for p in model.head.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"adapters": trainable - head, "head": head, "total": sum(p.numel() for p in model.parameters())}
 
 
 # ----------------------------------------------------------------------------- checkpoint loading
@@ -262,7 +460,10 @@ def _read_backbone(src, num_heads, what):
     if what == "AST" and layout == "torchvision":
         raise ValueError("this is a torchvision ViT checkpoint: use load_vit")
     state = _to_ours(state, layout, prefix)
-    for key in ["pos_embed", "patch_embed.weight", "blocks.0.mlp.fc1.weight"] + ["dist_token"] * (what == "AST"):
+    needed = ["pos_embed", "patch_embed.weight", "blocks.0.mlp.fc1.weight"]
+    if what == "AST":
+        needed.append("dist_token")
+    for key in needed:
         if key not in state:
             raise ValueError(f"checkpoint is missing tensor {key}, needed to read the {what} size")
     dim = state["pos_embed"].shape[-1]
@@ -318,183 +519,3 @@ def timm_state_dict(model, prefix=""):
     """Our backbone's weights in the timm layout (prefix "module.v." gives the AST-repo layout)."""
     return {prefix + k.replace("patch_embed.", "patch_embed.proj."): v.detach().clone()
             for k, v in model.state_dict().items()}
-
-
-# ----------------------------------------------------------------------------- the audio-visual model
-
-
-@dataclass
-class AVConfig:
-    mode: str = "molt"  # "molt" (parallel late-layer tokens), "avmoe" (sequential, every layer), "frozen" (no adapters)
-    modalities: str = "av"  # "av", or "a" / "v" for a unimodal baseline (one backbone, UA experts only)
-    num_classes: int = 6  # event classes; the model predicts num_classes + 1, background last
-    n_cma: int = 1  # cross-modal experts per mixture
-    n_ua: int = 1  # unimodal experts per mixture
-    latent_tokens: int = 8  # latent tokens per expert (the papers use 8 to 87)
-    reduction: int = 2  # bottleneck width D / reduction: D/2 for the tiny demo backbones (the papers: D/8 at D=768)
-    router_sigma: float = 0.01  # router noise std in training (AVMoE's AVS code)
-    late_layers: int = 0  # MoLT: K layers per backbone; 0 = half the shallower depth (at least 1)
-    molt_layers: str = "late"  # MoLT: each backbone's last K layers (the paper), the first K ("early"), or "all"
-    head_dim: int = 128  # width of the shared head
-
-
-CHOICES = {"mode": ("molt", "avmoe", "frozen"), "modalities": ("av", "a", "v"), "molt_layers": ("late", "early", "all")}
-
-
-def check_config(cfg):
-    """The model's settings, checked in one place (AVModel and train.parse_config call it)."""
-    for key, choices in CHOICES.items():
-        if getattr(cfg, key) not in choices:
-            raise ValueError(f"{key} must be one of {', '.join(choices)}, not {getattr(cfg, key)!r}")
-    if cfg.molt_layers == "all" and cfg.late_layers:
-        raise ValueError("late_layers does not apply to molt_layers=all (it uses every layer of the shallower "
-                         "backbone): drop one of the two")
-    for key in ("latent_tokens", "reduction", "head_dim"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"{key} must be at least 1, not {getattr(cfg, key)}")
-    if cfg.n_ua < 1 and not (cfg.n_cma >= 1 and cfg.modalities == "av"):
-        raise ValueError("a mixture needs an expert: n_ua >= 1, or n_cma >= 1 with both modalities")
-    if cfg.n_cma < 0 or cfg.late_layers < 0 or cfg.router_sigma < 0:
-        raise ValueError("n_cma, late_layers and router_sigma cannot be negative")
-
-
-def chosen_layers(cfg, depths):
-    """MoLT late layers: K = late_layers, or half the shallower depth (at least 1), or all of it; each backbone gives
-    its last K blocks ("late"; the deeper one's last K when depths differ) or its first K ("early")."""
-    shallow = min(depths.values())
-    k = shallow if cfg.molt_layers == "all" else cfg.late_layers or max(1, shallow // 2)
-    if k > shallow:
-        raise ValueError(f"late_layers={k} is more than the shallower backbone's {shallow} layers")
-    return {m: list(range(k)) if cfg.molt_layers == "early" else list(range(L - k, L)) for m, L in depths.items()}
-
-
-class Head(nn.Module):
-    """Shared by every mode: per-segment features -> one kernel-3 temporal conv over the segments -> logits.
-    (The official AVE code uses CMBS's head: cross-modal relation attention and background suppression.)"""
-
-    def __init__(self, in_dim, hidden, n_out):
-        super().__init__()
-        self.inp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden))
-        self.temporal = nn.Conv1d(hidden, hidden, 3, padding=1)
-        self.out = nn.Linear(hidden, n_out)
-
-    def forward(self, x):
-        h = self.inp(x)  # (B, S, hidden)
-        h = h + self.temporal(h.transpose(1, 2)).transpose(1, 2)  # (B, S, hidden)
-        return self.out(h)  # (B, S, classes + 1)
-
-
-class AVModel(nn.Module):
-    """Frozen ViT + AST with AVMoE or MoLT adapters and a shared head; clips (B, S, ...) -> logits (B, S, C + 1)."""
-
-    def __init__(self, cfg, vit=None, ast=None):
-        super().__init__()
-        check_config(cfg)
-        self.cfg, self.mods = cfg, cfg.modalities[::-1]  # "va": vision first, as in the papers' figures
-        if any({"v": vit, "a": ast}[m] is None for m in self.mods):
-            raise ValueError(f"modalities={cfg.modalities} needs {'a ViT' if vit is None else 'an AST'} backbone")
-        self.enc = nn.ModuleDict({m: {"v": vit, "a": ast}[m] for m in self.mods})
-        self.enc.requires_grad_(False).eval()
-        self.other = {m: next((o for o in self.mods if o != m), None) for m in self.mods}
-        dim, self.depth = {m: e.dim for m, e in self.enc.items()}, {m: len(e.blocks) for m, e in self.enc.items()}
-
-        def mixtures(n, tokens=False):  # n[m] mixtures of experts for each stream m
-            return nn.ModuleDict({m: nn.ModuleList(MoE(dim[m], dim.get(self.other[m]), cfg, tokens)
-                                                   for _ in range(n[m])) for m in self.mods})
-        if cfg.mode == "avmoe":  # two mixtures per block and stream (before attention, before MLP), gates start at 0
-            self.moe = mixtures({m: 2 * d for m, d in self.depth.items()})
-            self.gates = nn.ParameterDict({m: nn.Parameter(torch.zeros(2 * d)) for m, d in self.depth.items()})
-        self.layers = {m: [] for m in self.mods}  # MoLT: the blocks whose outputs feed the adapters
-        if cfg.mode == "molt":
-            self.layers = chosen_layers(cfg, self.depth)
-            self.tokens = mixtures({m: len(ls) for m, ls in self.layers.items()}, tokens=True)
-            self.fusion = nn.ModuleDict({m: TokenFusion(d) for m, d in dim.items()})
-            # the head reads only the fused tokens (not the frozen pooled features too), so the layers chosen decide
-            # what evidence it gets: what the early-vs-late ablation compares
-            self.readout = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d)) for m, d in dim.items()})
-        self.head = Head(sum(dim.values()), cfg.head_dim, cfg.num_classes + 1)
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.enc.eval()  # frozen backbones keep dropout off and never change
-        return self
-
-    def router_positions(self, m):
-        """Names of stream m's router positions, in the order of aux["router"][m]'s second axis (layers from 1)."""
-        if self.cfg.mode == "avmoe":
-            return [f"layer {i + 1} {sub}" for i in range(self.depth[m]) for sub in ("attn", "mlp")]
-        return [f"layer {i + 1}" for i in self.layers[m]]
-
-    def inputs(self, frames, fbank):
-        """Clips (B, S, 3, H, W) and (B, S, T, F) -> per-segment backbone inputs (B*S, ...), keyed by modality."""
-        return {m: {"v": frames, "a": fbank}[m].flatten(0, 1) for m in self.mods}
-
-    @torch.no_grad()
-    def frozen_states(self, frames, fbank):
-        """The frozen backbone pass, without gradients: in MoLT mode {m: {"late": the block outputs of the K chosen
-        layers before the final LayerNorm (B*S, K, N, D)}}, else {m: {"pooled": final features (B*S, D)}}: what the
-        head reads in each mode. Nothing here depends on the adapters."""
-        states = {}
-        for m, x in self.inputs(frames, fbank).items():
-            enc, late = self.enc[m], []
-            for i, h in enumerate(enc.block_outputs(x)):
-                if i in self.layers[m]:
-                    late.append(h)
-            states[m] = {"late": torch.stack(late, 1)} if late else {"pooled": enc.pool(enc.norm(h))}
-        return states
-
-    def forward(self, frames, fbank, states=None, clips=None):
-        """Clips of S segments -> logits (B, S, C + 1) and aux: router weights {m: (B*S, P, E)}, layer weights
-        {m: (B*S, K)}, losses. MoLT and frozen may be given precomputed frozen_states (then clips=(B, S))."""
-        B, S = clips or (frames if frames is not None else fbank).shape[:2]
-        aux = {"router": {}, "alpha": {}, "orth": torch.zeros(()), "balance": torch.zeros(())}
-        if self.cfg.mode == "avmoe":
-            feats = self.avmoe(self.inputs(frames, fbank), aux)
-        else:
-            states = states if states is not None else self.frozen_states(frames, fbank)
-            if self.cfg.mode == "molt":
-                feats = self.molt(states, aux)
-            else:  # frozen: the head on the backbones' pooled features
-                feats = {m: st["pooled"] for m, st in states.items()}
-        for m, w in aux["router"].items():
-            aux["balance"] = aux["balance"] + sum(balance_loss(w[:, p]) for p in range(w.shape[1])) / w.shape[1]
-        x = torch.cat([feats[m] for m in self.mods], -1).reshape(B, S, -1)  # (B, S, sum D)
-        return self.head(x), aux
-
-    def avmoe(self, x, aux):
-        """Sequential adaptation: in every block, r = MoE(X, X_other) read before each sub-layer, added after it."""
-        x = {m: self.enc[m].embed(xm) for m, xm in x.items()}  # (B*S, prefix + N, D)
-        L, weights = max(self.depth.values()), {m: [] for m in self.mods}
-        for i in range(L):
-            # layer i of the deeper backbone meets block floor(i * L_m / L) of stream m; a block runs when that index
-            # moves on (for i = 0 the previous one is floor(-L_m / L) = -1), so each block runs once
-            run = {m: i * d // L for m, d in self.depth.items() if i * d // L > (i - 1) * d // L}
-            for pos, (norm, layer) in enumerate((("norm1", "attn"), ("norm2", "mlp"))):
-                mixed = {m: self.moe[m][2 * j + pos](x[m], x.get(self.other[m])) for m, j in run.items()}
-                for m, j in run.items():
-                    blk, (r, w) = self.enc[m].blocks[j], mixed[m]
-                    # AVMoE insertion: X = X + sublayer(LN(X)) + gate * MoE(X, X_other), gate initialised to 0
-                    x[m] = x[m] + getattr(blk, layer)(getattr(blk, norm)(x[m])) + self.gates[m][2 * j + pos] * r
-                    weights[m].append(w)
-        aux["router"] = {m: torch.stack(w, 1) for m, w in weights.items()}  # (B*S, 2 L_m, E)
-        return {m: self.enc[m].pool(self.enc[m].norm(x[m])) for m in self.mods}
-
-    def molt(self, states, aux):
-        """Parallel adaptation: latent tokens per late layer, fused over layers, read out per segment."""
-        out = {}
-        for m in self.mods:
-            h, h_o = states[m]["late"], states.get(self.other[m], {}).get("late")  # (B*S, K, N, D)
-            mixed = [moe(h[:, k], None if h_o is None else h_o[:, k]) for k, moe in enumerate(self.tokens[m])]
-            tokens = torch.stack([t for t, _ in mixed], 1)  # (B*S, K, n, D)
-            aux["router"][m] = torch.stack([w for _, w in mixed], 1)  # (B*S, K, E)
-            fused, aux["alpha"][m] = self.fusion[m](tokens)  # (B*S, n, D), (B*S, K)
-            aux["orth"] = aux["orth"] + orthogonality_loss(tokens)
-            out[m] = self.readout[m](fused.mean(1))  # (B*S, D)
-        return out
-
-
-def param_counts(model):
-    """Trainable parameters of the adapters (everything trainable but the head), of the head, and all parameters."""
-    head = sum(p.numel() for p in model.head.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"adapters": trainable - head, "head": head, "total": sum(p.numel() for p in model.parameters())}

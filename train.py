@@ -59,8 +59,8 @@ class Config(AVConfig, data.SynthConfig):
     depth: int = 4  # stage-0 backbones: layers
     heads: int = 4  # stage-0 backbones: attention heads
     pretrain_samples: int = 4000  # stage-0 training images and sounds
-    vit_epochs: int = 14  # stage-0 epochs of the ViT (with 10 it stayed near 0.90 train accuracy)
-    ast_epochs: int = 7  # stage-0 epochs of the AST (0.98 train accuracy; the two train at once, a core each)
+    vit_epochs: int = 14  # stage-0 epochs of the ViT: until it names about 98 % of its training images
+    ast_epochs: int = 7  # stage-0 epochs of the AST, which learns faster (the two train at once, a core each)
     # adaptation
     epochs: int = 10  # training epochs; the epoch with the best val accuracy is kept
     batch_size: int = 32  # clips of 10 segments per step (per process under torchrun)
@@ -85,144 +85,177 @@ STREAMS = {"a": "audio", "v": "visual"}
 ROLES = {0: "event", 1: "heard only", 2: "seen only", -1: "-"}  # the synthetic generator's runs (data.make_clip)
 PRETRAIN_BATCH = 64  # stage-0 samples per step
 RUN_FILES = ("ckpt.pt", "log.csv", "metrics.json", "report.html")  # what a run writes in out_dir
-BOOLS = {"": True, "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
-RESUME_MAY_DIFFER = {"epochs", "out_dir", "cache_dir", "device", "resume", "overwrite", "workers", "dist_timeout"}
-CHOICES = {"data": ("synthetic", "ave"), "device": ("auto", "cuda", "mps", "cpu")}
-AT_LEAST_ONE = ("num_classes", "train_clips", "val_clips", "test_clips", "workers", "dim", "depth", "heads",
-                "pretrain_samples", "vit_epochs", "ast_epochs", "epochs", "batch_size", "lr_step", "dist_timeout",
-                "fstride", "tstride")
-AT_LEAST_ZERO = ("lr", "weight_decay", "lambda_orth", "lambda_balance", "modality_dropout")  # and lr above 0
-
-# ----------------------------------------------------------------------------- settings
 
 
-def print_help(cfg):
-    """The docstring, then every setting with its default and the comment beside its field."""
-    notes = {}
-    for klass in Config.__mro__[:-1]:  # Config, AVConfig (model.py), SynthConfig (data.py)
-        for m in re.finditer(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(klass), re.M):
-            notes.setdefault(m[1], m[2])
-    print(__doc__)
-    for f in dataclasses.fields(cfg):
-        print(f"  {f'--{f.name}={getattr(cfg, f.name)}':<26} {notes.get(f.name, '')}")
+# ----------------------------------------------------------------------------- training and evaluation
 
 
-def parse_config(argv):
-    """--key=value flags -> Config; a bad flag stops with one line before any work."""
-    cfg = Config()
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print_help(cfg)
-            sys.exit(0)
-        key, _, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not hasattr(cfg, key):
-            sys.exit(f"unknown argument {arg}: see python train.py --help")
-        kind = type(getattr(cfg, key))
-        try:
-            setattr(cfg, key, BOOLS[value.lower()] if kind is bool else kind(value))
-        except (KeyError, ValueError):
-            sys.exit(f"--{key}={value}: expected a value of type {kind.__name__}")
-    try:
-        check(cfg)
-        check_run_dir(cfg)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    return cfg
-
-
-def check(cfg):
-    """Every setting that can be checked before any work; ValueError names the flag and what to do."""
-    check_config(cfg)
-    for key, choices in CHOICES.items():
-        if getattr(cfg, key) not in choices:
-            raise ValueError(f"--{key} must be one of {', '.join(choices)}, not {getattr(cfg, key)!r}")
-    for key in AT_LEAST_ONE:
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"--{key} must be at least 1, not {getattr(cfg, key)}")
-    for key in AT_LEAST_ZERO:
-        if not 0 <= getattr(cfg, key) < math.inf or (key == "lr" and cfg.lr == 0):
-            raise ValueError(f"--{key}={getattr(cfg, key)} must be {'positive' if key == 'lr' else 'at least 0'}")
-    if cfg.modality_dropout > 0.5:
-        raise ValueError("--modality_dropout must be at most 0.5 (audio and frames are never removed together)")
-    if cfg.num_mel_bins < 16 or (not cfg.vit_ckpt and (cfg.image_size < 8 or cfg.image_size % 8)):
-        raise ValueError("--num_mel_bins must be at least the AST's 16 x 16 patch, and --image_size a multiple of "
-                         f"the stage-0 ViT's 8 px patch (got {cfg.num_mel_bins} and {cfg.image_size})")
-    if cfg.dim % cfg.heads or cfg.num_classes < 2:
-        raise ValueError(f"--dim={cfg.dim} must be divisible by --heads={cfg.heads}, and --num_classes at least 2")
-    if cfg.data == "synthetic" and cfg.num_classes > len(data.CLASS_SHAPES):
-        raise ValueError(f"--num_classes: the synthetic AVE has at most {len(data.CLASS_SHAPES)} classes (shapes)")
-    stage0 = any(m in cfg.modalities and not ckpt for m, ckpt in (("v", cfg.vit_ckpt), ("a", cfg.ast_ckpt)))
-    if stage0 and cfg.mode == "molt" and cfg.late_layers > cfg.depth:
-        raise ValueError(f"--late_layers={cfg.late_layers} is more than the stage-0 backbones' {cfg.depth} layers")
-    for path in (cfg.vit_ckpt, cfg.ast_ckpt):
-        if path and not os.path.isfile(path):
-            raise ValueError(f"checkpoint {path} not found")
-    if cfg.data == "ave" and not (os.path.isdir(cfg.data_root) and os.path.isdir(cfg.prepared_dir)):
-        raise ValueError("--data=ave needs --data_root=DIR (Annotations.txt, split files) and --prepared_dir=DIR "
-                         "(made by: python data.py --prepare_ave DIR --out PREPARED), both existing folders")
-
-
-def check_run_dir(cfg):
-    """out_dir and cache_dir must be writable folders; a new run must not silently replace the one in out_dir, and
-    --resume must find a readable checkpoint of the same settings."""
-    if cfg.resume and cfg.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other: pick one")
-    for flag in ("out_dir", "cache_dir"):
-        try:
-            os.makedirs(getattr(cfg, flag), exist_ok=True)
-            tempfile.TemporaryFile(dir=getattr(cfg, flag)).close()  # can this process write there?
-        except OSError as e:
-            raise ValueError(f"--{flag}={getattr(cfg, flag)} is not a writable folder ({e.strerror})") from None
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if os.path.exists(path) and not (cfg.resume or cfg.overwrite):
-        raise ValueError(f"{path} exists: pass --resume=true to continue, or --overwrite=true / another --out_dir")
-    if cfg.resume and os.path.exists(path):
-        may_differ = RESUME_MAY_DIFFER | ({"num_classes"} if cfg.data == "ave" else set())  # ave: known from data
-        diff = {k: (v, getattr(cfg, k, None)) for k, v in read_checkpoint(path)["config"].items()
-                if k not in may_differ and getattr(cfg, k, None) != v}
-        if diff:
-            raise ValueError(f"{path} is from another configuration: " + ", ".join(
-                f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items()) +
-                f" (only {', '.join(sorted(RESUME_MAY_DIFFER - {'resume', 'overwrite'}))} may change on --resume)")
-
-
-def read_checkpoint(path):
-    """train.py's checkpoint, or ValueError saying why not (truncated, empty, foreign, unsafe)."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        assert {"config", "epoch", "history", "model", "optimizer", "best"} <= set(ck), "not written by train.py"
-        return ck
-    except Exception as e:  # nothing of a bad file is used
-        reason = str(e).splitlines()[0][:200] if str(e) else "no detail"
-        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {reason}): delete it or run with "
-                         "--overwrite=true instead of --resume") from None
-
-
-def write_atomic(path, content):
-    """Text, or anything torch.save takes: the whole file or nothing, so a run killed while writing never leaves a
-    half file that looks current (nor corrupts the last good checkpoint)."""
-    if isinstance(content, str):
-        with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
-            f.write(content)
-    else:
-        torch.save(content, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def log(*args):
+def main(cfg):
+    t_start, seconds = time.time(), {}
+    device = setup(cfg)
+    with phase("data", seconds):
+        sets, cfg.num_classes = datasets(cfg)
+    with phase("stage 0", seconds):
+        vit, ast = backbones(cfg)
+    torch.manual_seed(cfg.seed)
+    model = AVModel(cfg, vit, ast).to(device)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
+    counts = param_counts(model)
+    log(f"{cfg.mode} ({cfg.modalities}): trainable {counts['adapters']:,} adapter + {counts['head']:,} head "
+        f"parameters of {counts['total']:,} in all")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, cfg.lr_step, gamma=0.35)
+    run = start_or_resume(cfg, model, opt, sched)
+    for k, v in run["seconds"].items():  # a resumed run's times count the earlier processes too
+        seconds[k] = round(seconds.get(k, 0) + v, 1)
+    run["seconds"], t_start = seconds, t_start - run["elapsed"]
+    caching = cfg.cache_features and cfg.mode != "avmoe"
+    with phase("feature cache", seconds):  # only rank 0 evaluates, so only it caches val and test
+        caches = {s: FeatureCache(model, sets[s], device, None if cfg.data == "synthetic" else
+                                  os.path.join(cfg.out_dir, f"features_rank{RANK}_{s}"))
+                  if caching and (s == "train" or RANK == 0) else None for s in sets}
+    # With the feature cache, a batch is (clip indices, labels), never frames and fbanks: run_batch then gives the
+    # model the cached states of those clips (forward's states=), and the backbones never run again.
+    items = {s: torch.utils.data.TensorDataset(torch.arange(len(ds)), torch.stack(list(ds.labels))) if caching else ds
+             for s, ds in sets.items()}
+    loaders = {s: torch.utils.data.DataLoader(items[s], 2 * cfg.batch_size, generator=torch.Generator())
+               for s in ("val", "test")}  # their own RNG: evaluating draws no random number
+    for epoch in range(run["epoch"], cfg.epochs):
+        t0 = time.time()
+        with phase("training", seconds):
+            loss = train_epoch(ddp, items["train"], opt, cfg, device, caches["train"], epoch)
+        sched.step()
+        if RANK == 0:
+            with phase("validation", seconds):
+                val_acc = evaluate(model, loaders["val"], device, caches["val"])["acc"]
+            if val_acc > run["best_val"]:  # model selection on val, never on test
+                run["best_val"], run["best"] = val_acc, trainable_state(model)
+            run["history"].append({"epoch": epoch + 1, "train_loss": round(loss, 4), "val_acc": round(val_acc, 4),
+                                   "seconds": round(time.time() - t0, 2)})
+            print(f"\repoch {epoch + 1}/{cfg.epochs}: loss {loss:.3f}  val acc {val_acc:.3f}  "
+                  f"{time.time() - t0:.1f} s  ETA {(time.time() - t0) * (cfg.epochs - epoch - 1):.0f} s", flush=True)
+            run.update(epoch=epoch + 1, elapsed=time.time() - t_start)
+            write_atomic(os.path.join(cfg.out_dir, "ckpt.pt"), {
+                **run, "model": trainable_state(model), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "config": dataclasses.asdict(cfg),
+                "rng": torch.get_rng_state(),  # evaluation draws none: a resumed run continues from here
+                **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})})
+            write_log(cfg, run["history"])
     if RANK == 0:
-        print(*args, flush=True)
+        model.load_state_dict(run["best"], strict=False)
+        final_report(cfg, model, sets["test"], loaders["test"], device, caches["test"], run, t_start)
+    if WORLD > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
-@contextlib.contextmanager
-def phase(name, seconds):
-    """Adds the wall time of a block to seconds[name] (metrics.json's phase_seconds)."""
-    t0 = time.time()
-    yield
-    seconds[name] = round(seconds.get(name, 0) + time.time() - t0, 1)
+def train_epoch(ddp, train, opt, cfg, device, cache, epoch):
+    """One pass over the training clips, in an order fixed by the seed and the epoch; -> mean loss. Stops the run
+    on a non-finite loss."""
+    ddp.train()
+    sampler = torch.utils.data.DistributedSampler(train, seed=cfg.seed) if WORLD > 1 else None
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # the same order after a resume
+    loader = torch.utils.data.DataLoader(train, cfg.batch_size, sampler=sampler, shuffle=sampler is None, generator=g)
+    total, progress = 0.0, data.Progress(f"  epoch {epoch + 1}", len(loader), show=RANK == 0, keep=False)
+    for step, batch in enumerate(loader):
+        logits, aux, labels = run_batch(ddp, batch, device, cache, modality_dropout=cfg.modality_dropout)
+        loss = loss_fn(logits, labels, aux, cfg)
+        if not torch.isfinite(loss):
+            kept = "still holds the last good epoch" if epoch > 0 else "was not written: no epoch finished"
+            sys.exit(f"[rank {RANK}] loss is {loss.item()} at epoch {epoch + 1} step {step}: stopping; "
+                     f"{cfg.out_dir}/ckpt.pt {kept} (try a lower --lr)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # under DDP the gradients are averaged over the processes here
+        opt.step()
+        total += progress(loss.item())
+    return total / len(loader)
 
 
-# ----------------------------------------------------------------------------- stage 0: backbones, and the data
+def run_batch(model, batch, device, cache=None, remove=None, modality_dropout=0.0):
+    """One forward pass (model may be wrapped in DDP) over (frames, fbank, labels), or with a cache over (clip index,
+    labels). remove="a" / "v" removes the audio / the frames of every segment; modality_dropout removes each with
+    that probability per segment, never both."""
+    labels = batch[-1]
+    B, S = labels.shape
+    removed = {m: torch.full((B, S), remove == m) for m in "av"}  # (B, S) per modality
+    if modality_dropout > 0:
+        u = torch.rand(B, S)
+        removed["a"] = removed["a"] | (u < modality_dropout)
+        removed["v"] = removed["v"] | ((u >= modality_dropout) & (u < 2 * modality_dropout))
+    if cache is not None:
+        logits, aux = model(None, None, states=cache.get(batch[0], removed, device), batch_shape=(B, S))
+    else:
+        frames, fbank = remove_inputs(*batch[:2], removed)
+        logits, aux = model(*to_device(getattr(model, "module", model), frames, fbank, device))
+    return logits, aux, labels.to(device)
+
+
+def loss_fn(logits, labels, aux, cfg):
+    """Task loss + lambda_orth * (L_orth_a + L_orth_v) + lambda_balance * load balance."""
+    task = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    return task + cfg.lambda_orth * aux["orth"] + cfg.lambda_balance * aux["balance"]
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, cache=None, remove=None):
+    """Segment accuracy, the confusion matrix, router weights (mean, and how often each expert is the largest),
+    MoLT's layer weights and token redundancy (the orthogonality loss: mean squared cosine between layer tokens)."""
+    model.eval()
+    n = model.cfg.num_classes + 1
+    confusion = torch.zeros(n, n, dtype=torch.long)
+    orth, router, alpha, preds = 0, {}, {}, []
+    for batch in loader:
+        logits, aux, labels = run_batch(model, batch, device, cache, remove)
+        preds.append(logits.argmax(-1).cpu())
+        confusion += torch.bincount(labels.flatten().cpu() * n + preds[-1].flatten(),
+                                    minlength=n * n).view(n, n)  # (true, predicted)
+        orth += aux["orth"].item() * labels.numel() / len(model.mods)
+        for m, w in aux["router"].items():  # (B*S, positions, experts)
+            top = F.one_hot(w.argmax(-1), w.shape[-1]).float()
+            r = router.setdefault(m, [0, 0])
+            r[0] = r[0] + w.sum(0).cpu()
+            r[1] = r[1] + top.sum(0).cpu()
+        for m, a in aux["alpha"].items():
+            alpha[m] = alpha.get(m, 0) + a.sum(0).cpu()
+    total = confusion.sum().item()
+    return {"acc": confusion.diag().sum().item() / total, "orth": orth / total, "confusion": confusion.tolist(),
+            "pred": torch.cat(preds),  # (clips, S)
+            "router": {m: {"positions": model.router_positions(m), "mean": (r[0] / total).tolist(),
+                           "top1": (r[1] / total).tolist()} for m, r in router.items()},
+            "alpha": {m: {"layers": [i + 1 for i in model.layers[m]], "alpha": (a / total).tolist()}
+                      for m, a in alpha.items()}}
+
+
+def final_report(cfg, model, ds, loader, device, cache, run, t_start):
+    """Test accuracy with both modalities, with the audio removed and with the frames removed; the router and
+    MoLT's layer weights; metrics.json and report.html."""
+    test = evaluate(model, loader, device, cache)
+    audio_removed = evaluate(model, loader, device, cache, remove="a")
+    frames_removed = evaluate(model, loader, device, cache, remove="v")
+    counts = param_counts(model)
+    metrics = {"test_acc": test["acc"], "val_acc": run["best_val"], "test_acc_audio_removed": audio_removed["acc"],
+               "test_acc_frames_removed": frames_removed["acc"],
+               "trainable_params": counts["adapters"] + counts["head"],
+               "trainable_adapter_params": counts["adapters"], "head_params": counts["head"],
+               "total_params": counts["total"], "mode": cfg.mode, "modalities": cfg.modalities,
+               "router_weights": {"normal": test["router"], "audio_removed": audio_removed["router"]},
+               "layer_weights": test["alpha"], "token_redundancy": test["orth"], "confusion": test["confusion"],
+               "history": run["history"], "config": dataclasses.asdict(cfg), "seconds": round(time.time() - t_start, 1)}
+    rest = round(time.time() - t_start - sum(run["seconds"].values()), 1)  # the test, and setting up
+    metrics["phase_seconds"] = dict(run["seconds"], **{"test and report": rest})
+    write_atomic(os.path.join(cfg.out_dir, "metrics.json"), json.dumps(metrics, indent=1))
+    both = len(model.mods) == 2  # removing one of two inputs only means something with both
+    write_report(os.path.join(cfg.out_dir, "report.html"), cfg, model, ds, metrics, test,
+                 audio_removed if both else None)
+    print(f"test acc {test['acc']:.3f} (val {run['best_val']:.3f}); audio removed {audio_removed['acc']:.3f}; "
+          f"frames removed {frames_removed['acc']:.3f}; the rest in {cfg.out_dir}/report.html")
+    print("seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["phase_seconds"].items()) +
+          f"; {metrics['seconds']:.0f} in all")
+
+
+# ----------------------------------------------------------------------------- stage 0, the data and the feature cache
 
 
 def pretrain(enc, head, x, y, path, prefix, epochs, cfg, progress):
@@ -300,12 +333,12 @@ def datasets(cfg):
     return sets, sets["train"].num_classes
 
 
-def remove(frames, fbank, drop_frames, drop_audio):
-    """Remove frames / audio of the segments where the (B, S) masks are true: black frames, silent audio."""
-    if frames is not None and drop_frames.any():
-        frames = torch.where(drop_frames[..., None, None, None], data.remove_frames(frames), frames)
-    if fbank is not None and drop_audio.any():
-        fbank = torch.where(drop_audio[..., None, None], data.remove_audio(fbank), fbank)
+def remove_inputs(frames, fbank, removed):
+    """Black frames where removed["v"] (B, S) is true, silent audio where removed["a"] is."""
+    if frames is not None and removed["v"].any():
+        frames = torch.where(removed["v"][..., None, None, None], data.remove_frames(frames), frames)
+    if fbank is not None and removed["a"].any():
+        fbank = torch.where(removed["a"][..., None, None], data.remove_audio(fbank), fbank)
     return frames, fbank
 
 
@@ -325,8 +358,9 @@ class FeatureCache:
             return {(m, name): s.cpu() for m, named in st.items() for name, s in named.items()}
         frames, fbank, _ = ds[0]
         every = torch.ones(1, data.SECONDS, dtype=torch.bool)
-        self.removed = {k: s[:1] for k, s in states(*remove(frames[None], fbank[None], every, every)).items()}
-        shapes = {k: (len(ds) * data.SECONDS, *s.shape[1:]) for k, s in self.removed.items()}
+        removed = remove_inputs(frames[None], fbank[None], {"a": every, "v": every})
+        self.removed_states = {k: s[:1] for k, s in states(*removed).items()}
+        shapes = {k: (len(ds) * data.SECONDS, *s.shape[1:]) for k, s in self.removed_states.items()}
         if path is None:
             self.states = {k: torch.empty(shape) for k, shape in shapes.items()}
         else:  # fp16 tensors mapped onto .npy files, if the disk has room
@@ -351,74 +385,125 @@ class FeatureCache:
         seg = (idx[:, None] * data.SECONDS + torch.arange(data.SECONDS)).flatten()  # (B*S,)
         out = {}
         for (m, name), s in self.states.items():
-            drop = removed[m].flatten().view(-1, *[1] * (s.dim() - 1))  # (B*S, 1, ...)
-            out.setdefault(m, {})[name] = torch.where(drop, self.removed[m, name], s[seg].float()).to(device)
+            mask = removed[m].flatten().view(-1, *[1] * (s.dim() - 1))  # (B*S, 1, ...)
+            out.setdefault(m, {})[name] = torch.where(mask, self.removed_states[m, name], s[seg].float()).to(device)
         return out
 
 
-# ----------------------------------------------------------------------------- training and evaluation
+# ----------------------------------------------------------------------------- settings, the run folder and checkpoints
 
 
-def run_batch(model, batch, device, cache=None, drop="none", p_drop=0.0):
-    """One forward pass (model may be wrapped in DDP) over (frames, fbank, labels), or with a cache over (clip index,
-    labels). drop: "audio"/"frames" removes that modality everywhere; p_drop removes per segment."""
-    labels = batch[-1]
-    B, S = labels.shape
-    drop_a, drop_v = torch.full((B, S), drop == "audio"), torch.full((B, S), drop == "frames")
-    if p_drop > 0:  # modality dropout: never both modalities of one segment
-        u = torch.rand(B, S)
-        drop_a, drop_v = drop_a | (u < p_drop), drop_v | ((u >= p_drop) & (u < 2 * p_drop))
-    if cache is not None:
-        logits, aux = model(None, None, states=cache.get(batch[0], {"a": drop_a, "v": drop_v}, device), clips=(B, S))
-    else:
-        frames, fbank = remove(*batch[:2], drop_frames=drop_v, drop_audio=drop_a)
-        logits, aux = model(*to_device(getattr(model, "module", model), frames, fbank, device))
-    return logits, aux, labels.to(device)
+BOOLS = {"": True, "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+RESUME_MAY_DIFFER = {"epochs", "out_dir", "cache_dir", "device", "resume", "overwrite", "workers", "dist_timeout"}
+RUN_CHOICES = {"data": ("synthetic", "ave"), "device": ("auto", "cuda", "mps", "cpu")}
+AT_LEAST_ONE = ("num_classes", "train_clips", "val_clips", "test_clips", "workers", "dim", "depth", "heads",
+                "pretrain_samples", "vit_epochs", "ast_epochs", "epochs", "batch_size", "lr_step", "dist_timeout",
+                "fstride", "tstride")
+AT_LEAST_ZERO = ("lr", "weight_decay", "lambda_orth", "lambda_balance", "modality_dropout")  # and lr above 0
 
 
-def loss_fn(logits, labels, aux, cfg):
-    """Task loss + lambda_orth * (L_orth_a + L_orth_v) + lambda_balance * load balance."""
-    task = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
-    return task + cfg.lambda_orth * aux["orth"] + cfg.lambda_balance * aux["balance"]
+def setup(cfg):
+    """Device and, under torchrun, the process group; -> device."""
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" and WORLD > 1 else cfg.device
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(device)
+    if WORLD > 1:  # a rank that waits longer than dist_timeout for the others stops with an error
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                timeout=timedelta(seconds=cfg.dist_timeout))
+    torch.manual_seed(cfg.seed)
+    return device
 
 
-@torch.no_grad()
-def evaluate(model, loader, device, cache=None, drop="none"):
-    """Segment accuracy, the confusion matrix, router weights (mean, and how often each expert is the largest),
-    MoLT's layer weights and token redundancy (the orthogonality loss: mean squared cosine between layer tokens)."""
-    model.eval()
-    n = model.cfg.num_classes + 1
-    confusion, orth, router, alpha, preds = torch.zeros(n, n, dtype=torch.long), 0, {}, {}, []
-    for batch in loader:
-        logits, aux, labels = run_batch(model, batch, device, cache, drop)
-        preds.append(logits.argmax(-1).cpu())
-        confusion += torch.bincount(labels.flatten().cpu() * n + preds[-1].flatten(),
-                                    minlength=n * n).view(n, n)  # (true, predicted)
-        orth += aux["orth"].item() * labels.numel() / len(model.mods)
-        for m, w in aux["router"].items():  # (B*S, positions, experts)
-            top = F.one_hot(w.argmax(-1), w.shape[-1]).float()
-            r = router.setdefault(m, [0, 0])
-            r[0], r[1] = r[0] + w.sum(0).cpu(), r[1] + top.sum(0).cpu()
-        for m, a in aux["alpha"].items():
-            alpha[m] = alpha.get(m, 0) + a.sum(0).cpu()
-    total = confusion.sum().item()
-    return {"acc": confusion.diag().sum().item() / total, "orth": orth / total, "confusion": confusion.tolist(),
-            "pred": torch.cat(preds),  # (clips, S)
-            "router": {m: {"positions": model.router_positions(m), "mean": (r[0] / total).tolist(),
-                           "top1": (r[1] / total).tolist()} for m, r in router.items()},
-            "alpha": {m: {"layers": [i + 1 for i in model.layers[m]], "alpha": (a / total).tolist()}
-                      for m, a in alpha.items()}}
+def print_help(cfg):
+    """The docstring, then every setting with its default and the comment beside its field."""
+    notes = {}
+    for klass in Config.__mro__[:-1]:  # Config, AVConfig (model.py), SynthConfig (data.py)
+        for m in re.finditer(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(klass), re.M):
+            notes.setdefault(m[1], m[2])
+    print(__doc__)
+    for f in dataclasses.fields(cfg):
+        print(f"  {f'--{f.name}={getattr(cfg, f.name)}':<26} {notes.get(f.name, '')}")
 
 
-def trainable_state(model):
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+def parse_config(argv):
+    """--key=value flags -> Config; a bad flag stops with one line before any work."""
+    cfg = Config()
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print_help(cfg)
+            sys.exit(0)
+        key, _, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not hasattr(cfg, key):
+            sys.exit(f"unknown argument {arg}: see python train.py --help")
+        kind = type(getattr(cfg, key))
+        try:
+            setattr(cfg, key, BOOLS[value.lower()] if kind is bool else kind(value))
+        except (KeyError, ValueError):
+            sys.exit(f"--{key}={value}: expected a value of type {kind.__name__}")
+    try:
+        check(cfg)
+        check_run_dir(cfg)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    return cfg
 
 
-def write_log(cfg, history):
-    """log.csv: this run's epochs, rewritten whole from the checkpoint's history (so it never repeats or mixes)."""
-    columns = ("epoch", "train_loss", "val_acc", "seconds")
-    rows = [columns] + [[h[k] for k in columns] for h in history]
-    write_atomic(os.path.join(cfg.out_dir, "log.csv"), "".join(",".join(map(str, r)) + "\r\n" for r in rows))
+def check(cfg):
+    """Every setting that can be checked before any work; ValueError names the flag and what to do."""
+    check_config(cfg)
+    for key, choices in RUN_CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise ValueError(f"--{key} must be one of {', '.join(choices)}, not {getattr(cfg, key)!r}")
+    for key in AT_LEAST_ONE:
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"--{key} must be at least 1, not {getattr(cfg, key)}")
+    for key in AT_LEAST_ZERO:
+        if not 0 <= getattr(cfg, key) < math.inf or (key == "lr" and cfg.lr == 0):
+            raise ValueError(f"--{key}={getattr(cfg, key)} must be {'positive' if key == 'lr' else 'at least 0'}")
+    if cfg.modality_dropout > 0.5:
+        raise ValueError("--modality_dropout must be at most 0.5 (audio and frames are never removed together)")
+    if cfg.num_mel_bins < 16 or (not cfg.vit_ckpt and (cfg.image_size < 8 or cfg.image_size % 8)):
+        raise ValueError("--num_mel_bins must be at least the AST's 16 x 16 patch, and --image_size a multiple of "
+                         f"the stage-0 ViT's 8 px patch (got {cfg.num_mel_bins} and {cfg.image_size})")
+    if cfg.dim % cfg.heads or cfg.num_classes < 2:
+        raise ValueError(f"--dim={cfg.dim} must be divisible by --heads={cfg.heads}, and --num_classes at least 2")
+    if cfg.data == "synthetic" and cfg.num_classes > len(data.CLASS_SHAPES):
+        raise ValueError(f"--num_classes: the synthetic AVE has at most {len(data.CLASS_SHAPES)} classes (shapes)")
+    stage0 = any(m in cfg.modalities and not ckpt for m, ckpt in (("v", cfg.vit_ckpt), ("a", cfg.ast_ckpt)))
+    if stage0 and cfg.mode == "molt" and cfg.late_layers > cfg.depth:
+        raise ValueError(f"--late_layers={cfg.late_layers} is more than the stage-0 backbones' {cfg.depth} layers")
+    for path in (cfg.vit_ckpt, cfg.ast_ckpt):
+        if path and not os.path.isfile(path):
+            raise ValueError(f"checkpoint {path} not found")
+    if cfg.data == "ave" and not (os.path.isdir(cfg.data_root) and os.path.isdir(cfg.prepared_dir)):
+        raise ValueError("--data=ave needs --data_root=DIR (Annotations.txt, split files) and --prepared_dir=DIR "
+                         "(made by: python data.py --prepare_ave DIR --out PREPARED), both existing folders")
+
+
+def check_run_dir(cfg):
+    """out_dir and cache_dir must be writable folders; a new run must not silently replace the one in out_dir, and
+    --resume must find a readable checkpoint of the same settings."""
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: pick one")
+    for flag in ("out_dir", "cache_dir"):
+        try:
+            os.makedirs(getattr(cfg, flag), exist_ok=True)
+            tempfile.TemporaryFile(dir=getattr(cfg, flag)).close()  # can this process write there?
+        except OSError as e:
+            raise ValueError(f"--{flag}={getattr(cfg, flag)} is not a writable folder ({e.strerror})") from None
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if os.path.exists(path) and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"{path} exists: pass --resume=true to continue, or --overwrite=true / another --out_dir")
+    if cfg.resume and os.path.exists(path):
+        may_differ = RESUME_MAY_DIFFER | ({"num_classes"} if cfg.data == "ave" else set())  # ave: known from data
+        diff = {k: (v, getattr(cfg, k, None)) for k, v in read_checkpoint(path)["config"].items()
+                if k not in may_differ and getattr(cfg, k, None) != v}
+        if diff:
+            raise ValueError(f"{path} is from another configuration: " + ", ".join(
+                f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items()) +
+                f" (only {', '.join(sorted(RESUME_MAY_DIFFER - {'resume', 'overwrite'}))} may change on --resume)")
 
 
 def start_or_resume(cfg, model, opt, sched):
@@ -449,125 +534,54 @@ def start_or_resume(cfg, model, opt, sched):
     return {k: ck[k] for k in ("epoch", "best_val", "best", "history", "seconds", "elapsed")}
 
 
-def setup(cfg):
-    """Device and, under torchrun, the process group; -> device."""
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" and WORLD > 1 else cfg.device
-    if device.startswith("cuda:"):
-        torch.cuda.set_device(device)
-    if WORLD > 1:  # a rank that waits longer than dist_timeout for the others stops with an error
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                                timeout=timedelta(seconds=cfg.dist_timeout))
-    torch.manual_seed(cfg.seed)
-    return device
+def read_checkpoint(path):
+    """train.py's checkpoint, or ValueError saying why not (truncated, empty, foreign, unsafe)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        assert {"config", "epoch", "history", "model", "optimizer", "best"} <= set(ck), "not written by train.py"
+        return ck
+    except Exception as e:  # nothing of a bad file is used
+        reason = str(e).splitlines()[0][:200] if str(e) else "no detail"
+        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {reason}): delete it or run with "
+                         "--overwrite=true instead of --resume") from None
 
 
-def train_epoch(ddp, train, opt, cfg, device, cache, epoch):
-    """One pass over the training clips, in an order fixed by the seed and the epoch; -> mean loss. Stops the run
-    on a non-finite loss."""
-    ddp.train()
-    sampler = torch.utils.data.DistributedSampler(train, seed=cfg.seed) if WORLD > 1 else None
-    if sampler is not None:
-        sampler.set_epoch(epoch)
-    g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # the same order after a resume
-    loader = torch.utils.data.DataLoader(train, cfg.batch_size, sampler=sampler, shuffle=sampler is None, generator=g)
-    total, progress = 0.0, data.Progress(f"  epoch {epoch + 1}", len(loader), show=RANK == 0, keep=False)
-    for step, batch in enumerate(loader):
-        logits, aux, labels = run_batch(ddp, batch, device, cache, p_drop=cfg.modality_dropout)
-        loss = loss_fn(logits, labels, aux, cfg)
-        if not torch.isfinite(loss):
-            kept = "still holds the last good epoch" if epoch > 0 else "was not written: no epoch finished"
-            sys.exit(f"[rank {RANK}] loss is {loss.item()} at epoch {epoch + 1} step {step}: stopping; "
-                     f"{cfg.out_dir}/ckpt.pt {kept} (try a lower --lr)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # under DDP the gradients are averaged over the processes here
-        opt.step()
-        total += progress(loss.item())
-    return total / len(loader)
+def trainable_state(model):
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def main(cfg):
-    t_start, seconds = time.time(), {}
-    device = setup(cfg)
-    with phase("data", seconds):
-        sets, cfg.num_classes = datasets(cfg)
-    with phase("stage 0", seconds):
-        vit, ast = backbones(cfg)
-    torch.manual_seed(cfg.seed)
-    model = AVModel(cfg, vit, ast).to(device)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
-    counts = param_counts(model)
-    log(f"{cfg.mode} ({cfg.modalities}): trainable {counts['adapters']:,} adapter + {counts['head']:,} head "
-        f"parameters of {counts['total']:,} in all")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, cfg.lr_step, gamma=0.35)
-    run = start_or_resume(cfg, model, opt, sched)
-    for k, v in run["seconds"].items():  # a resumed run's times count the earlier processes too
-        seconds[k] = round(seconds.get(k, 0) + v, 1)
-    run["seconds"], t_start = seconds, t_start - run["elapsed"]
-    caching = cfg.cache_features and cfg.mode != "avmoe"
-    with phase("feature cache", seconds):  # only rank 0 evaluates, so only it caches val and test
-        caches = {s: FeatureCache(model, sets[s], device, None if cfg.data == "synthetic" else
-                                  os.path.join(cfg.out_dir, f"features_rank{RANK}_{s}"))
-                  if caching and (s == "train" or RANK == 0) else None for s in sets}
-    clips = {s: torch.utils.data.TensorDataset(torch.arange(len(ds)), torch.stack(list(ds.labels))) if caching else ds
-             for s, ds in sets.items()}  # with a cache, a clip's frames and fbanks are never loaded
-    loaders = {s: torch.utils.data.DataLoader(clips[s], 2 * cfg.batch_size, generator=torch.Generator())
-               for s in ("val", "test")}  # their own RNG: evaluating draws no random number
-    for epoch in range(run["epoch"], cfg.epochs):
-        t0 = time.time()
-        with phase("training", seconds):
-            loss = train_epoch(ddp, clips["train"], opt, cfg, device, caches["train"], epoch)
-        sched.step()
-        if RANK == 0:
-            with phase("validation", seconds):
-                val_acc = evaluate(model, loaders["val"], device, caches["val"])["acc"]
-            if val_acc > run["best_val"]:  # model selection on val, never on test
-                run["best_val"], run["best"] = val_acc, trainable_state(model)
-            run["history"].append({"epoch": epoch + 1, "train_loss": round(loss, 4), "val_acc": round(val_acc, 4),
-                                   "seconds": round(time.time() - t0, 2)})
-            print(f"\repoch {epoch + 1}/{cfg.epochs}: loss {loss:.3f}  val acc {val_acc:.3f}  "
-                  f"{time.time() - t0:.1f} s  ETA {(time.time() - t0) * (cfg.epochs - epoch - 1):.0f} s", flush=True)
-            run.update(epoch=epoch + 1, elapsed=time.time() - t_start)
-            write_atomic(os.path.join(cfg.out_dir, "ckpt.pt"), {
-                **run, "model": trainable_state(model), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "config": dataclasses.asdict(cfg),
-                "rng": torch.get_rng_state(),  # evaluation draws none: a resumed run continues from here
-                **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})})
-            write_log(cfg, run["history"])
+def write_log(cfg, history):
+    """log.csv: this run's epochs, rewritten whole from the checkpoint's history (so it never repeats or mixes)."""
+    columns = ("epoch", "train_loss", "val_acc", "seconds")
+    rows = [columns] + [[h[k] for k in columns] for h in history]
+    write_atomic(os.path.join(cfg.out_dir, "log.csv"), "".join(",".join(map(str, r)) + "\r\n" for r in rows))
+
+
+def write_atomic(path, content):
+    """Text, or anything torch.save takes: the whole file or nothing, so a run killed while writing never leaves a
+    half file that looks current (nor corrupts the last good checkpoint)."""
+    if isinstance(content, str):
+        with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
+            f.write(content)
+    else:
+        torch.save(content, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def log(*args):
     if RANK == 0:
-        model.load_state_dict(run["best"], strict=False)
-        final_report(cfg, model, sets["test"], loaders["test"], device, caches["test"], run, t_start)
-    if WORLD > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        print(*args, flush=True)
 
 
-def final_report(cfg, model, ds, loader, device, cache, run, t_start):
-    """Test accuracy with both modalities, with the audio removed and with the frames removed; the router and
-    MoLT's layer weights; metrics.json and report.html."""
-    test, visual, audio = (evaluate(model, loader, device, cache, drop) for drop in ("none", "audio", "frames"))
-    counts = param_counts(model)
-    metrics = {"test_acc": test["acc"], "val_acc": run["best_val"], "test_acc_visual_only": visual["acc"],
-               "test_acc_audio_only": audio["acc"], "trainable_params": counts["adapters"] + counts["head"],
-               "trainable_adapter_params": counts["adapters"], "head_params": counts["head"],
-               "total_params": counts["total"], "mode": cfg.mode, "modalities": cfg.modalities,
-               "router_weights": {"normal": test["router"], "visual_only": visual["router"]},
-               "layer_weights": test["alpha"], "token_redundancy": test["orth"], "confusion": test["confusion"],
-               "history": run["history"], "config": dataclasses.asdict(cfg), "seconds": round(time.time() - t_start, 1)}
-    rest = round(time.time() - t_start - sum(run["seconds"].values()), 1)  # the test, and setting up
-    metrics["phase_seconds"] = dict(run["seconds"], **{"test and report": rest})
-    write_atomic(os.path.join(cfg.out_dir, "metrics.json"), json.dumps(metrics, indent=1))
-    both = len(model.mods) == 2  # removing one of two inputs only means something with both
-    write_report(os.path.join(cfg.out_dir, "report.html"), cfg, model, ds, metrics, test, visual if both else None)
-    print(f"test acc {test['acc']:.3f} (val {run['best_val']:.3f}); audio removed {visual['acc']:.3f}; "
-          f"frames removed {audio['acc']:.3f}; the rest in {cfg.out_dir}/report.html")
-    print("seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["phase_seconds"].items()) +
-          f"; {metrics['seconds']:.0f} in all")
+@contextlib.contextmanager
+def phase(name, seconds):
+    """Adds the wall time of a block to seconds[name] (metrics.json's phase_seconds)."""
+    t0 = time.time()
+    yield
+    seconds[name] = round(seconds.get(name, 0) + time.time() - t0, 1)
 
 
-# ----------------------------------------------------------------------------- --probe and --summary
+# ----------------------------------------------------------------------------- --probe, --summary and --bench
 
 
 @torch.no_grad()
@@ -576,7 +590,7 @@ def layer_features(enc, x):
     return torch.stack([h.mean(1) for h in enc.block_outputs(x)], 1)  # (B, L, D)
 
 
-def probe(cfg, clips=1000):
+def probe(cfg, max_clips=1000):
     """Where the evidence lives: for each layer of each frozen backbone, the test accuracy of a linear classifier
     (ridge regression onto one-hot targets) on the layer's token-averaged states of single segments, for the class
     that segment's own modality carries (synthetic: the class heard / seen, or none; real AVE: the segment label)."""
@@ -585,7 +599,7 @@ def probe(cfg, clips=1000):
     for m, enc in zip("va", backbones(cfg)):
         xy = []
         for split in ("train", "test"):
-            ds = torch.utils.data.Subset(sets[split], range(min(clips, len(sets[split]))))
+            ds = torch.utils.data.Subset(sets[split], range(min(max_clips, len(sets[split]))))
             x = torch.cat([layer_features(enc, (frames if m == "v" else fbank).flatten(0, 1))
                            for frames, fbank, _ in torch.utils.data.DataLoader(ds, 32)])  # (N*S, L, D)
             record = getattr(sets[split], "split", None)
@@ -620,12 +634,72 @@ def summary(dirs):
                 runs.append(json.load(f))
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from None
-    for key in ("test_acc", "test_acc_visual_only", "test_acc_audio_only", "val_acc", "token_redundancy", "seconds"):
+    for key in ("test_acc", "test_acc_audio_removed", "test_acc_frames_removed", "val_acc", "token_redundancy",
+                "seconds"):
         v = torch.tensor([float(r[key]) for r in runs])
-        print(f"{key:22} {v.mean():.3f} +- {v.std() if len(v) > 1 else 0:.3f}   ({', '.join(f'{x:.3f}' for x in v)})")
+        print(f"{key:23} {v.mean():.3f} +- {v.std() if len(v) > 1 else 0:.3f}   ({', '.join(f'{x:.3f}' for x in v)})")
+
+
+def measure(model, batch, device, steps, cfg):
+    """Trainable adapter parameters, bytes autograd saves for backward in one training step (each storage once,
+    parameters left out: expanded views of frozen weights would otherwise count a hundredfold), median step time."""
+    params, saved, times = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}, []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    for i in range(steps + 1):  # the first step is warm-up, and the one whose saved tensors are counted
+        t0 = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if i == 0 else contextlib.nullcontext():
+            logits, aux, labels = run_batch(model, batch, device)
+            loss = loss_fn(logits, labels, aux, cfg)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"adapter_params": param_counts(model)["adapters"], "saved_bytes": sum(saved.values()),
+            "step_seconds": sorted(times[1:])[len(times[1:]) // 2]}
+
+
+def bench(cfg, paper_scale=True):
+    """AVMoE vs MoLT on the same backbones, batch and widths; then the same counts at the papers' scale."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sets, cfg.num_classes = datasets(cfg)
+    batch = next(iter(torch.utils.data.DataLoader(sets["train"], batch_size=cfg.batch_size)))
+    scales = {"demo": (*backbones(cfg), batch, 5, cfg.reduction, f"{cfg.batch_size} clips x 10 segments")}
+    if paper_scale:  # ViT-B/16 at 192 px and AST-base on a 1 s segment, random weights, one clip of 2 segments
+        torch.manual_seed(cfg.seed)
+        g, base = torch.Generator().manual_seed(0), dict(dim=768, depth=12, heads=12, mlp_dim=3072)
+        big = (torch.randn(1, 2, 3, 192, 192, generator=g),
+               torch.randn(1, 2, data.FRAMES_PER_SEGMENT, 128, generator=g), torch.zeros(1, 2, dtype=torch.long))
+        scales["paper scale"] = (ViT(image_size=192, patch_size=16, **base),  # the papers' bottleneck is D/8
+                                 AST(num_mel_bins=128, target_length=data.FRAMES_PER_SEGMENT, **base), big, 2, 8,
+                                 "1 clip x 2 segments, D/8 bottleneck")
+    results = {}
+    for scale, (vit, ast, b, steps, reduction, _) in scales.items():
+        for mode in ("avmoe", "molt"):
+            model = AVModel(dataclasses.replace(cfg, mode=mode, reduction=reduction), vit, ast).to(device)
+            results[f"{scale} {mode}"] = measure(model, b, device, steps, cfg)
+    print(f"{'':24}{'adapter params':>16}{'saved for backward':>20}{'step time':>12}")
+    for scale, (*_, about) in scales.items():
+        for mode, name in (("avmoe", "AVMoE"), ("molt", "MoLT")):
+            r = results[f"{scale} {mode}"]
+            print(f"{scale + ' ' + name:24}{r['adapter_params']:>16,}{r['saved_bytes'] / 1e6:>17.1f} MB"
+                  f"{r['step_seconds']:>11.3f}s")
+        ratio = results[f"{scale} molt / avmoe"] = {k: results[f"{scale} molt"][k] / results[f"{scale} avmoe"][k]
+                                                   for k in ("adapter_params", "saved_bytes", "step_seconds")}
+        print(f"{scale + ' MoLT / AVMoE':24}{ratio['adapter_params']:>16.3f}{ratio['saved_bytes']:>20.3f}"
+              f"{ratio['step_seconds']:>12.3f}   ({about})")
+    write_atomic(os.path.join(cfg.out_dir, "bench.json"), json.dumps(results, indent=1))
 
 
 # ----------------------------------------------------------------------------- report.html, for a class to look at
+
 
 CSS = """body{font:20px/1.4 sans-serif;max-width:1360px;margin:auto;padding:0 20px 40px}
 code{background:#eee;padding:4px} svg text{font:18px sans-serif}
@@ -691,9 +765,10 @@ def heatmap(title, rows, cols, values):
         parts.append(text(left - 8, top + ch * i + 22, r, "end"))
         for j, v in enumerate(weights):
             g = round(255 - 200 * v)  # white .. dark grey: white text stays readable on the darkest cells
+            ink = 'fill="#fff"' if v > 0.55 else ""
             parts += [f'<rect x="{left + cw * j}" y="{top + ch * i}" width="{cw}" height="{ch}" '
                       f'fill="rgb({g},{g},{g})" stroke="#fff"/>',
-                      text(left + cw * (j + .5), top + ch * i + 22, f"{v:.2f}", extra='fill="#fff"' * (v > 0.55))]
+                      text(left + cw * (j + .5), top + ch * i + 22, f"{v:.2f}", extra=ink)]
     return svg(max(left + cw * len(cols), 10.5 * len(title)) + 10, top + ch * len(rows) + 10, title, parts)
 
 
@@ -720,17 +795,17 @@ def clip_table(ds, i, preds, names, mods):
             "synthetic run": hasattr(ds, "split") and [ROLES[r] for r in ds.split["run"][i].tolist()]}
     for name, pred in preds.items():
         rows[name] = [html.escape(f"x {names[p]}" if p != y else names[p]) for p, y in zip(pred[i].tolist(), labels)]
-    body = "".join(f"<tr><th>{k}</th>" + "".join(f"<td{' class=wrong' * c.startswith('x ')}>{c}</td>" for c in v) +
-                   "</tr>" for k, v in rows.items() if v)
+    cell = lambda c: f"<td class=wrong>{c}</td>" if c.startswith("x ") else f"<td>{c}</td>"  # noqa: E731
+    body = "".join(f"<tr><th>{k}</th>" + "".join(cell(c) for c in v) + "</tr>" for k, v in rows.items() if v)
     right = (preds["predicted"][i] == labels).sum()
     return f"<h3>Test clip {i}: {right} of {len(labels)} seconds right</h3><table class=clip>{body}</table>"
 
 
-def headline(cfg, labels, metrics, visual, stats):
+def headline(cfg, labels, metrics, both, stats):
     """The accuracies beside always-background and the one-modality ceilings, the parameters, the wall time."""
     cards = [("test accuracy", metrics["test_acc"]),
-             ("audio removed", visual and metrics["test_acc_visual_only"]),
-             ("frames removed", visual and metrics["test_acc_audio_only"]),
+             ("audio removed", metrics["test_acc_audio_removed"] if both else None),
+             ("frames removed", metrics["test_acc_frames_removed"] if both else None),
              ("always background", (labels == cfg.num_classes).float().mean().item()),
              ("best with audio only", stats.get("audio_only_ceiling")),
              ("best with frames only", stats.get("visual_only_ceiling"))]
@@ -752,19 +827,26 @@ def per_class(names, confusion):
     return f"<table><tr><th>class</th><th>seconds</th><th>accuracy</th><th>most often taken for</th></tr>{rows}</table>"
 
 
-def write_report(path, cfg, model, ds, metrics, test, visual):
-    """report.html: what the run did, on one self-contained page (inline SVG and PNG, no script, no link)."""
+def write_report(path, cfg, model, ds, metrics, test, audio_removed):
+    """report.html: what the run did, on one self-contained page (inline SVG and PNG, no script, no link).
+    audio_removed: the evaluation with the audio removed, None with one modality."""
     names = getattr(ds, "class_names", [f"class {c}" for c in range(cfg.num_classes)]) + ["background"]
-    labels, split, hist = torch.stack(list(ds.labels)), getattr(ds, "split", None), metrics["history"]
+    labels = torch.stack(list(ds.labels))
+    split = getattr(ds, "split", None)
+    hist = metrics["history"]
     best = 1 + max(range(len(hist)), key=lambda e: hist[e]["val_acc"]) if hist else None
-    experts = [f"CMA {e + 1}" for e in range(cfg.n_cma if visual else 0)] + [f"UA {e + 1}" for e in range(cfg.n_ua)]
+    both = audio_removed is not None
+    experts = [f"CMA {e + 1}" for e in range(cfg.n_cma if both else 0)] + [f"UA {e + 1}" for e in range(cfg.n_ua)]
     order = (test["pred"] == labels).sum(1).argsort(descending=True).tolist()  # clips, most seconds right first
-    preds = {"predicted": test["pred"], **({"predicted, audio removed": visual["pred"]} if visual else {})}
+    preds = {"predicted": test["pred"]}
+    if both:
+        preds["predicted, audio removed"] = audio_removed["pred"]
+    routers = {"normal input": test["router"], "audio removed": audio_removed["router"] if both else {}}
     row = lambda parts: "<div class=row>" + "".join(parts) + "</div>"  # noqa: E731
     sections = [  # (title, what to look for, content or nothing)
         ("Headline", "Test clips chose neither the weights nor the epoch. Audio-visual fusion should beat always "
          "answering background and the best one modality can do alone, and fall back when an input is removed.",
-         headline(cfg, labels, metrics, visual, data.label_stats(split, cfg.num_classes) if split else {})),
+         headline(cfg, labels, metrics, both, data.label_stats(split, cfg.num_classes) if split else {})),
         ("Training curves", "The loss should fall and the validation accuracy rise, then level off. The dashed line "
          "marks the epoch with the best validation accuracy: its weights are the ones tested.",
          hist and row([line_chart("Training loss", [e["train_loss"] for e in hist], "loss", best, "{:.2f}"),
@@ -773,7 +855,7 @@ def write_report(path, cfg, model, ds, metrics, test, visual):
          "1). CMA experts read the other modality, UA experts do not: with the audio removed, AVMoE's Figure 7 shows "
          "the weight moving to UA.", test["router"] and len(experts) > 1 and row(
              heatmap(f"{STREAMS[m]}, {how}", r[m]["positions"], experts, r[m]["mean"]) for m in test["router"]
-             for how, r in (("normal input", test["router"]), ("audio removed", visual and visual["router"])) if r)),
+             for how, r in routers.items() if r)),
         ("MoLT layer significance", "alpha: the weight MoLT's token fusion gives each layer's tokens (they sum to 1 "
          "per modality). Token redundancy, the mean squared cosine between different layers' tokens: "
          f"{test['orth']:.3f}.", test["alpha"] and row(bars(STREAMS[m], [f"layer {i}" for i in a["layers"]],
@@ -788,65 +870,6 @@ def write_report(path, cfg, model, ds, metrics, test, visual):
     title = f"{cfg.mode} ({cfg.modalities}) on {cfg.data} data"
     write_atomic(path, f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{title}</title><style>{CSS}"
                        f"</style></head><body><h1>Report: {title}</h1>{page}</body></html>\n")
-
-
-# ----------------------------------------------------------------------------- --bench: the cost of each method
-
-
-def measure(model, batch, device, steps, cfg):
-    """Trainable adapter parameters, bytes autograd saves for backward in one training step (each storage once,
-    parameters left out: expanded views of frozen weights would otherwise count a hundredfold), median step time."""
-    params, saved, times = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}, []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
-    for i in range(steps + 1):  # the first step is warm-up, and the one whose saved tensors are counted
-        t0 = time.perf_counter()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if i == 0 else contextlib.nullcontext():
-            logits, aux, labels = run_batch(model, batch, device)
-            loss = loss_fn(logits, labels, aux, cfg)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return {"adapter_params": param_counts(model)["adapters"], "saved_bytes": sum(saved.values()),
-            "step_seconds": sorted(times[1:])[len(times[1:]) // 2]}
-
-
-def bench(cfg, paper_scale=True):
-    """AVMoE vs MoLT on the same backbones, batch and widths; then the same counts at the papers' scale."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sets, cfg.num_classes = datasets(cfg)
-    batch = next(iter(torch.utils.data.DataLoader(sets["train"], batch_size=cfg.batch_size)))
-    scales = {"demo": (*backbones(cfg), batch, 5, cfg.reduction, f"{cfg.batch_size} clips x 10 segments")}
-    if paper_scale:  # ViT-B/16 at 192 px and AST-base on a 1 s segment, random weights, one clip of 2 segments
-        torch.manual_seed(cfg.seed)
-        g, base = torch.Generator().manual_seed(0), dict(dim=768, depth=12, heads=12, mlp_dim=3072)
-        big = (torch.randn(1, 2, 3, 192, 192, generator=g),
-               torch.randn(1, 2, data.FRAMES_PER_SEGMENT, 128, generator=g), torch.zeros(1, 2, dtype=torch.long))
-        scales["paper scale"] = (ViT(image_size=192, patch_size=16, **base),  # the papers' bottleneck is D/8
-                                 AST(num_mel_bins=128, target_length=data.FRAMES_PER_SEGMENT, **base), big, 2, 8,
-                                 "1 clip x 2 segments, D/8 bottleneck")
-    results = {f"{scale} {mode}": measure(AVModel(dataclasses.replace(cfg, mode=mode, reduction=r), v, a).to(device),
-                                          b, device, steps, cfg)
-               for scale, (v, a, b, steps, r, _) in scales.items() for mode in ("avmoe", "molt")}
-    print(f"{'':24}{'adapter params':>16}{'saved for backward':>20}{'step time':>12}")
-    for scale, (*_, about) in scales.items():
-        for mode, name in (("avmoe", "AVMoE"), ("molt", "MoLT")):
-            r = results[f"{scale} {mode}"]
-            print(f"{scale + ' ' + name:24}{r['adapter_params']:>16,}{r['saved_bytes'] / 1e6:>17.1f} MB"
-                  f"{r['step_seconds']:>11.3f}s")
-        ratio = results[f"{scale} molt / avmoe"] = {k: results[f"{scale} molt"][k] / results[f"{scale} avmoe"][k]
-                                                   for k in ("adapter_params", "saved_bytes", "step_seconds")}
-        print(f"{scale + ' MoLT / AVMoE':24}{ratio['adapter_params']:>16.3f}{ratio['saved_bytes']:>20.3f}"
-              f"{ratio['step_seconds']:>12.3f}   ({about})")
-    write_atomic(os.path.join(cfg.out_dir, "bench.json"), json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
