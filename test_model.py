@@ -285,6 +285,78 @@ def test_loaders_ast_checkpoint_and_mel_bins_must_agree():
         load_ast(ast_repo_state(), num_mel_bins=128, target_length=100, num_heads=3)  # 12 freq patches do not divide 45
 
 
+# The key names and shapes of the released checkpoints (D = 768, 12 heads, MLP 3072, 12 blocks, of which 2 are
+# built here), written down from the files themselves: timm's vit_base_patch16_224, torchvision's vit_b_16, the AST
+# repo's audioset_10_10_0.4593.pth and HF's MIT/ast-finetuned-audioset-10-10-0.4593. Each block's tensors are listed
+# in our order: norm1, qkv (HF: query, key, value), proj, norm2, fc1, fc2, each weight then bias.
+BLOCK_SHAPES = [(768,), (768,), (2304, 768), (2304,), (768, 768), (768,), (768,), (768,), (3072, 768), (3072,),
+                (768, 3072), (768,)]
+OURS = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+        "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
+TIMM_BLOCK = ("blocks.{i}.", OURS)
+REAL_LAYOUTS = {
+    "timm ViT-B/16": ({"cls_token": (1, 1, 768), "pos_embed": (1, 197, 768), "patch_embed.proj.weight": (768, 3, 16, 16),
+                       "patch_embed.proj.bias": (768,), "norm.weight": (768,), "norm.bias": (768,),
+                       "head.weight": (1000, 768), "head.bias": (1000,)}, TIMM_BLOCK),
+    "torchvision vit_b_16": ({"class_token": (1, 1, 768), "encoder.pos_embedding": (1, 197, 768),
+                              "conv_proj.weight": (768, 3, 16, 16), "conv_proj.bias": (768,), "encoder.ln.weight": (768,),
+                              "encoder.ln.bias": (768,), "heads.head.weight": (1000, 768), "heads.head.bias": (1000,)},
+                             ("encoder.layers.encoder_layer_{i}.", [
+                                 "ln_1.weight", "ln_1.bias", "self_attention.in_proj_weight", "self_attention.in_proj_bias",
+                                 "self_attention.out_proj.weight", "self_attention.out_proj.bias", "ln_2.weight",
+                                 "ln_2.bias", "mlp.0.weight", "mlp.0.bias", "mlp.3.weight", "mlp.3.bias"])),
+    "AST repo AudioSet": ({"module.v.cls_token": (1, 1, 768), "module.v.dist_token": (1, 1, 768),
+                           "module.v.pos_embed": (1, 1214, 768), "module.v.patch_embed.proj.weight": (768, 1, 16, 16),
+                           "module.v.patch_embed.proj.bias": (768,), "module.v.norm.weight": (768,),
+                           "module.v.norm.bias": (768,), "module.mlp_head.0.weight": (768,),
+                           "module.mlp_head.0.bias": (768,), "module.mlp_head.1.weight": (527, 768),
+                           "module.mlp_head.1.bias": (527,)}, ("module.v.blocks.{i}.", OURS)),
+    "HF AST AudioSet": ({"audio_spectrogram_transformer.embeddings.cls_token": (1, 1, 768),
+                         "audio_spectrogram_transformer.embeddings.distillation_token": (1, 1, 768),
+                         "audio_spectrogram_transformer.embeddings.position_embeddings": (1, 1214, 768),
+                         "audio_spectrogram_transformer.embeddings.patch_embeddings.projection.weight": (768, 1, 16, 16),
+                         "audio_spectrogram_transformer.embeddings.patch_embeddings.projection.bias": (768,),
+                         "audio_spectrogram_transformer.layernorm.weight": (768,),
+                         "audio_spectrogram_transformer.layernorm.bias": (768,), "classifier.layernorm.weight": (768,),
+                         "classifier.layernorm.bias": (768,), "classifier.dense.weight": (527, 768),
+                         "classifier.dense.bias": (527,)},
+                        ("audio_spectrogram_transformer.encoder.layer.{i}.", [
+                            "layernorm_before.weight", "layernorm_before.bias", "attention.attention.{query,key,value}.weight",
+                            "attention.attention.{query,key,value}.bias", "attention.output.dense.weight",
+                            "attention.output.dense.bias", "layernorm_after.weight", "layernorm_after.bias",
+                            "intermediate.dense.weight", "intermediate.dense.bias", "output.dense.weight",
+                            "output.dense.bias"])),
+}
+
+
+@pytest.mark.loaders
+@pytest.mark.parametrize("layout", REAL_LAYOUTS)
+def test_loaders_read_the_released_checkpoints_key_names(layout):
+    """Every tensor of a state dict with the released names and shapes lands in the parameter it belongs to."""
+    top, (prefix, block) = REAL_LAYOUTS[layout]
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(shape, generator=g) for k, shape in top.items()}
+    expect = {}  # our block parameter -> the source tensor it must equal
+    for i in range(2):
+        for ours, name, shape in zip(OURS, block, BLOCK_SHAPES):
+            key = prefix.format(i=i) + name
+            if "{query,key,value}" in key:  # HF: three (768, ...) tensors, concatenated into qkv
+                parts = [torch.randn((768, *shape[1:]), generator=g) for _ in range(3)]
+                state.update({key.replace("{query,key,value}", p): t for p, t in zip(("query", "key", "value"), parts)})
+                expect[f"blocks.{i}.{ours}"] = torch.cat(parts)
+            else:
+                state[key] = expect[f"blocks.{i}.{ours}"] = torch.randn(shape, generator=g)
+    with contextlib.redirect_stdout(io.StringIO()):  # the classifier heads are ignored with a note
+        model = load_vit(state) if "ViT" in layout or "vit" in layout else load_ast(state, 128, 1024, 10, 10)
+    ours = model.state_dict()
+    assert len(model.blocks) == 2 and model.blocks[0].attn.heads == 12 and model.grid in ((14, 14), (12, 101))
+    for key, value in expect.items():
+        assert torch.equal(ours[key], value), f"{layout}: {key}"
+    patch = next(k for k in top if "patch" in k or "conv_proj" in k)
+    assert torch.equal(ours["patch_embed.weight"], state[patch])
+    assert torch.equal(ours["pos_embed"], state[next(k for k in top if "pos" in k)])
+
+
 @pytest.mark.loaders
 def test_loaders_errors_name_the_problem():
     good = ast_repo_state()
@@ -381,6 +453,35 @@ def test_fbank_recipe_shape_normalisation_and_padding():
     assert (data.fbank(wave, target_length=50) - (raw[:50] + 4.2677393) / (4.5689974 * 2)).abs().max() < 1e-5  # the
     # AST repo crops the end off (fbank[0:target_length])
     assert data.fbank(torch.zeros(100), num_mel_bins=64, target_length=100).shape == (100, 64)  # < one window
+
+
+def kaldi_fbank_numpy(wave, mels):
+    """Kaldi's log-mel fbank as its documentation describes it, written again in numpy: 25 ms Hann frames every
+    10 ms, each frame's DC removed, pre-emphasis 0.97, a 512-point power spectrum, triangular filters evenly spaced
+    on mel = 1127 ln(1 + f / 700) from 20 Hz to 8 kHz, then the log."""
+    wave = np.asarray(wave, np.float64)
+    wave = wave - wave.mean()
+    frames = np.stack([wave[s:s + 400] for s in range(0, len(wave) - 399, 160)])  # (T, 400)
+    frames = frames - frames.mean(1, keepdims=True)
+    frames = frames - 0.97 * np.concatenate([frames[:, :1], frames[:, :-1]], 1)
+    frames = frames * (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(400) / 399))
+    power = np.abs(np.fft.rfft(frames, 512))[:, :256] ** 2  # (T, 256): 31.25 Hz bins, Nyquist dropped
+    edges = 1127 * np.log(1 + np.array([20, 8000]) / 700)
+    edges = np.linspace(*edges, mels + 2)
+    m = 1127 * np.log(1 + np.arange(256) * 31.25 / 700)
+    left, centre, right = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    bank = np.clip(np.minimum((m - left) / (centre - left), (right - m) / (right - centre)), 0, None)  # (mels, 256)
+    return np.log(np.maximum(power @ bank.T, np.finfo(np.float32).eps))  # (T, mels)
+
+
+@pytest.mark.fbank
+def test_fbank_matches_kaldi_written_again_in_numpy():
+    rng = np.random.default_rng(0)
+    wave = 0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000) + 0.05 * rng.standard_normal(16000)
+    expect = (kaldi_fbank_numpy(wave, 32) + 4.2677393) / (4.5689974 * 2)  # SPEC's AudioSet mean and std
+    got = data.fbank(torch.tensor(wave, dtype=torch.float32), num_mel_bins=32, target_length=100)
+    assert_close("fbank (AST recipe)", got[:98], torch.from_numpy(expect).float(), atol=1e-4)
+    assert_close("fbank: frames 98 and 99 are zero padding", got[98:], torch.full((2, 32), 4.2677393 / 9.1379948))
 
 
 @pytest.mark.fbank
@@ -505,6 +606,19 @@ def test_avmoe_cma1_f_c_reads_values_not_keys():
     assert_close("AVMoE CMA-1: f_c(Q, K, V) with distinct K and V", f_c(q, k, v), q + sdpa(q, k, v))
 
 
+@pytest.mark.avmoe_cma2
+def test_avmoe_cma2_each_token_of_x_reads_the_others_set():
+    """X_mo = f_c(X_m, S_o, S_o) is computed token by token over a set: permuting X_m's tokens permutes the output,
+    permuting X_o's tokens changes nothing, and another X_o changes it."""
+    torch.manual_seed(0)
+    cma = randomize(CMA(16, 24, n_latents=4, reduction=4), std=0.3)
+    x, other, perm = torch.randn(2, 5, 16), torch.randn(2, 9, 24), torch.randperm(5)
+    out = cma(x, other)
+    assert_close("AVMoE CMA-2: permuting X_m's tokens", cma(x[:, perm], other), out[:, perm])
+    assert_close("AVMoE CMA-2: permuting X_o's tokens", cma(x, other[:, torch.randperm(9)]), out)
+    assert (cma(x, torch.randn(2, 9, 24)) - out).abs().max() > 1e-3, "AVMoE CMA-2 must read the other modality"
+
+
 @pytest.mark.avmoe_cma3
 def test_avmoe_cma3_bottleneck_width_is_d_over_r():
     b = CMA(16, 24, 4, reduction=4).bottleneck
@@ -531,6 +645,16 @@ def test_avmoe_ua_attends_within_its_own_modality():
     s = q + sdpa(q, x, x)  # S_m = f_c(L'_m, X_m, X_m)
     assert_close("AVMoE UA: X_mm = f_c(X_m, S_m, S_m), S_m = f_c(L'_m, X_m, X_m)", ua(x, torch.randn(2, 9, 16)),
                  bottleneck_ref(ua.bottleneck, x + sdpa(x, s, s)))
+
+
+@pytest.mark.avmoe_ua
+def test_avmoe_ua_ignores_the_other_modality_and_keeps_token_order():
+    torch.manual_seed(0)
+    ua = randomize(UA(16, n_latents=4, reduction=4), std=0.3)
+    x, perm = torch.randn(2, 7, 16), torch.randperm(7)
+    out = ua(x, torch.randn(2, 9, 16))
+    assert_close("AVMoE UA: another X_other", ua(x, torch.randn(2, 9, 16)), out)
+    assert_close("AVMoE UA: permuting X_m's tokens", ua(x[:, perm]), out[:, perm])
 
 
 @pytest.mark.avmoe_router
@@ -843,6 +967,17 @@ def test_head_by_hand():
     h = F.linear(F.layer_norm(x, (12,), head.inp[0].weight, head.inp[0].bias), head.inp[1].weight, head.inp[1].bias)
     h = h + F.conv1d(h.transpose(1, 2), head.temporal.weight, head.temporal.bias, padding=1).transpose(1, 2)  # (B, S, H)
     assert torch.allclose(head(x), F.linear(h, head.out.weight, head.out.bias), atol=1e-5)
+
+
+@pytest.mark.head
+def test_head_mixes_only_neighbouring_seconds():
+    from model import Head
+    head = randomize(Head(12, 8, 5), std=0.5)
+    x = torch.randn(1, 10, 12)
+    moved = x.clone()
+    moved[0, 5] += torch.randn(12)  # not a constant, which the LayerNorm would remove
+    changed = (head(moved) - head(x)).abs().amax(-1)[0] > 1e-6  # (S,)
+    assert changed.nonzero().flatten().tolist() == [4, 5, 6], "the head's temporal kernel spans 3 seconds"
 
 
 @pytest.mark.param_counts
