@@ -144,9 +144,8 @@ class TokenCMA(nn.Module):
 
 
 class MoE(nn.Module):
-    """One mixture of experts for one stream: n_cma cross-modal + n_ua unimodal experts and a noisy router.
-    AVMoE (sequential) uses CMA/UA, which return a residual for every token; MoLT (parallel) uses TokenCMA/TokenUA,
-    which return n latent tokens. Without the other modality (unimodal baseline) there are only UA experts."""
+    """One stream's mixture: n_cma cross-modal + n_ua unimodal experts (only UA without the other modality) and a
+    noisy router; AVMoE's CMA/UA return a residual per token, MoLT's TokenCMA/TokenUA n latent tokens."""
 
     def __init__(self, dim, dim_other, cfg, tokens=False):
         super().__init__()

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -51,8 +52,7 @@ def fbank(wave, sample_rate=16000, num_mel_bins=128, target_length=1024):
 
 class Progress:
     """What a long step does, how far it is and its ETA, on one line: rewritten in place on a terminal, else printed
-    after 5 s, then every 10 s (and at the end, if it printed before), so that a log is never silent for long and
-    never flooded."""
+    after 5 s, then every 10 s (and at the end, if it printed before): a log is never silent long, never flooded."""
 
     def __init__(self, what, total, show=True, keep=True):  # keep=False: a line that follows says it all
         self.what, self.total, self.show, self.keep, self.done = what, total, show, keep, 0
@@ -70,6 +70,16 @@ class Progress:
             print(f"\r{self.what}: {self.done}/{self.total} in {now - self.t0:.0f} s, ETA {eta:.0f} s",
                   end="\n" if self.done >= self.total or not tty else "", flush=True)
         return item
+
+
+def write_atomic(path, content):
+    """Text, or anything torch.save takes, whole or not at all: a killed write never leaves a half file behind."""
+    if isinstance(content, str):
+        with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
+            f.write(content)
+    else:
+        torch.save(content, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 @contextlib.contextmanager
@@ -97,17 +107,65 @@ def remove_frames(frames):
     return imagenet_normalise(torch.zeros_like(frames))
 
 
-# ---- Synthetic AVE ----
-# An event counts only when it is both heard and seen. A clip has three disjoint runs with lengths drawn alike: the
-# event (class c heard and seen), an audible-only decoy and a visible-only decoy (class c or another). Their roles are
-# assigned after placement, so from one modality the event and its decoy look the same.
-# What a class is mirrors real pretrained backbones, where the first layers carry instance-specific low-level features
-# (colour, pitch, loudness) and a category (a church bell, a barking dog) becomes linearly readable only in late
-# layers: class c is a shape (seen) and a timbre (heard), concepts that stage 0 teaches the backbones to compute at any
-# hue, place and scale and at any pitch and loudness. Hue and pitch, what a patch embedding reads off directly, are
-# drawn at random: nuisance, as lighting and pitch are in real clips. Every segment also shows a distractor object and
-# plays a distractor tone, of shapes and timbres no class has (real frames and soundtracks are cluttered), so a pooled
-# feature mixes two objects, two sounds; adapters that attend over the tokens can pick out the right one.
+# ---- What the model reads: inputs with a modality removed, and the frozen backbone states cached once ----
+
+
+def remove_inputs(frames, fbank, removed):
+    """Black frames where removed["v"] (B, S) is true, silent audio where removed["a"] is."""
+    if frames is not None and removed["v"].any():
+        frames = torch.where(removed["v"][..., None, None, None], remove_frames(frames), frames)
+    if fbank is not None and removed["a"].any():
+        fbank = torch.where(removed["a"][..., None, None], remove_audio(fbank), fbank)
+    return frames, fbank
+
+
+class FeatureCache:
+    """MoLT never changes the backbones, so their states are computed once, per segment and keyed (modality, name): in
+    memory, or for real AVE in fp16 files under out_dir; and the states of a black frame and of silence."""
+
+    def __init__(self, model, ds, path=None, show=True):
+        def states(frames, fbank):  # {(m, name): (segments, ...)} on the CPU
+            st = model.frozen_states(frames, fbank)
+            return {(m, name): s.cpu() for m, named in st.items() for name, s in named.items()}
+        frames, fbank, _ = ds[0]
+        every = torch.ones(1, SECONDS, dtype=torch.bool)
+        removed = remove_inputs(frames[None], fbank[None], {"a": every, "v": every})
+        self.removed_states = {k: s[:1] for k, s in states(*removed).items()}
+        shapes = {k: (len(ds) * SECONDS, *s.shape[1:]) for k, s in self.removed_states.items()}
+        if path is None:
+            self.states = {k: torch.empty(shape) for k, shape in shapes.items()}
+        else:  # fp16 tensors mapped onto .npy files, if the disk has room
+            need = sum(2 * math.prod(shape) for shape in shapes.values())
+            free = shutil.disk_usage(os.path.dirname(path) or ".").free
+            if need > 0.9 * free:
+                raise ValueError(f"the feature cache needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB are free in "
+                                 f"{os.path.dirname(path)}: free some space or run with --cache_features=false")
+            print(f"feature cache: {need / 1e9:.2f} GB in {path}_*.npy", flush=True)  # each process its own
+            self.states = {(m, name): torch.from_numpy(np.lib.format.open_memmap(
+                f"{path}_{m}_{name}.npy", "w+", np.float16, shape)) for (m, name), shape in shapes.items()}
+        progress = Progress(f"caching the frozen backbone states of {len(ds)} clips", len(ds), show=show)
+        pos = 0
+        for frames, fbank, _ in torch.utils.data.DataLoader(ds, 32, generator=torch.Generator()):
+            for k, s in states(frames, fbank).items():
+                self.states[k][pos:pos + len(s)] = s
+            pos += len(frames) * SECONDS
+            progress(n=len(frames))
+
+    def get(self, idx, removed, device):
+        """States of clips idx (B,) with segments replaced where removed[m] (B, S) is true -> {m: {name: tensor}}."""
+        seg = (idx[:, None] * SECONDS + torch.arange(SECONDS)).flatten()  # (B*S,)
+        out = {}
+        for (m, name), s in self.states.items():
+            mask = removed[m].flatten().view(-1, *[1] * (s.dim() - 1))  # (B*S, 1, ...)
+            out.setdefault(m, {})[name] = torch.where(mask, self.removed_states[m, name], s[seg].float()).to(device)
+        return out
+
+
+# ---- Synthetic AVE (the README's "The synthetic AVE" says why it is built so) ----
+# An event counts only when it is both heard and seen; each clip also holds an audible-only and a visible-only decoy
+# run, roles assigned after placement, so one modality cannot tell the event from its decoy. Class c is a shape (seen)
+# and a timbre (heard), concepts stage 0 teaches at any hue, place, scale and pitch (nuisance, read off by a patch
+# embedding); every second also shows and plays a distractor of a kind no class has.
 
 CLASS_SHAPES = ("square", "disk", "ring", "cross", "triangle", "bar")
 CLASS_TIMBRES = ("sine", "odd", "rich", "tremolo", "vibrato", "pulse")
@@ -201,9 +259,8 @@ def render_clip(seed, i, num_classes, image_size, num_mel_bins):
 
 
 def render_pretraining(seed, i, image_size, num_mel_bins):
-    """Stage-0 sample i: one frame labelled by its one shape, one sound by its one timbre (any hue, place, scale and
-    pitch), the last label meaning 'nothing there'. Classes and distractors alike: a backbone learns more kinds than
-    the AV task names, as ImageNet's and AudioSet's classes outnumber AVE's."""
+    """Stage-0 sample i: a frame labelled by its shape, a sound by its timbre, at any hue, place, scale and pitch (the
+    last label: nothing there); classes and distractors alike, as ImageNet's classes outnumber AVE's."""
     rng = np.random.default_rng([seed, i])
     shape, timbre = rng.integers(len(SHAPES) + 1), rng.integers(len(TIMBRES) + 1)
     frame, fb = segment(rng, SHAPES[shape:shape + 1], TIMBRES[timbre:timbre + 1], image_size, num_mel_bins)
@@ -246,10 +303,9 @@ def generate_pretraining(seed, n, image_size, num_mel_bins, workers=1):
 
 
 def unimodal_ceiling(split, modality):
-    """Best segment accuracy from one modality, from the generator's record: a segment where that modality perceives
-    nothing is background; one inside a perceived run belongs to the event with probability 1/k, k the number of
-    perceived runs in the clip (the runs are exchangeable by construction), so the best guess is right
-    max(1/k, 1-1/k)."""
+    """Best segment accuracy from one modality, from the generator's record: a segment it perceives nothing in is
+    background; one in a perceived run is the event with probability 1/k, k the clip's perceived runs (exchangeable
+    by construction), so the best guess is right max(1/k, 1-1/k)."""
     seen = split["audible" if modality == "a" else "visible"] >= 0  # (N, 10)
     run = torch.where(seen, split["run"], -1)
     k = torch.tensor([len(set(r.tolist()) - {-1}) for r in run]).clamp_min(1)[:, None].float()  # (N, 1)
@@ -285,12 +341,15 @@ def synthetic_splits(cfg, cache_dir, workers=2):
           f"{cfg.train_clips}-{cfg.val_clips}-{cfg.test_clips}.pt"
     path = os.path.join(cache_dir, key)
     if os.path.exists(path):
-        return torch.load(path, weights_only=True)
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as e:  # truncated or empty: a killed copy, a full disk
+            raise ValueError(f"the data cache file {path} is broken ({type(e).__name__}): delete it and rerun, which "
+                             "draws it again") from None
     sizes = {"train": cfg.train_clips, "val": cfg.val_clips, "test": cfg.test_clips}
     splits = generate(sizes, cfg.seed, cfg.num_classes, cfg.image_size, cfg.num_mel_bins, workers)
     os.makedirs(cache_dir, exist_ok=True)
-    torch.save(splits, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    write_atomic(path, splits)
     return splits
 
 
@@ -309,8 +368,7 @@ class SyntheticAVE(torch.utils.data.Dataset):
         return imagenet_normalise(frames), self.split["fbank"][i].float(), self.split["labels"][i]
 
 
-# ---- Real AVE ----
-# ROOT holds Annotations.txt, {train,val,test}Set.txt and the videos AVE/<VideoID>.mp4.
+# ---- Real AVE: ROOT holds Annotations.txt, {train,val,test}Set.txt and AVE/<VideoID>.mp4 ----
 # `python data.py --prepare_ave ROOT --out DIR` decodes every clip once with the ffmpeg CLI into DIR/<VideoID>.npz
 # (torchvision/torchaudio can no longer decode video here); AVEDataset then reads only those files.
 
@@ -451,12 +509,12 @@ def prepare_ave(root, out, image_size=224, workers=2, timeout=120):
             todo.append(v)
     print(f"{len(ids)} videos, {len(ids) - len(todo)} already in {out}, {len(todo)} to prepare")
     report = dict(prepared=[], skipped={}, padded=[], silent=[])
-    t0 = time.time()
+    progress = Progress("preparing videos", len(todo))
     with ThreadPoolExecutor(workers) as pool:  # the work is in ffmpeg subprocesses, so threads run in parallel
         jobs = {pool.submit(prepare_video, os.path.join(videos, v + ".mp4"), dst[v], image_size, timeout): v
                 for v in todo}
         try:
-            for i, job in enumerate(as_completed(jobs), 1):
+            for job in as_completed(jobs):
                 v = jobs[job]
                 try:
                     for note in job.result():
@@ -464,9 +522,7 @@ def prepare_ave(root, out, image_size=224, workers=2, timeout=120):
                     report["prepared"].append(v)
                 except Exception as e:  # any per-video failure (decode error, timeout, odd file) skips that video
                     report["skipped"][v] = str(e)
-                if i % 50 == 0 or i == len(todo):
-                    eta = (time.time() - t0) / i * (len(todo) - i)
-                    print(f"{i}/{len(todo)} done, {len(report['skipped'])} skipped, ETA {eta / 60:.1f} min", flush=True)
+                progress()
         finally:  # on Ctrl-C, drop the queued videos instead of decoding them all before exiting
             pool.shutdown(cancel_futures=True)
     for v, why in sorted(report["skipped"].items()):

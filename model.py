@@ -159,8 +159,7 @@ def check_config(cfg):
 
 def paired_blocks(depths):
     """AVMoE with unequal depths: layer i of the deeper backbone (L layers) meets block floor(i * L_m / L) of stream m.
-    -> for each i, {m: that block} for the streams whose block index moves on there, so that each block runs once
-    (for i = 0 the previous index is floor(-L_m / L) = -1: every stream starts with its block 0)."""
+    -> for each i, {m: that block} for the streams whose block index moves on (from floor(-L_m / L) = -1 at i = 0)."""
     L = max(depths.values())
     return [{m: i * d // L for m, d in depths.items() if i * d // L > (i - 1) * d // L} for i in range(L)]
 
@@ -176,8 +175,7 @@ def chosen_layers(cfg, depths):
 
 
 class Head(nn.Module):
-    """Shared by every mode: per-segment features -> one kernel-3 temporal conv over the segments -> logits.
-    (The official AVE code uses CMBS's head: cross-modal relation attention and background suppression.)"""
+    """Shared by every mode: per-segment features -> one kernel-3 temporal conv over the segments -> logits."""
 
     def __init__(self, in_dim, hidden, n_out):
         super().__init__()
@@ -203,7 +201,7 @@ class AVModel(nn.Module):
         if any(backbone[m] is None for m in self.mods):
             raise ValueError(f"modalities={cfg.modalities} needs {'a ViT' if vit is None else 'an AST'} backbone")
         self.enc = nn.ModuleDict({m: backbone[m] for m in self.mods})
-        self.enc.requires_grad_(False).eval()
+        self.enc.requires_grad_(False).eval()  # frozen; our blocks have no dropout, so train() changes nothing here
         self.other = {m: next((o for o in self.mods if o != m), None) for m in self.mods}  # None with one modality
         dim = {m: e.dim for m, e in self.enc.items()}
         self.depth = {m: len(e.blocks) for m, e in self.enc.items()}
@@ -228,11 +226,6 @@ class AVModel(nn.Module):
             self.readout = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d)) for m, d in dim.items()})
         self.head = Head(sum(dim.values()), cfg.head_dim, cfg.num_classes + 1)
 
-    def train(self, mode=True):
-        super().train(mode)
-        self.enc.eval()  # frozen backbones keep dropout off and never change
-        return self
-
     def router_positions(self, m):
         """Names of stream m's router positions, in the order of aux["router"][m]'s second axis (layers from 1)."""
         if self.cfg.mode == "avmoe":
@@ -240,14 +233,14 @@ class AVModel(nn.Module):
         return [f"layer {i + 1}" for i in self.layers[m]]
 
     def inputs(self, frames, fbank):
-        """Clips (B, S, 3, H, W) and (B, S, T, F) -> per-segment backbone inputs (B*S, ...), keyed by modality."""
-        return {m: {"v": frames, "a": fbank}[m].flatten(0, 1) for m in self.mods}
+        """Clips (B, S, 3, H, W), (B, S, T, F) -> per-segment backbone inputs (B*S, ...) on the model's device, keyed by
+        modality (one the model does not read is never moved)."""
+        return {m: {"v": frames, "a": fbank}[m].flatten(0, 1).to(self.head.out.weight.device) for m in self.mods}
 
     @torch.no_grad()
     def frozen_states(self, frames, fbank):
-        """The frozen backbone pass, without gradients: in MoLT mode {m: {"late": the block outputs of the K chosen
-        layers before the final LayerNorm (B*S, K, N, D)}}, else {m: {"pooled": final features (B*S, D)}}: what the
-        head reads in each mode. Nothing here depends on the adapters."""
+        """The frozen backbone pass, without gradients, independent of the adapters: MoLT {m: {"late": the K chosen
+        blocks' outputs before the final LayerNorm (B*S, K, N, D)}}, else {m: {"pooled": final features (B*S, D)}}."""
         states = {}
         for m, x in self.inputs(frames, fbank).items():
             enc, late = self.enc[m], []
@@ -343,8 +336,8 @@ _TOP_RULES = {
 LAYOUTS = ("timm ViT, torchvision VisionTransformer (load_vit); AST repo (module.v.*), HF AST hub or "
            "transformers-5 names (load_ast)")
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
 
 
 def read_safetensors(path):
@@ -449,6 +442,10 @@ def _load_into(model, state):
     extra = sorted(set(state) - set(ours))
     if extra:
         raise ValueError(f"unexpected tensors in checkpoint: {extra[:8]}")
+    broken = [k for k, v in state.items() if not torch.isfinite(v.float()).all()]
+    if broken:
+        raise ValueError(f"checkpoint tensors hold NaN or Inf ({broken[:4]}): the file is damaged or from a run that "
+                         "diverged")
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval()
 
@@ -460,10 +457,7 @@ def _read_backbone(src, num_heads, what):
     if what == "AST" and layout == "torchvision":
         raise ValueError("this is a torchvision ViT checkpoint: use load_vit")
     state = _to_ours(state, layout, prefix)
-    needed = ["pos_embed", "patch_embed.weight", "blocks.0.mlp.fc1.weight"]
-    if what == "AST":
-        needed.append("dist_token")
-    for key in needed:
+    for key in ["pos_embed", "patch_embed.weight", "blocks.0.mlp.fc1.weight"]:
         if key not in state:
             raise ValueError(f"checkpoint is missing tensor {key}, needed to read the {what} size")
     dim = state["pos_embed"].shape[-1]
@@ -496,6 +490,8 @@ def load_vit(src, image_size=None, num_heads=None):
 def load_ast(src, num_mel_bins=128, target_length=1024, fstride=10, tstride=10, num_heads=None):
     """AST-repo or HF AST weights -> our AST for inputs of (target_length, num_mel_bins)."""
     state, layout, dims, patch = _read_backbone(src, num_heads, "AST")
+    if "dist_token" not in state:
+        raise ValueError("this checkpoint has no distillation token, as a ViT's: use load_vit")
     model = AST(num_mel_bins, target_length, fstride, tstride, eps=1e-12 if layout == "hf" else 1e-6,
                 patch_size=patch, **dims)
     pos = state["pos_embed"].float()

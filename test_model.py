@@ -7,10 +7,12 @@ kaldi fbank, PyTorch's scaled_dot_product_attention, forwards written by hand fr
 computed by hand; their failures name the equation and show expected against actual. The slow ones are contract
 tests: resume, torchrun, metrics.json and the report, the real AVE pipeline on clips made with ffmpeg, bad input."""
 import contextlib
+import dataclasses
 import io
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import struct
@@ -126,7 +128,8 @@ def hf_state(repo, prefix="audio_spectrogram_transformer."):
                       h + "attention.attention.key." + w: k, h + "attention.attention.value." + w: v,
                       h + "attention.output.dense." + w: repo[b + "attn.proj." + w],
                       h + "layernorm_after." + w: repo[b + "norm2." + w],
-                      h + "intermediate.dense." + w: repo[b + "mlp.fc1." + w], h + "output.dense." + w: repo[b + "mlp.fc2." + w]})
+                      h + "intermediate.dense." + w: repo[b + "mlp.fc1." + w],
+                      h + "output.dense." + w: repo[b + "mlp.fc2." + w]})
         i += 1
     s = {prefix + k: v for k, v in s.items()}
     s["classifier.dense.weight"] = torch.zeros(5, 48)
@@ -156,8 +159,10 @@ def reference_ast(repo, fb, eps, t_keep=None, stride=(10, 10)):
                              "self_attention.out_proj.weight": p[f"blocks.{i}.attn.proj.weight"],
                              "self_attention.out_proj.bias": p[f"blocks.{i}.attn.proj.bias"],
                              "ln_2.weight": p[f"blocks.{i}.norm2.weight"], "ln_2.bias": p[f"blocks.{i}.norm2.bias"],
-                             "mlp.0.weight": p[f"blocks.{i}.mlp.fc1.weight"], "mlp.0.bias": p[f"blocks.{i}.mlp.fc1.bias"],
-                             "mlp.3.weight": p[f"blocks.{i}.mlp.fc2.weight"], "mlp.3.bias": p[f"blocks.{i}.mlp.fc2.bias"]})
+                             "mlp.0.weight": p[f"blocks.{i}.mlp.fc1.weight"],
+                             "mlp.0.bias": p[f"blocks.{i}.mlp.fc1.bias"],
+                             "mlp.3.weight": p[f"blocks.{i}.mlp.fc2.weight"],
+                             "mlp.3.bias": p[f"blocks.{i}.mlp.fc2.bias"]})
         x = blk(x)
         i += 1
     return nn.functional.layer_norm(x, (dim,), p["norm.weight"], p["norm.bias"], eps)
@@ -228,7 +233,8 @@ def test_loaders_ast_transformers5_names():
     hub = hf_state(ast_repo_state(), prefix="")
     rename = {"encoder.layer.": "layers.", "attention.attention.query": "attention.q_proj",
               "attention.attention.key": "attention.k_proj", "attention.attention.value": "attention.v_proj",
-              "attention.output.dense": "attention.o_proj", "intermediate.dense": "mlp.fc1", ".output.dense": ".mlp.fc2"}
+              "attention.output.dense": "attention.o_proj", "intermediate.dense": "mlp.fc1",
+              ".output.dense": ".mlp.fc2"}
     t5 = {}
     for k, v in hub.items():
         for a, b in rename.items():
@@ -295,14 +301,17 @@ OURS = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.
         "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
 TIMM_BLOCK = ("blocks.{i}.", OURS)
 REAL_LAYOUTS = {
-    "timm ViT-B/16": ({"cls_token": (1, 1, 768), "pos_embed": (1, 197, 768), "patch_embed.proj.weight": (768, 3, 16, 16),
+    "timm ViT-B/16": ({"cls_token": (1, 1, 768), "pos_embed": (1, 197, 768),
+                       "patch_embed.proj.weight": (768, 3, 16, 16),
                        "patch_embed.proj.bias": (768,), "norm.weight": (768,), "norm.bias": (768,),
                        "head.weight": (1000, 768), "head.bias": (1000,)}, TIMM_BLOCK),
     "torchvision vit_b_16": ({"class_token": (1, 1, 768), "encoder.pos_embedding": (1, 197, 768),
-                              "conv_proj.weight": (768, 3, 16, 16), "conv_proj.bias": (768,), "encoder.ln.weight": (768,),
+                              "conv_proj.weight": (768, 3, 16, 16), "conv_proj.bias": (768,),
+                              "encoder.ln.weight": (768,),
                               "encoder.ln.bias": (768,), "heads.head.weight": (1000, 768), "heads.head.bias": (1000,)},
                              ("encoder.layers.encoder_layer_{i}.", [
-                                 "ln_1.weight", "ln_1.bias", "self_attention.in_proj_weight", "self_attention.in_proj_bias",
+                                 "ln_1.weight", "ln_1.bias", "self_attention.in_proj_weight",
+                                 "self_attention.in_proj_bias",
                                  "self_attention.out_proj.weight", "self_attention.out_proj.bias", "ln_2.weight",
                                  "ln_2.bias", "mlp.0.weight", "mlp.0.bias", "mlp.3.weight", "mlp.3.bias"])),
     "AST repo AudioSet": ({"module.v.cls_token": (1, 1, 768), "module.v.dist_token": (1, 1, 768),
@@ -314,14 +323,16 @@ REAL_LAYOUTS = {
     "HF AST AudioSet": ({"audio_spectrogram_transformer.embeddings.cls_token": (1, 1, 768),
                          "audio_spectrogram_transformer.embeddings.distillation_token": (1, 1, 768),
                          "audio_spectrogram_transformer.embeddings.position_embeddings": (1, 1214, 768),
-                         "audio_spectrogram_transformer.embeddings.patch_embeddings.projection.weight": (768, 1, 16, 16),
+                         "audio_spectrogram_transformer.embeddings.patch_embeddings.projection.weight":
+                             (768, 1, 16, 16),
                          "audio_spectrogram_transformer.embeddings.patch_embeddings.projection.bias": (768,),
                          "audio_spectrogram_transformer.layernorm.weight": (768,),
                          "audio_spectrogram_transformer.layernorm.bias": (768,), "classifier.layernorm.weight": (768,),
                          "classifier.layernorm.bias": (768,), "classifier.dense.weight": (527, 768),
                          "classifier.dense.bias": (527,)},
                         ("audio_spectrogram_transformer.encoder.layer.{i}.", [
-                            "layernorm_before.weight", "layernorm_before.bias", "attention.attention.{query,key,value}.weight",
+                            "layernorm_before.weight", "layernorm_before.bias",
+                            "attention.attention.{query,key,value}.weight",
                             "attention.attention.{query,key,value}.bias", "attention.output.dense.weight",
                             "attention.output.dense.bias", "layernorm_after.weight", "layernorm_after.bias",
                             "intermediate.dense.weight", "intermediate.dense.bias", "output.dense.weight",
@@ -710,7 +721,7 @@ def test_avmoe_router_noise_has_std_sigma():
     shift = (g_train[:, 0] - g_train[:, 1]) - (g_eval[:, 0] - g_eval[:, 1])
     std, mean = shift.std().item(), shift.mean().item()
     assert abs(std - 0.5 * 2 ** 0.5) < 0.02 and abs(mean) < 0.02, \
-        f"AVMoE router noise: eps_0 - eps_1 should have mean 0 and std sigma * sqrt(2) = 0.707, got {mean:.3f}, {std:.3f}"
+        f"AVMoE router noise: eps_0 - eps_1 should have mean 0, std sigma * sqrt(2) = 0.707; got {mean:.3f}, {std:.3f}"
 
 
 @pytest.mark.avmoe_balance
@@ -746,7 +757,9 @@ def reference_avmoe(model, frames, fb):
     meets = [(0, 0), (1, None), (2, None), (3, 1), (4, None)]  # (visual block, audio block or None: already ran)
     for i, j in meets:
         for pos, (norm, layer) in enumerate((("norm1", "attn"), ("norm2", "mlp"))):
-            blocks = {"v": (vit.blocks[i], 2 * i + pos)} | ({"a": (ast.blocks[j], 2 * j + pos)} if j is not None else {})
+            blocks = {"v": (vit.blocks[i], 2 * i + pos)}
+            if j is not None:
+                blocks["a"] = (ast.blocks[j], 2 * j + pos)
             r = {m: model.moe[m][k](x[m], x["a" if m == "v" else "v"])[0] for m, (_, k) in blocks.items()}
             for m, (blk, k) in blocks.items():
                 x[m] = x[m] + getattr(blk, layer)(getattr(blk, norm)(x[m])) + model.gates[m][k] * r[m]
@@ -965,7 +978,7 @@ def test_head_by_hand():
     x = torch.randn(2, 10, 12)
     F = nn.functional
     h = F.linear(F.layer_norm(x, (12,), head.inp[0].weight, head.inp[0].bias), head.inp[1].weight, head.inp[1].bias)
-    h = h + F.conv1d(h.transpose(1, 2), head.temporal.weight, head.temporal.bias, padding=1).transpose(1, 2)  # (B, S, H)
+    h = h + F.conv1d(h.transpose(1, 2), head.temporal.weight, head.temporal.bias, padding=1).transpose(1, 2)
     assert torch.allclose(head(x), F.linear(h, head.out.weight, head.out.bias), atol=1e-5)
 
 
@@ -1044,7 +1057,8 @@ def test_generator_is_deterministic_and_needs_both_modalities():
     assert (a["audible"][event] == labels[event]).all() and (a["visible"][event] == labels[event]).all()
     for run in a["run"]:  # ... and every clip has one event run and one decoy run per modality
         assert {0, 1, 2} <= set(run.tolist())
-    assert torch.equal(heard, (a["run"] == 0) | (a["run"] == 1)) and torch.equal(seen, (a["run"] == 0) | (a["run"] == 2))
+    assert torch.equal(heard, (a["run"] == 0) | (a["run"] == 1))
+    assert torch.equal(seen, (a["run"] == 0) | (a["run"] == 2))
 
 
 @pytest.mark.generator
@@ -1067,7 +1081,8 @@ def test_renderer_draws_what_the_record_says(monkeypatch):
         drawn.clear()
         audible, visible, *_ = data.render_clip(3, i, 6, 16, 32)
         for (shapes, timbres), a, v in zip(drawn, audible, visible):
-            assert shapes[0] in data.SHAPES[6:] and shapes[1:] == ([data.CLASS_SHAPES[v]] if v >= 0 else []), (v, shapes)
+            seen = [data.CLASS_SHAPES[v]] if v >= 0 else []
+            assert shapes[0] in data.SHAPES[6:] and shapes[1:] == seen, (v, shapes)
             assert timbres[0] in data.TIMBRES[6:] and timbres[1:] == ([data.CLASS_TIMBRES[a]] if a >= 0 else []), a
 
 
@@ -1133,7 +1148,8 @@ def test_generator_unimodal_ceiling_from_the_record():
     assert data.unimodal_ceiling(split, "v") == pytest.approx((7 + 1.5) / 10)
     rng = np.random.default_rng(3)  # in expectation both ceilings equal the always-background rate
     record = [data.make_clip(rng, 10) for _ in range(3000)]
-    big = {k: torch.from_numpy(np.stack([r[i] for r in record])) for i, k in enumerate(("audible", "visible", "labels", "run"))}
+    keys = ("audible", "visible", "labels", "run")
+    big = {k: torch.from_numpy(np.stack([r[i] for r in record])) for i, k in enumerate(keys)}
     stats = data.label_stats(big, 10)
     for m in ("audio_only_ceiling", "visual_only_ceiling"):
         assert abs(stats[m] - stats["always_background_acc"]) < 0.01
@@ -1584,15 +1600,40 @@ def test_probe_finds_the_layer_that_holds_each_modalitys_class(tmp_path, monkeyp
 
 
 @pytest.mark.summary
+def fake_run(folder, seed, acc=0.9, **config):
+    """A finished run's metrics.json, as train.py writes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = dict(dataclasses.asdict(train.Config()), seed=seed, out_dir=str(folder), **config)
+    (folder / "metrics.json").write_text(json.dumps(
+        {"test_acc": acc, "test_acc_audio_removed": 0.5, "test_acc_frames_removed": 0.5, "val_acc": acc,
+         "token_redundancy": 0.1, "seconds": 10, "world_size": 1, "config": cfg}))
+    return folder
+
+
+@pytest.mark.summary
 def test_summary_gives_mean_and_sample_std(tmp_path, capsys):
-    for i, acc in enumerate((0.9, 0.8, 0.7)):
-        (tmp_path / f"s{i}").mkdir()
-        (tmp_path / f"s{i}" / "metrics.json").write_text(json.dumps(
-            {"test_acc": acc, "test_acc_audio_removed": 0.5, "test_acc_frames_removed": 0.5, "val_acc": acc,
-             "token_redundancy": 0.1, "seconds": 10}))
+    runs = [fake_run(tmp_path / f"s{i}", i, acc) for i, acc in enumerate((0.9, 0.8, 0.7))]
     capsys.readouterr()
-    train.summary([tmp_path / f"s{i}" for i in range(3)])
+    train.summary(runs)
     assert re.search(r"^test_acc +0\.800 \+- 0\.100", capsys.readouterr().out, re.M)  # sample std of 0.9, 0.8, 0.7
+
+
+@pytest.mark.summary
+def test_summary_refuses_runs_that_differ_beyond_the_seed_or_repeat(tmp_path, capsys):
+    a, b = fake_run(tmp_path / "a", 0), fake_run(tmp_path / "b", 1, mode="frozen")
+    for runs, expect in (([a, b], "differ in mode ('molt' against 'frozen')"), ([a, a, a], "both seed 0"),
+                         ([a, fake_run(tmp_path / "c", 0)], "both seed 0"), ([], "needs the run folders")):
+        with pytest.raises(ValueError, match=re.escape(expect)):
+            train.summary(runs)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "metrics.json").write_text(json.dumps({"test_acc": None, "config": {"seed": 2}}))
+    with pytest.raises(ValueError, match="d/metrics.json: not a finished run's metrics"):
+        train.summary([a, tmp_path / "d"])
+    assert capsys.readouterr().out == ""  # nothing printed before the refusal
+    e = fake_run(tmp_path / "e", 1)
+    (e / "metrics.json").write_text((e / "metrics.json").read_text().replace('"world_size": 1', '"world_size": 3'))
+    with pytest.raises(ValueError, match="differ in world_size"):  # torchrun with 3 processes: 3x the batch
+        train.summary([a, e])
 
 
 @pytest.mark.feature_cache
@@ -1603,7 +1644,7 @@ def test_feature_cache_gives_the_uncached_results(tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         vit, ast = train.backbones(cfg)
     model = AVModel(cfg, vit, ast).eval()
-    cache = train.FeatureCache(model, sets["train"], "cpu")
+    cache = data.FeatureCache(model, sets["train"])
     batch = next(iter(torch.utils.data.DataLoader(sets["train"], batch_size=3)))  # clips 0, 1, 2
     with torch.no_grad():
         frames, fb, labels = batch
@@ -1642,11 +1683,11 @@ def test_bench_measure_counts_each_saved_storage_once():
 @pytest.mark.bench
 @pytest.mark.slow
 def test_bench_counts_less_for_molt(tmp_path):
-    cfg = train.parse_config(TINY + [f"--out_dir={tmp_path}", f"--cache_dir={tmp_path}"])
+    cfg = train.parse_config(TINY + [f"--out_dir={tmp_path}", f"--cache_dir={tmp_path}", "--batch_size=50"], run=False)
     with contextlib.redirect_stdout(io.StringIO()) as out:
         train.bench(cfg, paper_scale=False)
     r = json.loads((tmp_path / "bench.json").read_text())
-    assert "MoLT / AVMoE" in out.getvalue()
+    assert "MoLT / AVMoE" in out.getvalue() and "(8 clips x 10 segments)" in out.getvalue()  # what it measured
     assert r["demo molt"]["adapter_params"] < r["demo avmoe"]["adapter_params"]
     assert 0 < r["demo molt"]["saved_bytes"] < r["demo avmoe"]["saved_bytes"]
 
@@ -1824,8 +1865,8 @@ def test_report_is_self_contained_with_the_sections_each_mode_has(tmp_path):
     run_train(tmp_path / "molt", "--test_clips=5")
     run_train(tmp_path / "frozen", "--mode=frozen", "--epochs=1")
     run_train(tmp_path / "audio", "--modalities=a", "--mode=avmoe", "--epochs=1", "--n_ua=2")
-    expect = {"molt": ["Headline", "Training curves", "Router: which experts each layer uses", "MoLT layer significance",
-                       "Clip timelines", "Per-class accuracy"],
+    expect = {"molt": ["Headline", "Training curves", "Router: which experts each layer uses",
+                       "MoLT layer significance", "Clip timelines", "Per-class accuracy"],
               "frozen": ["Headline", "Training curves", "Clip timelines", "Per-class accuracy"],
               "audio": ["Headline", "Training curves", "Router: which experts each layer uses", "Clip timelines",
                         "Per-class accuracy"]}
@@ -1837,7 +1878,8 @@ def test_report_is_self_contained_with_the_sections_each_mode_has(tmp_path):
     molt = (tmp_path / "molt" / "report.html").read_text()
     assert "predicted, audio removed" in molt and "synthetic run" in molt and "layer 2" in molt
     audio = (tmp_path / "audio" / "report.html").read_text()
-    assert "<th>frame</th>" not in audio and "<th>sound</th>" in audio and "audio removed" not in audio.split("<h2>Training")[0]
+    assert "<th>frame</th>" not in audio and "<th>sound</th>" in audio
+    assert "audio removed" not in audio.split("<h2>Training")[0]
 
 
 @pytest.mark.slow
@@ -1880,8 +1922,8 @@ def test_train_on_prepared_real_ave(ave, tmp_path, monkeypatch):
     assert "Race car, auto racing" in page and "synthetic run" not in page and "best with audio only" not in page
     cached = np.load(tmp_path / "features_rank0_train_v_late.npy", mmap_mode="r")  # MoLT's states, fp16 on disk
     assert cached.dtype == np.float16 and cached.shape[0] == 4 * 10 and "feature cache" in printed
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(SystemExit, match="free"):
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ValueError, match="free"):
         run_train(tmp_path / "full_disk", *args)
 
 
@@ -1935,14 +1977,153 @@ def test_flags_are_checked_before_any_work(tmp_path, capsys):
     for phrase in ("--late_layers=0", "half the shallower depth", "--reduction=2", "bottleneck width",
                    "--fstride=16", "patch stride along frequency", "--val_clips=200"):
         assert phrase in helped, phrase
-    assert all(len(line.split(None, 1)) == 2 for line in helped.splitlines() if line.startswith("  --"))  # each explained
+    assert all(len(line.split(None, 1)) == 2 for line in helped.splitlines() if line.startswith("  --"))
+
+
+def args(tmp, *extra):
+    return TINY + [f"--out_dir={tmp}", f"--cache_dir={tmp}", *extra]
+
+
+@pytest.mark.run_dir
+@pytest.mark.parametrize("left", ["metrics.json", "report.html", "log.csv"])
+def test_run_dir_with_any_earlier_output_is_never_cleared(tmp_path, left):
+    (tmp_path / left).write_text("an earlier run's")
+    for extra in ([], ["--resume"]):  # nothing to resume from: still not cleared
+        with pytest.raises(SystemExit, match=f"holds an earlier run \\({left}\\): pass --overwrite=true"):
+            train.parse_config(args(tmp_path, *extra))
+    assert (tmp_path / left).read_text() == "an earlier run's"
+    train.parse_config(args(tmp_path, "--overwrite"))  # on request
+
+
+@pytest.mark.run_dir
+@pytest.mark.skipif(os.name != "posix", reason="the run folder's lock is POSIX's flock")
+def test_run_dir_lock_refuses_while_another_process_holds_it_and_not_after(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print(flush=True); time.sleep(60)",
+                               str(tmp_path / "run.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()  # it holds the lock now
+        with pytest.raises(SystemExit, match="in use by another run"):
+            train.parse_config(args(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    train.parse_config(args(tmp_path))  # killed: the OS dropped its lock, nothing stale is left
+    train.parse_config(args(tmp_path))  # this process holds it now, and may parse again
+
+
+@pytest.mark.run_dir
+@pytest.mark.slow
+def test_run_dir_two_runs_started_together_one_refused(tmp_path):
+    cmd = [sys.executable, "train.py", *args(tmp_path)]
+    here = os.path.dirname(os.path.abspath(__file__))
+    runs = [subprocess.Popen(cmd + [f"--mode={m}"], cwd=here, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True) for m in ("molt", "frozen")]
+    errors = [p.communicate(timeout=300)[1] for p in runs]
+    codes = sorted(p.returncode for p in runs)
+    assert codes[0] == 0 and codes[1] != 0, errors
+    assert any("in use by another run" in e or "holds an earlier run" in e for e in errors), errors
+    mode = json.loads((tmp_path / "metrics.json").read_text())["mode"]
+    assert mode == ("molt", "frozen")[[p.returncode for p in runs].index(0)]
+
+
+@pytest.mark.run_dir
+@pytest.mark.slow
+def test_resume_refuses_another_world_size_fewer_epochs_or_a_changed_checkpoint(tmp_path, monkeypatch):
+    vit = ViT(image_size=16, patch_size=8, dim=16, depth=2, heads=2, mlp_dim=32)
+    torch.save(timm_state_dict(vit), tmp_path / "vit.pth")
+    run_train(tmp_path / "run", f"--vit_ckpt={tmp_path / 'vit.pth'}", "--vit_heads=2")
+    resume = args(tmp_path / "run", f"--vit_ckpt={tmp_path / 'vit.pth'}", "--vit_heads=2", "--resume")
+    with pytest.raises(SystemExit, match="holds 2 finished epochs: resume with --epochs=2 or more"):
+        train.parse_config(resume + ["--epochs=1"])
+    monkeypatch.setattr(train, "WORLD", 3)
+    with pytest.raises(SystemExit, match="world_size=1 there, 3 now"):
+        train.parse_config(resume + ["--epochs=3"])
+    monkeypatch.setattr(train, "WORLD", 1)
+    train.parse_config(resume + ["--epochs=3"])  # unchanged: resumes
+    torch.save(timm_state_dict(randomize(vit)), tmp_path / "vit.pth")  # other weights at the same path
+    with pytest.raises(SystemExit, match="checkpoint_sha256="):
+        train.parse_config(resume + ["--epochs=3"])
+
+
+@pytest.mark.run_dir
+def test_flags_name_the_seed_and_a_missing_device(tmp_path):
+    for seed in ("-1", "12345678901234567890"):
+        with pytest.raises(SystemExit, match=f"--seed={seed}: a seed is between 0 and 4294967295"):
+            train.parse_config(args(tmp_path, f"--seed={seed}"))
+    for device in ("cuda", "mps"):
+        if {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[device]:
+            continue
+        with pytest.raises(SystemExit, match=f"--device={device}: this machine has no {device} device"):
+            train.parse_config(args(tmp_path, f"--device={device}"))
+
+
+@pytest.mark.run_dir
+def test_probe_and_bench_leave_the_run_folder_alone(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"a run's")
+    cfg = train.parse_config(args(tmp_path, "--resume"), run=False)  # no --overwrite to blame, nothing cleared
+    assert cfg.resume and (tmp_path / "ckpt.pt").read_bytes() == b"a run's" and not (tmp_path / "run.lock").exists()
+
+
+@pytest.mark.run_dir
+def test_broken_cache_files_say_delete_them(tmp_path):
+    cfg = train.parse_config(args(tmp_path))
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.datasets(cfg)
+        train.backbones(cfg)
+    for name in [p.name for p in (tmp_path / "data").iterdir()] + [p.name for p in (tmp_path / "backbones").iterdir()]:
+        path = next(tmp_path.glob(f"*/{name}"))
+        whole = path.read_bytes()
+        for broken in (b"", whole[:len(whole) // 2]):
+            path.write_bytes(broken)
+            with pytest.raises(ValueError, match=f"cache file {re.escape(str(path))} is broken .*delete it and rerun"):
+                train.backbones(cfg) if "backbones" in str(path) else train.datasets(cfg)
+        path.write_bytes(whole)
+
+
+@pytest.mark.loaders
+def test_loaders_refuse_nan_or_inf_weights(tmp_path):
+    state = timm_state_dict(ViT(image_size=16, patch_size=8, dim=16, depth=1, heads=2, mlp_dim=32))
+    for bad in (float("nan"), float("inf")):
+        state["blocks.0.mlp.fc1.weight"][0, 0] = bad
+        with pytest.raises(ValueError, match="NaN or Inf .*blocks.0.mlp.fc1.weight"):
+            load_vit(state, num_heads=2)
+
+
+@pytest.mark.run_dir
+@pytest.mark.slow
+def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, monkeypatch):
+    real = train.train_epoch
+    calls = []
+
+    def interrupted(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(train, "train_epoch", interrupted)
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit, match="ckpt.pt holds the last finished "
+                                                                  "epoch: rerun the same command with --resume=true"):
+        train.interruptible(train.parse_config(args(tmp_path / "a")))
+    monkeypatch.setattr(train, "train_epoch", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit, match="no epoch had finished"):
+        train.interruptible(train.parse_config(args(tmp_path / "b")))
+
+
+@pytest.mark.report
+def test_report_command_can_be_pasted_into_a_shell(tmp_path):
+    cfg = train.parse_config(args(tmp_path / "with space"))
+    line = train.command(cfg)
+    assert shlex.split(line)[2:] == [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()
+                                     if v != getattr(train.Config(), k) and k != "device"]
+    assert f"'--out_dir={tmp_path / 'with space'}'" in line
 
 
 @pytest.mark.slow
 def test_a_new_run_never_replaces_a_finished_one(tmp_path):
     run_train(tmp_path, "--epochs=1")
     before = (tmp_path / "ckpt.pt").read_bytes()
-    with pytest.raises(SystemExit, match="ckpt.pt exists: pass --resume=true to continue, or --overwrite=true"):
+    with pytest.raises(SystemExit, match="holds an earlier run .* pass --resume=true to continue it, pass --overwrite"):
         run_train(tmp_path, "--epochs=1", "--lr=0.01")
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     run_train(tmp_path, "--mode=frozen", "--overwrite")  # replaced on request: the outputs are this run's only

@@ -10,28 +10,28 @@
     python train.py --probe                         layer-wise linear probe of the frozen backbones
     python train.py --summary out/s0 out/s1 ...     mean +- std of the runs' metrics.json
 
-Stage 0 pre-trains the small backbones to name shapes and timbres (unless --vit_ckpt/--ast_ckpt are given), saves them
-in the timm and AST-repo layouts and loads them back through load_vit/load_ast. Stage 1 freezes them and trains the
-adapters; the model is selected on val and reported on test. Each run writes to its own --out_dir; the generated data
-and stage-0 backbones are cached in --cache_dir and shared by runs.
+Stage 0 pre-trains small backbones (unless --vit_ckpt/--ast_ckpt are given); stage 1 freezes them and trains the
+adapters, selects the epoch on val and reports on test. Each run writes to its own --out_dir; the generated data and
+stage-0 backbones are cached in --cache_dir and shared by runs.
 """
 import base64
 import contextlib
 import dataclasses
+import hashlib
 import html
 import inspect
 import json
 import math
 import os
+import pathlib
 import re
-import shutil
+import shlex
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -85,6 +85,7 @@ STREAMS = {"a": "audio", "v": "visual"}
 ROLES = {0: "event", 1: "heard only", 2: "seen only", -1: "-"}  # the synthetic generator's runs (data.make_clip)
 PRETRAIN_BATCH = 64  # stage-0 samples per step
 RUN_FILES = ("ckpt.pt", "log.csv", "metrics.json", "report.html")  # what a run writes in out_dir
+LOCKS = {}  # the run folders this process holds: path of run.lock -> its open file
 
 
 # ----------------------------------------------------------------------------- training and evaluation
@@ -111,8 +112,8 @@ def main(cfg):
     run["seconds"], t_start = seconds, t_start - run["elapsed"]
     caching = cfg.cache_features and cfg.mode != "avmoe"
     with phase("feature cache", seconds):  # only rank 0 evaluates, so only it caches val and test
-        caches = {s: FeatureCache(model, sets[s], device, None if cfg.data == "synthetic" else
-                                  os.path.join(cfg.out_dir, f"features_rank{RANK}_{s}"))
+        caches = {s: data.FeatureCache(model, sets[s], None if cfg.data == "synthetic" else
+                                       os.path.join(cfg.out_dir, f"features_rank{RANK}_{s}"), show=RANK == 0)
                   if caching and (s == "train" or RANK == 0) else None for s in sets}
     # With the feature cache, a batch is (clip indices, labels), never frames and fbanks: run_batch then gives the
     # model the cached states of those clips (forward's states=), and the backbones never run again.
@@ -135,7 +136,7 @@ def main(cfg):
             print(f"\repoch {epoch + 1}/{cfg.epochs}: loss {loss:.3f}  val acc {val_acc:.3f}  "
                   f"{time.time() - t0:.1f} s  ETA {(time.time() - t0) * (cfg.epochs - epoch - 1):.0f} s", flush=True)
             run.update(epoch=epoch + 1, elapsed=time.time() - t_start)
-            write_atomic(os.path.join(cfg.out_dir, "ckpt.pt"), {
+            data.write_atomic(os.path.join(cfg.out_dir, "ckpt.pt"), {
                 **run, "model": trainable_state(model), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "config": dataclasses.asdict(cfg),
                 "rng": torch.get_rng_state(),  # evaluation draws none: a resumed run continues from here
@@ -187,8 +188,8 @@ def run_batch(model, batch, device, cache=None, remove=None, modality_dropout=0.
     if cache is not None:
         logits, aux = model(None, None, states=cache.get(batch[0], removed, device), batch_shape=(B, S))
     else:
-        frames, fbank = remove_inputs(*batch[:2], removed)
-        logits, aux = model(*to_device(getattr(model, "module", model), frames, fbank, device))
+        frames, fbank = data.remove_inputs(*batch[:2], removed)
+        logits, aux = model(frames, fbank)  # on the model's device: AVModel.inputs
     return logits, aux, labels.to(device)
 
 
@@ -239,13 +240,13 @@ def final_report(cfg, model, ds, loader, device, cache, run, t_start):
                "test_acc_frames_removed": frames_removed["acc"],
                "trainable_params": counts["adapters"] + counts["head"],
                "trainable_adapter_params": counts["adapters"], "head_params": counts["head"],
-               "total_params": counts["total"], "mode": cfg.mode, "modalities": cfg.modalities,
+               "total_params": counts["total"], "mode": cfg.mode, "modalities": cfg.modalities, "world_size": WORLD,
                "router_weights": {"normal": test["router"], "audio_removed": audio_removed["router"]},
                "layer_weights": test["alpha"], "token_redundancy": test["orth"], "confusion": test["confusion"],
                "history": run["history"], "config": dataclasses.asdict(cfg), "seconds": round(time.time() - t_start, 1)}
     rest = round(time.time() - t_start - sum(run["seconds"].values()), 1)  # the test, and setting up
     metrics["phase_seconds"] = dict(run["seconds"], **{"test and report": rest})
-    write_atomic(os.path.join(cfg.out_dir, "metrics.json"), json.dumps(metrics, indent=1))
+    data.write_atomic(os.path.join(cfg.out_dir, "metrics.json"), json.dumps(metrics, indent=1))
     both = len(model.mods) == 2  # removing one of two inputs only means something with both
     write_report(os.path.join(cfg.out_dir, "report.html"), cfg, model, ds, metrics, test,
                  audio_removed if both else None)
@@ -278,7 +279,7 @@ def pretrain(enc, head, x, y, path, prefix, epochs, cfg, progress):
             correct += (logits.argmax(-1) == y[idx]).sum().item()
             progress()
     log(f"  stage 0 {name}: train acc {correct / len(x):.3f} in the last epoch")
-    write_atomic(path, timm_state_dict(enc, prefix))
+    data.write_atomic(path, timm_state_dict(enc, prefix))
 
 
 def backbones(cfg):
@@ -312,11 +313,22 @@ def backbones(cfg):
     if WORLD > 1:
         dist.barrier()
     # heads cannot be read from weights: ours are known; a user's default to D // 64 unless given
-    vit = load_vit(vit_path, image_size=cfg.image_size,
-                   num_heads=cfg.vit_heads or (None if cfg.vit_ckpt else cfg.heads))
-    ast = load_ast(ast_path, cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride,
-                   num_heads=cfg.ast_heads or (None if cfg.ast_ckpt else cfg.heads))
+    vit = load_backbone(load_vit, vit_path, cfg.vit_ckpt, image_size=cfg.image_size,
+                        num_heads=cfg.vit_heads or (None if cfg.vit_ckpt else cfg.heads))
+    ast = load_backbone(load_ast, ast_path, cfg.ast_ckpt, cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride,
+                        cfg.tstride, num_heads=cfg.ast_heads or (None if cfg.ast_ckpt else cfg.heads))
     return vit, ast
+
+
+def load_backbone(load, path, given, *args, **kwargs):
+    """load(path, ...); a stage-0 cache file that cannot be read is ours, broken: say so, not a user's advice."""
+    try:
+        return load(path, *args, **kwargs)
+    except ValueError as e:
+        if given:
+            raise
+        raise ValueError(f"the stage-0 cache file {path} is broken ({e}): delete it and rerun, which trains it "
+                         "again") from None
 
 
 def datasets(cfg):
@@ -333,67 +345,12 @@ def datasets(cfg):
     return sets, sets["train"].num_classes
 
 
-def remove_inputs(frames, fbank, removed):
-    """Black frames where removed["v"] (B, S) is true, silent audio where removed["a"] is."""
-    if frames is not None and removed["v"].any():
-        frames = torch.where(removed["v"][..., None, None, None], data.remove_frames(frames), frames)
-    if fbank is not None and removed["a"].any():
-        fbank = torch.where(removed["a"][..., None, None], data.remove_audio(fbank), fbank)
-    return frames, fbank
-
-
-def to_device(model, frames, fbank, device):
-    """The inputs this model reads, on its device (None for a modality it does not have)."""
-    return (frames.to(device) if "v" in model.mods else None), (fbank.to(device) if "a" in model.mods else None)
-
-
-class FeatureCache:
-    """MoLT never changes the backbones, so their states are computed once: per segment, the pooled features and the
-    chosen layers' hidden states, keyed (modality, name), in memory or for real AVE in fp16 files under out_dir; and
-    the states of a removed frame and of silence, for modality dropout."""
-
-    def __init__(self, model, ds, device, path=None):
-        def states(frames, fbank):  # {(m, name): (segments, ...)} on the CPU
-            st = model.frozen_states(*to_device(model, frames, fbank, device))
-            return {(m, name): s.cpu() for m, named in st.items() for name, s in named.items()}
-        frames, fbank, _ = ds[0]
-        every = torch.ones(1, data.SECONDS, dtype=torch.bool)
-        removed = remove_inputs(frames[None], fbank[None], {"a": every, "v": every})
-        self.removed_states = {k: s[:1] for k, s in states(*removed).items()}
-        shapes = {k: (len(ds) * data.SECONDS, *s.shape[1:]) for k, s in self.removed_states.items()}
-        if path is None:
-            self.states = {k: torch.empty(shape) for k, shape in shapes.items()}
-        else:  # fp16 tensors mapped onto .npy files, if the disk has room
-            need = sum(2 * math.prod(shape) for shape in shapes.values())
-            free = shutil.disk_usage(os.path.dirname(path) or ".").free
-            if need > 0.9 * free:
-                sys.exit(f"the feature cache needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB are free in "
-                         f"{os.path.dirname(path)}: free some space or run with --cache_features=false")
-            log(f"feature cache: {need / 1e9:.2f} GB in {path}_*.npy")
-            self.states = {(m, name): torch.from_numpy(np.lib.format.open_memmap(
-                f"{path}_{m}_{name}.npy", "w+", np.float16, shape)) for (m, name), shape in shapes.items()}
-        progress = data.Progress(f"caching the frozen backbone states of {len(ds)} clips", len(ds), show=RANK == 0)
-        pos = 0
-        for frames, fbank, _ in torch.utils.data.DataLoader(ds, 32, generator=torch.Generator()):
-            for k, s in states(frames, fbank).items():
-                self.states[k][pos:pos + len(s)] = s
-            pos += len(frames) * data.SECONDS
-            progress(n=len(frames))
-
-    def get(self, idx, removed, device):
-        """States of clips idx (B,) with segments replaced where removed[m] (B, S) is true -> {m: {name: tensor}}."""
-        seg = (idx[:, None] * data.SECONDS + torch.arange(data.SECONDS)).flatten()  # (B*S,)
-        out = {}
-        for (m, name), s in self.states.items():
-            mask = removed[m].flatten().view(-1, *[1] * (s.dim() - 1))  # (B*S, 1, ...)
-            out.setdefault(m, {})[name] = torch.where(mask, self.removed_states[m, name], s[seg].float()).to(device)
-        return out
-
-
 # ----------------------------------------------------------------------------- settings, the run folder and checkpoints
 
 
 BOOLS = {"": True, "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+SUMMARY_KEYS = ("test_acc", "test_acc_audio_removed", "test_acc_frames_removed", "val_acc", "token_redundancy",
+                "seconds")
 RESUME_MAY_DIFFER = {"epochs", "out_dir", "cache_dir", "device", "resume", "overwrite", "workers", "dist_timeout"}
 RUN_CHOICES = {"data": ("synthetic", "ave"), "device": ("auto", "cuda", "mps", "cpu")}
 AT_LEAST_ONE = ("num_classes", "train_clips", "val_clips", "test_clips", "workers", "dim", "depth", "heads",
@@ -427,8 +384,9 @@ def print_help(cfg):
         print(f"  {f'--{f.name}={getattr(cfg, f.name)}':<26} {notes.get(f.name, '')}")
 
 
-def parse_config(argv):
-    """--key=value flags -> Config; a bad flag stops with one line before any work."""
+def parse_config(argv, run=True):
+    """--key=value flags -> Config; a bad flag stops with one line before any work. run=False (--probe, --bench):
+    out_dir need not be free, since they write neither a checkpoint nor a report."""
     cfg = Config()
     for arg in argv:
         if arg in ("-h", "--help"):
@@ -444,7 +402,9 @@ def parse_config(argv):
             sys.exit(f"--{key}={value}: expected a value of type {kind.__name__}")
     try:
         check(cfg)
-        check_run_dir(cfg)
+        check_writable(cfg)
+        if run:
+            check_run_dir(cfg)
     except ValueError as e:
         sys.exit(f"error: {e}")
     return cfg
@@ -462,6 +422,11 @@ def check(cfg):
     for key in AT_LEAST_ZERO:
         if not 0 <= getattr(cfg, key) < math.inf or (key == "lr" and cfg.lr == 0):
             raise ValueError(f"--{key}={getattr(cfg, key)} must be {'positive' if key == 'lr' else 'at least 0'}")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise ValueError(f"--seed={cfg.seed}: a seed is between 0 and {2 ** 32 - 1}")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(cfg.device, True):
+        raise ValueError(f"--device={cfg.device}: this machine has no {cfg.device} device; use --device=cpu or auto")
     if cfg.modality_dropout > 0.5:
         raise ValueError("--modality_dropout must be at most 0.5 (audio and frames are never removed together)")
     if cfg.num_mel_bins < 16 or (not cfg.vit_ckpt and (cfg.image_size < 8 or cfg.image_size % 8)):
@@ -482,28 +447,65 @@ def check(cfg):
                          "(made by: python data.py --prepare_ave DIR --out PREPARED), both existing folders")
 
 
+def check_writable(cfg):
+    """out_dir, cache_dir and the cache's folders (where they exist) must be folders this process can write in."""
+    cache = [os.path.join(cfg.cache_dir, sub) for sub in ("data", "backbones")]
+    for folder in [cfg.out_dir, cfg.cache_dir] + [c for c in cache if os.path.isdir(c)]:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise ValueError(f"{folder} is not a writable folder ({e.strerror}): see --out_dir, --cache_dir") from None
+
+
 def check_run_dir(cfg):
-    """out_dir and cache_dir must be writable folders; a new run must not silently replace the one in out_dir, and
-    --resume must find a readable checkpoint of the same settings."""
+    """out_dir belongs to one run at a time; a folder holding any earlier run's outputs is never cleared without
+    --overwrite; --resume must find a checkpoint of the same settings, world size and checkpoint files."""
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: pick one")
-    for flag in ("out_dir", "cache_dir"):
-        try:
-            os.makedirs(getattr(cfg, flag), exist_ok=True)
-            tempfile.TemporaryFile(dir=getattr(cfg, flag)).close()  # can this process write there?
-        except OSError as e:
-            raise ValueError(f"--{flag}={getattr(cfg, flag)} is not a writable folder ({e.strerror})") from None
+    lock_run_dir(cfg.out_dir)
     path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if os.path.exists(path) and not (cfg.resume or cfg.overwrite):
-        raise ValueError(f"{path} exists: pass --resume=true to continue, or --overwrite=true / another --out_dir")
-    if cfg.resume and os.path.exists(path):
-        may_differ = RESUME_MAY_DIFFER | ({"num_classes"} if cfg.data == "ave" else set())  # ave: known from data
-        diff = {k: (v, getattr(cfg, k, None)) for k, v in read_checkpoint(path)["config"].items()
-                if k not in may_differ and getattr(cfg, k, None) != v}
-        if diff:
-            raise ValueError(f"{path} is from another configuration: " + ", ".join(
-                f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items()) +
-                f" (only {', '.join(sorted(RESUME_MAY_DIFFER - {'resume', 'overwrite'}))} may change on --resume)")
+    earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, name))]
+    if earlier and not cfg.overwrite and not (cfg.resume and "ckpt.pt" in earlier):
+        resume = "pass --resume=true to continue it, " if "ckpt.pt" in earlier else ""
+        raise ValueError(f"{cfg.out_dir} holds an earlier run ({', '.join(earlier)}): {resume}pass --overwrite=true "
+                         "to replace it, or choose another --out_dir")
+    if not (cfg.resume and "ckpt.pt" in earlier):
+        return
+    ck = read_checkpoint(path)
+    may_differ = RESUME_MAY_DIFFER | ({"num_classes"} if cfg.data == "ave" else set())  # ave: known from data
+    diff = {k: (v, getattr(cfg, k, None)) for k, v in ck["config"].items()
+            if k not in may_differ and getattr(cfg, k, None) != v}
+    diff.update({k: (ck.get(k), v) for k, v in run_identity(cfg).items() if ck.get(k) != v})
+    if diff:
+        raise ValueError(f"{path} is from another configuration: " + ", ".join(
+            f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items()) +
+            f" (only {', '.join(sorted(RESUME_MAY_DIFFER - {'resume', 'overwrite'}))} may change on --resume)")
+    if cfg.epochs < ck["epoch"]:
+        raise ValueError(f"{path} holds {ck['epoch']} finished epochs: resume with --epochs={ck['epoch']} or more")
+
+
+def run_identity(cfg):
+    """Beyond the settings: the number of processes (the effective batch), the checkpoint files' content."""
+    files = {flag: getattr(cfg, flag) for flag in ("vit_ckpt", "ast_ckpt") if getattr(cfg, flag)}
+    digests = {flag: hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest() for flag, path in files.items()}
+    return {"world_size": WORLD, "checkpoint_sha256": digests}
+
+
+def lock_run_dir(out_dir):
+    """One run at a time in out_dir: the run holds an OS lock on out_dir/run.lock, which the OS drops when the
+    process ends, however it ends (a crash leaves nothing stale). Under torchrun rank 0 holds it; Windows has none."""
+    path = os.path.realpath(os.path.join(out_dir, "run.lock"))
+    if RANK or os.name != "posix" or path in LOCKS:
+        return
+    import fcntl  # POSIX only
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ValueError(f"{out_dir} is in use by another run: wait for it to end, or use another --out_dir") from None
+    LOCKS[path] = f  # held until this process exits
 
 
 def start_or_resume(cfg, model, opt, sched):
@@ -518,7 +520,7 @@ def start_or_resume(cfg, model, opt, sched):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(cfg.out_dir, name))
         return {"epoch": 0, "best_val": -1.0, "best": trainable_state(model), "history": [], "seconds": {},
-                "elapsed": 0.0}
+                "elapsed": 0.0, **run_identity(cfg)}
     ck = read_checkpoint(path)  # its settings were compared with these in check_run_dir
     if set(ck["model"]) != {n for n, p in model.named_parameters() if p.requires_grad}:
         sys.exit(f"{path} holds other trainable tensors than this model: was it written by another version?")
@@ -531,7 +533,7 @@ def start_or_resume(cfg, model, opt, sched):
     if RANK == 0:
         write_log(cfg, ck["history"])  # drops epochs logged after the checkpoint
     log(f"resumed from {path} after epoch {ck['epoch']}")
-    return {k: ck[k] for k in ("epoch", "best_val", "best", "history", "seconds", "elapsed")}
+    return {**{k: ck[k] for k in ("epoch", "best_val", "best", "history", "seconds", "elapsed")}, **run_identity(cfg)}
 
 
 def read_checkpoint(path):
@@ -554,18 +556,7 @@ def write_log(cfg, history):
     """log.csv: this run's epochs, rewritten whole from the checkpoint's history (so it never repeats or mixes)."""
     columns = ("epoch", "train_loss", "val_acc", "seconds")
     rows = [columns] + [[h[k] for k in columns] for h in history]
-    write_atomic(os.path.join(cfg.out_dir, "log.csv"), "".join(",".join(map(str, r)) + "\r\n" for r in rows))
-
-
-def write_atomic(path, content):
-    """Text, or anything torch.save takes: the whole file or nothing, so a run killed while writing never leaves a
-    half file that looks current (nor corrupts the last good checkpoint)."""
-    if isinstance(content, str):
-        with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
-            f.write(content)
-    else:
-        torch.save(content, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    data.write_atomic(os.path.join(cfg.out_dir, "log.csv"), "".join(",".join(map(str, r)) + "\r\n" for r in rows))
 
 
 def log(*args):
@@ -608,7 +599,7 @@ def probe(cfg, max_clips=1000):
         table[STREAMS[m]] = ridge_probe(*xy[0], *xy[1])
         print(f"{STREAMS[m]:6} linear probe accuracy by layer: " +
               "  ".join(f"{i + 1}: {a:.3f}" for i, a in enumerate(table[STREAMS[m]])))
-    write_atomic(os.path.join(cfg.out_dir, "probe.json"), json.dumps(table, indent=1))
+    data.write_atomic(os.path.join(cfg.out_dir, "probe.json"), json.dumps(table, indent=1))
     return table
 
 
@@ -626,17 +617,29 @@ def ridge_probe(x, y, xt, yt, ridge=1e-2):
 
 
 def summary(dirs):
-    """Mean +- sample std over runs (e.g. seeds 0, 1, 2) of the numbers in each run's metrics.json."""
-    runs = []
+    """Mean +- sample std over runs of one setting (e.g. seeds 0, 1, 2) of the numbers in each run's metrics.json.
+    Every file is checked before any row is printed: the runs must differ in their seed alone, and each counts once."""
+    if not dirs:
+        raise ValueError("--summary needs the run folders to average, e.g. --summary runs/s0 runs/s1 runs/s2")
+    runs = {}  # seed -> (metrics.json, its numbers, its setting)
     for path in (os.path.join(d, "metrics.json") for d in dirs):
         try:
             with open(path) as f:
-                runs.append(json.load(f))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from None
-    for key in ("test_acc", "test_acc_audio_removed", "test_acc_frames_removed", "val_acc", "token_redundancy",
-                "seconds"):
-        v = torch.tensor([float(r[key]) for r in runs])
+                m = json.load(f)
+            numbers = [float(m[key]) for key in SUMMARY_KEYS]
+            setting = {k: v for k, v in m["config"].items() if k not in RESUME_MAY_DIFFER - {"epochs"} | {"seed"}}
+            seed, setting["world_size"] = m["config"]["seed"], m.get("world_size", 1)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: not a finished run's metrics ({type(e).__name__}: {e})") from None
+        first, _, first_setting = next(iter(runs.values()), (path, None, setting))
+        diff = sorted(k for k in setting.keys() | first_setting.keys() if setting.get(k) != first_setting.get(k))
+        if diff:
+            raise ValueError(f"{path} and {first} differ in {diff[0]} ({first_setting.get(diff[0])!r} against "
+                             f"{setting.get(diff[0])!r}): --summary averages the seeds of one setting")
+        if seed in runs:
+            raise ValueError(f"{path} and {runs[seed][0]} are both seed {seed} of one setting: each run counts once")
+        runs[seed] = (path, numbers, setting)
+    for key, v in zip(SUMMARY_KEYS, torch.tensor([numbers for _, numbers, _ in runs.values()]).T):
         print(f"{key:23} {v.mean():.3f} +- {v.std() if len(v) > 1 else 0:.3f}   ({', '.join(f'{x:.3f}' for x in v)})")
 
 
@@ -671,7 +674,7 @@ def bench(cfg, paper_scale=True):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sets, cfg.num_classes = datasets(cfg)
     batch = next(iter(torch.utils.data.DataLoader(sets["train"], batch_size=cfg.batch_size)))
-    scales = {"demo": (*backbones(cfg), batch, 5, cfg.reduction, f"{cfg.batch_size} clips x 10 segments")}
+    scales = {"demo": (*backbones(cfg), batch, 5, cfg.reduction, f"{len(batch[-1])} clips x 10 segments")}
     if paper_scale:  # ViT-B/16 at 192 px and AST-base on a 1 s segment, random weights, one clip of 2 segments
         torch.manual_seed(cfg.seed)
         g, base = torch.Generator().manual_seed(0), dict(dim=768, depth=12, heads=12, mlp_dim=3072)
@@ -695,7 +698,7 @@ def bench(cfg, paper_scale=True):
                                                    for k in ("adapter_params", "saved_bytes", "step_seconds")}
         print(f"{scale + ' MoLT / AVMoE':24}{ratio['adapter_params']:>16.3f}{ratio['saved_bytes']:>20.3f}"
               f"{ratio['step_seconds']:>12.3f}   ({about})")
-    write_atomic(os.path.join(cfg.out_dir, "bench.json"), json.dumps(results, indent=1))
+    data.write_atomic(os.path.join(cfg.out_dir, "bench.json"), json.dumps(results, indent=1))
 
 
 # ----------------------------------------------------------------------------- report.html, for a class to look at
@@ -711,10 +714,12 @@ td img{display:block;width:100%;image-rendering:pixelated} .wrong{font-weight:bo
 
 
 def command(cfg):
-    """The command line that makes this run: the settings that differ from the defaults."""
-    default, launcher = Config(), f"torchrun --nproc_per_node={WORLD} train.py" if WORLD > 1 else "python train.py"
-    return " ".join([launcher] + [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items() if v != getattr(default, k)
-                                  and k not in ("device", "num_classes" if cfg.data == "ave" else "")])
+    """The command line that makes this run, pasteable into a shell: the settings that differ from the defaults."""
+    default = Config()
+    launcher = f"torchrun --nproc_per_node={WORLD} train.py" if WORLD > 1 else "python train.py"
+    found = {"device"} | ({"num_classes"} if cfg.data == "ave" else set())  # found at run time, not chosen
+    flags = [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items() if v != getattr(default, k) and k not in found]
+    return " ".join([launcher] + [shlex.quote(flag) for flag in flags])
 
 
 def png(img):
@@ -770,16 +775,6 @@ def heatmap(title, rows, cols, values):
                       f'fill="rgb({g},{g},{g})" stroke="#fff"/>',
                       text(left + cw * (j + .5), top + ch * i + 22, f"{v:.2f}", extra=ink)]
     return svg(max(left + cw * len(cols), 10.5 * len(title)) + 10, top + ch * len(rows) + 10, title, parts)
-
-
-def bars(title, labels, values):
-    """Horizontal bars on a 0..1 scale, each value printed at its end."""
-    left, bw, bh = 14 + 9 * max(len(s) for s in labels), 400, 30
-    parts = []
-    for i, (s, v) in enumerate(zip(labels, values)):
-        parts += [text(left - 8, 65 + bh * i, s, "end"), text(left + bw * v + 6, 65 + bh * i, f"{v:.2f}", "start"),
-                  f'<rect x="{left}" y="{48 + bh * i}" width="{bw * v:.1f}" height="{bh - 8}" fill="#555"/>']
-    return svg(left + bw + 80, 60 + bh * len(values), title, parts, axes=(left, 44, 48 + bh * len(values), left + bw))
 
 
 def clip_table(ds, i, preds, names, mods):
@@ -842,6 +837,8 @@ def write_report(path, cfg, model, ds, metrics, test, audio_removed):
     if both:
         preds["predicted, audio removed"] = audio_removed["pred"]
     routers = {"normal input": test["router"], "audio removed": audio_removed["router"] if both else {}}
+    significance = [heatmap(STREAMS[m], [f"layer {i}" for i in a["layers"]], ["alpha"], [[v] for v in a["alpha"]])
+                    for m, a in test["alpha"].items()]
     row = lambda parts: "<div class=row>" + "".join(parts) + "</div>"  # noqa: E731
     sections = [  # (title, what to look for, content or nothing)
         ("Headline", "Test clips chose neither the weights nor the epoch. Audio-visual fusion should beat always "
@@ -858,8 +855,7 @@ def write_report(path, cfg, model, ds, metrics, test, audio_removed):
              for how, r in routers.items() if r)),
         ("MoLT layer significance", "alpha: the weight MoLT's token fusion gives each layer's tokens (they sum to 1 "
          "per modality). Token redundancy, the mean squared cosine between different layers' tokens: "
-         f"{test['orth']:.3f}.", test["alpha"] and row(bars(STREAMS[m], [f"layer {i}" for i in a["layers"]],
-                                                              a["alpha"]) for m, a in test["alpha"].items())),
+         f"{test['orth']:.3f}.", test["alpha"] and row(significance)),
         ("Clip timelines", "The two test clips the model got most right and the two it got most wrong. Sound: "
          "frequency upward, time to the right, darker = louder. Wrong predictions are bold, shaded and marked x. On "
          "synthetic data only the event (heard and seen) counts, not the decoys heard only or seen only.",
@@ -868,8 +864,18 @@ def write_report(path, cfg, model, ds, metrics, test, audio_removed):
          "taken for.", per_class(names, test["confusion"]))]
     page = "".join(f"<h2>{t}</h2><p>{note}</p>{body}" for t, note, body in sections if body)
     title = f"{cfg.mode} ({cfg.modalities}) on {cfg.data} data"
-    write_atomic(path, f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{title}</title><style>{CSS}"
+    data.write_atomic(path, f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{title}</title><style>{CSS}"
                        f"</style></head><body><h1>Report: {title}</h1>{page}</body></html>\n")
+
+
+def interruptible(cfg):
+    """main, and on Ctrl-C one line on what was kept instead of a traceback."""
+    try:
+        main(cfg)
+    except KeyboardInterrupt:
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        sys.exit(f"interrupted: {path} holds the last finished epoch: rerun the same command with --resume=true to "
+                 "continue" if os.path.exists(path) else "interrupted: no epoch had finished, nothing to resume")
 
 
 if __name__ == "__main__":
@@ -878,8 +884,8 @@ if __name__ == "__main__":
             summary(sys.argv[2:])
         elif "--bench" in sys.argv or "--probe" in sys.argv:  # neither writes a checkpoint
             tool = bench if "--bench" in sys.argv else probe
-            tool(parse_config([a for a in sys.argv[1:] if a not in ("--bench", "--probe")] + ["--overwrite"]))
+            tool(parse_config([a for a in sys.argv[1:] if a not in ("--bench", "--probe")], run=False))
         else:
-            main(parse_config(sys.argv[1:]))
+            interruptible(parse_config(sys.argv[1:]))
     except (ValueError, FileNotFoundError) as e:  # bad input found while working (a checkpoint, an annotation line)
         sys.exit(f"error: {e}")
