@@ -329,12 +329,8 @@ _TOP_RULES = {
              "patch_embed.proj.": "patch_embed.", "norm.": "norm."},
     "torchvision": {"class_token": "cls_token", "encoder.pos_embedding": "pos_embed", "conv_proj.": "patch_embed.",
                     "encoder.ln.": "norm."},
-    "hf": {"embeddings.cls_token": "cls_token", "embeddings.distillation_token": "dist_token",
-           "embeddings.position_embeddings": "pos_embed", "embeddings.patch_embeddings.projection.": "patch_embed.",
-           "layernorm.": "norm."},
-}
-LAYOUTS = ("timm ViT, torchvision VisionTransformer (load_vit); AST repo (module.v.*), HF AST hub or "
-           "transformers-5 names (load_ast)")
+    "hf": {"embeddings.cls_token": "cls_token", "embeddings.distillation_token": "dist_token", "layernorm.": "norm.",
+           "embeddings.position_embeddings": "pos_embed", "embeddings.patch_embeddings.projection.": "patch_embed."}}
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                        "BOOL": torch.bool}
@@ -400,7 +396,8 @@ def _detect_layout(state):
             return "timm", prefix
         if prefix + "embeddings.patch_embeddings.projection.weight" in keys:
             return "hf", prefix
-    raise ValueError(f"unknown checkpoint layout (first keys: {sorted(keys)[:5]}); supported layouts: {LAYOUTS}")
+    raise ValueError(f"unknown checkpoint layout (first keys: {sorted(keys)[:5]}); supported layouts: timm ViT, "
+                     "torchvision ViT (load_vit); AST repo (module.v.*), HF AST hub or transformers-5 (load_ast)")
 
 
 def _to_ours(state, layout, prefix):

@@ -2008,6 +2008,7 @@ def test_run_dir_lock_refuses_while_another_process_holds_it_and_not_after(tmp_p
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()
     train.parse_config(args(tmp_path))  # killed: the OS dropped its lock, nothing stale is left
     train.parse_config(args(tmp_path))  # this process holds it now, and may parse again
 

@@ -26,9 +26,11 @@ import os
 import pathlib
 import re
 import shlex
+import struct
 import sys
 import tempfile
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -402,9 +404,7 @@ def parse_config(argv, run=True):
             sys.exit(f"--{key}={value}: expected a value of type {kind.__name__}")
     try:
         check(cfg)
-        check_writable(cfg)
-        if run:
-            check_run_dir(cfg)
+        check_run_dir(cfg, run)
     except ValueError as e:
         sys.exit(f"error: {e}")
     return cfg
@@ -447,8 +447,10 @@ def check(cfg):
                          "(made by: python data.py --prepare_ave DIR --out PREPARED), both existing folders")
 
 
-def check_writable(cfg):
-    """out_dir, cache_dir and the cache's folders (where they exist) must be folders this process can write in."""
+def check_run_dir(cfg, run=True):
+    """out_dir, cache_dir and the cache's folders must be writable. For a run (not --probe, --bench): out_dir belongs
+    to one run at a time; a folder holding any earlier run's outputs is never cleared without --overwrite; --resume
+    must find a checkpoint of the same settings, world size and checkpoint files."""
     cache = [os.path.join(cfg.cache_dir, sub) for sub in ("data", "backbones")]
     for folder in [cfg.out_dir, cfg.cache_dir] + [c for c in cache if os.path.isdir(c)]:
         try:
@@ -456,11 +458,8 @@ def check_writable(cfg):
             tempfile.TemporaryFile(dir=folder).close()
         except OSError as e:
             raise ValueError(f"{folder} is not a writable folder ({e.strerror}): see --out_dir, --cache_dir") from None
-
-
-def check_run_dir(cfg):
-    """out_dir belongs to one run at a time; a folder holding any earlier run's outputs is never cleared without
-    --overwrite; --resume must find a checkpoint of the same settings, world size and checkpoint files."""
+    if not run:
+        return
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: pick one")
     lock_run_dir(cfg.out_dir)
@@ -487,8 +486,8 @@ def check_run_dir(cfg):
 
 def run_identity(cfg):
     """Beyond the settings: the number of processes (the effective batch), the checkpoint files' content."""
-    files = {flag: getattr(cfg, flag) for flag in ("vit_ckpt", "ast_ckpt") if getattr(cfg, flag)}
-    digests = {flag: hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest() for flag, path in files.items()}
+    digests = {flag: hashlib.sha256(pathlib.Path(getattr(cfg, flag)).read_bytes()).hexdigest()
+               for flag in ("vit_ckpt", "ast_ckpt") if getattr(cfg, flag)}
     return {"world_size": WORLD, "checkpoint_sha256": digests}
 
 
@@ -723,10 +722,14 @@ def command(cfg):
 
 
 def png(img):
-    """uint8 (C, H, W) -> <img> with the PNG inline: the page needs no file beside it."""
-    import torchvision  # here, not at the top: its import takes 2 s, in every data worker process too
-    b64 = base64.b64encode(torchvision.io.encode_png(img).numpy()).decode()
-    return f'<img alt="" src="data:image/png;base64,{b64}">'
+    """uint8 (C, H, W), C = 1 or 3 -> <img> with a PNG inline, written here (torchvision's encoder is deprecated)."""
+    def chunk(kind, body):  # length, type, body, CRC of type and body
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    c, h, w = img.shape
+    rows = b"".join(b"\0" + row.tobytes() for row in img.permute(1, 2, 0).reshape(h, w * c).numpy())  # filter 0
+    head = struct.pack(">IIBBBBB", w, h, 8, 2 if c == 3 else 0, 0, 0, 0)  # 8-bit RGB or grey, no interlace
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
 
 def text(x, y, s, anchor="middle", extra=""):
