@@ -187,5 +187,7 @@ def orthogonality_loss(tokens):
     t = F.normalize(tokens.flatten(1, 2), dim=-1)  # (B, K*n, D)
     g = t @ t.transpose(1, 2)  # (B, K*n, K*n)
     m = g.shape[-1]
+    if m < 2:  # one token (one layer, one latent) has no other to be apart from
+        return g.new_zeros(())
     off = ~torch.eye(m, dtype=torch.bool, device=g.device)
     return g[:, off].pow(2).mean()

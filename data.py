@@ -51,8 +51,7 @@ def fbank(wave, sample_rate=16000, num_mel_bins=128, target_length=1024):
 
 
 class Progress:
-    """What a long step does, how far it is and its ETA, on one line: rewritten in place on a terminal, else printed
-    after 5 s, then every 10 s (and at the end, if it printed before): a log is never silent long, never flooded."""
+    """A long step's progress and ETA on one line: in place on a terminal, else after 5 s, then every 10 s."""
 
     def __init__(self, what, total, show=True, keep=True):  # keep=False: a line that follows says it all
         self.what, self.total, self.show, self.keep, self.done = what, total, show, keep, 0
@@ -73,13 +72,14 @@ class Progress:
 
 
 def write_atomic(path, content):
-    """Text, or anything torch.save takes, whole or not at all: a killed write never leaves a half file behind."""
+    """Text, or anything torch.save takes, whole or not at all (each process through its own temporary file)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     if isinstance(content, str):
-        with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             f.write(content)
     else:
-        torch.save(content, path + ".tmp")
-    os.replace(path + ".tmp", path)
+        torch.save(content, tmp)
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -120,8 +120,7 @@ def remove_inputs(frames, fbank, removed):
 
 
 class FeatureCache:
-    """MoLT never changes the backbones, so their states are computed once, per segment and keyed (modality, name): in
-    memory, or for real AVE in fp16 files under out_dir; and the states of a black frame and of silence."""
+    """The frozen states of every segment, computed once (real AVE: fp16 files), and those of black frames, silence."""
 
     def __init__(self, model, ds, path=None, show=True):
         def states(frames, fbank):  # {(m, name): (segments, ...)} on the CPU

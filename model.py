@@ -153,8 +153,8 @@ def check_config(cfg):
             raise ValueError(f"{key} must be at least 1, not {getattr(cfg, key)}")
     if cfg.n_ua < 1 and not (cfg.n_cma >= 1 and cfg.modalities == "av"):
         raise ValueError("a mixture needs an expert: n_ua >= 1, or n_cma >= 1 with both modalities")
-    if cfg.n_cma < 0 or cfg.late_layers < 0 or cfg.router_sigma < 0:
-        raise ValueError("n_cma, late_layers and router_sigma cannot be negative")
+    if cfg.n_cma < 0 or cfg.late_layers < 0 or not 0 <= cfg.router_sigma < math.inf:
+        raise ValueError("n_cma and late_layers cannot be negative, and router_sigma must be a finite value >= 0")
 
 
 def paired_blocks(depths):
@@ -452,7 +452,7 @@ def _read_backbone(src, num_heads, what):
     state = read_state(src)
     layout, prefix = _detect_layout(state)
     if what == "AST" and layout == "torchvision":
-        raise ValueError("this is a torchvision ViT checkpoint: use load_vit")
+        raise ValueError("this is a torchvision ViT checkpoint: use load_vit (--vit_ckpt)")
     state = _to_ours(state, layout, prefix)
     for key in ["pos_embed", "patch_embed.weight", "blocks.0.mlp.fc1.weight"]:
         if key not in state:
@@ -470,7 +470,7 @@ def load_vit(src, image_size=None, num_heads=None):
     """timm or torchvision ViT weights (path or state dict) -> our ViT; position grid resized as timm does."""
     state, _, dims, patch = _read_backbone(src, num_heads, "ViT")
     if "dist_token" in state:
-        raise ValueError("this checkpoint has a distillation token (AST / DeiT-distilled): use load_ast")
+        raise ValueError("this checkpoint has a distillation token (AST / DeiT-distilled): use load_ast (--ast_ckpt)")
     old = math.isqrt(state["pos_embed"].shape[1] - 1)
     if old * old != state["pos_embed"].shape[1] - 1:
         raise ValueError(f"position embedding {tuple(state['pos_embed'].shape)} is not 1 + a square grid")
@@ -488,7 +488,7 @@ def load_ast(src, num_mel_bins=128, target_length=1024, fstride=10, tstride=10, 
     """AST-repo or HF AST weights -> our AST for inputs of (target_length, num_mel_bins)."""
     state, layout, dims, patch = _read_backbone(src, num_heads, "AST")
     if "dist_token" not in state:
-        raise ValueError("this checkpoint has no distillation token, as a ViT's: use load_vit")
+        raise ValueError("this checkpoint has no distillation token, as a ViT's: use load_vit (--vit_ckpt)")
     model = AST(num_mel_bins, target_length, fstride, tstride, eps=1e-12 if layout == "hf" else 1e-6,
                 patch_size=patch, **dims)
     pos = state["pos_embed"].float()

@@ -933,6 +933,12 @@ def test_molt_fusion_alpha_sums_to_one_and_equal_scores_give_the_mean():
 
 
 @pytest.mark.molt_orthogonality
+def test_molt_orthogonality_of_a_single_token_is_zero_not_nan():
+    one = torch.randn(3, 1, 1, 8)  # one late layer, one latent token: nothing to be apart from
+    assert_close("MoLT orthogonality: one token", orthogonality_loss(one), torch.tensor(0.0))
+
+
+@pytest.mark.molt_orthogonality
 def test_molt_orthogonality_loss_on_a_known_cosine():
     a = torch.tensor([3.0, 0.0])
     b = 2 * torch.tensor([0.5, 0.75 ** 0.5])  # cos(a, b) = 0.5, neither of unit length
@@ -2057,6 +2063,28 @@ def test_flags_name_the_seed_and_a_missing_device(tmp_path):
             continue
         with pytest.raises(SystemExit, match=f"--device={device}: this machine has no {device} device"):
             train.parse_config(args(tmp_path, f"--device={device}"))
+
+
+@pytest.mark.run_dir
+def test_flags_refuse_real_ave_folders_without_data_ave_and_a_non_finite_router_sigma(tmp_path):
+    for extra, expect in (([f"--data_root={tmp_path}"], "are for real AVE: add --data=ave"),
+                          (["--router_sigma=nan"], "router_sigma must be a finite value"),
+                          (["--router_sigma=inf"], "router_sigma must be a finite value")):
+        with pytest.raises(SystemExit, match=expect):
+            train.parse_config(args(tmp_path, *extra))
+
+
+@pytest.mark.run_dir
+def test_processes_writing_one_cache_file_at_once_never_collide(tmp_path):
+    """Runs sharing a --cache_dir draw the same data at the same moment: each writes its own temporary file."""
+    code = ("import sys, data; sys.path.insert(0, '.'); "
+            "[data.write_atomic(sys.argv[1], {'x': list(range(20000))}) for _ in range(30)]")
+    here = os.path.dirname(os.path.abspath(__file__))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "shared.pt")], cwd=here,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    assert torch.load(tmp_path / "shared.pt", weights_only=True) == {"x": list(range(20000))}
 
 
 @pytest.mark.run_dir

@@ -45,7 +45,6 @@ from model import AST, AVConfig, AVModel, ViT, check_config, load_ast, load_vit,
 
 @dataclasses.dataclass
 class Config(AVConfig, data.SynthConfig):
-    # data
     data: str = "synthetic"  # "synthetic" or "ave" (real AVE, prepared with data.py --prepare_ave)
     data_root: str = ""  # real AVE: the folder with Annotations.txt and the split files
     prepared_dir: str = ""  # real AVE: the output of data.py --prepare_ave
@@ -73,7 +72,6 @@ class Config(AVConfig, data.SynthConfig):
     lambda_balance: float = 0.01  # weight of the routers' load-balance loss
     modality_dropout: float = 0.0  # training: remove a segment's audio, or its frames, with this probability each
     cache_features: bool = True  # MoLT / frozen: compute the frozen backbone states once (real AVE: fp16 files)
-    # run
     out_dir: str = "out"  # this run's checkpoint, log, metrics and report
     cache_dir: str = "out"  # generated data and stage-0 backbones, shared by runs
     resume: bool = False  # continue the run in out_dir from its ckpt.pt
@@ -168,7 +166,7 @@ def train_epoch(ddp, train, opt, cfg, device, cache, epoch):
         if not torch.isfinite(loss):
             kept = "still holds the last good epoch" if epoch > 0 else "was not written: no epoch finished"
             sys.exit(f"[rank {RANK}] loss is {loss.item()} at epoch {epoch + 1} step {step}: stopping; "
-                     f"{cfg.out_dir}/ckpt.pt {kept} (try a lower --lr)")
+                     f"{cfg.out_dir}/ckpt.pt {kept} (rerun with --overwrite=true and a lower --lr)")
         opt.zero_grad(set_to_none=True)
         loss.backward()  # under DDP the gradients are averaged over the processes here
         opt.step()
@@ -442,15 +440,16 @@ def check(cfg):
     for path in (cfg.vit_ckpt, cfg.ast_ckpt):
         if path and not os.path.isfile(path):
             raise ValueError(f"checkpoint {path} not found")
+    if cfg.data == "synthetic" and (cfg.data_root or cfg.prepared_dir):
+        raise ValueError("--data_root and --prepared_dir are for real AVE: add --data=ave")
     if cfg.data == "ave" and not (os.path.isdir(cfg.data_root) and os.path.isdir(cfg.prepared_dir)):
         raise ValueError("--data=ave needs --data_root=DIR (Annotations.txt, split files) and --prepared_dir=DIR "
                          "(made by: python data.py --prepare_ave DIR --out PREPARED), both existing folders")
 
 
 def check_run_dir(cfg, run=True):
-    """out_dir, cache_dir and the cache's folders must be writable. For a run (not --probe, --bench): out_dir belongs
-    to one run at a time; a folder holding any earlier run's outputs is never cleared without --overwrite; --resume
-    must find a checkpoint of the same settings, world size and checkpoint files."""
+    """Writable folders; for a run (not --probe, --bench) out_dir belongs to it alone, an earlier run's outputs are
+    never cleared without --overwrite, and --resume needs a checkpoint of the same settings and identity."""
     cache = [os.path.join(cfg.cache_dir, sub) for sub in ("data", "backbones")]
     for folder in [cfg.out_dir, cfg.cache_dir] + [c for c in cache if os.path.isdir(c)]:
         try:
@@ -492,8 +491,8 @@ def run_identity(cfg):
 
 
 def lock_run_dir(out_dir):
-    """One run at a time in out_dir: the run holds an OS lock on out_dir/run.lock, which the OS drops when the
-    process ends, however it ends (a crash leaves nothing stale). Under torchrun rank 0 holds it; Windows has none."""
+    """An OS lock on out_dir/run.lock, dropped when the process ends however it ends (nothing stale after a crash).
+    Under torchrun rank 0 holds it for all; Windows has no flock, so no lock."""
     path = os.path.realpath(os.path.join(out_dir, "run.lock"))
     if RANK or os.name != "posix" or path in LOCKS:
         return
@@ -616,8 +615,7 @@ def ridge_probe(x, y, xt, yt, ridge=1e-2):
 
 
 def summary(dirs):
-    """Mean +- sample std over runs of one setting (e.g. seeds 0, 1, 2) of the numbers in each run's metrics.json.
-    Every file is checked before any row is printed: the runs must differ in their seed alone, and each counts once."""
+    """Mean +- sample std of the runs' metrics.json, all checked before a row is printed: seeds of one setting."""
     if not dirs:
         raise ValueError("--summary needs the run folders to average, e.g. --summary runs/s0 runs/s1 runs/s2")
     runs = {}  # seed -> (metrics.json, its numbers, its setting)
@@ -629,7 +627,8 @@ def summary(dirs):
             setting = {k: v for k, v in m["config"].items() if k not in RESUME_MAY_DIFFER - {"epochs"} | {"seed"}}
             seed, setting["world_size"] = m["config"]["seed"], m.get("world_size", 1)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path}: not a finished run's metrics ({type(e).__name__}: {e})") from None
+            raise ValueError(f"{path}: not a finished run's metrics ({type(e).__name__}: {e}; before 2026-12-04 the "
+                             "accuracies with an input removed had other names: rerun it)") from None
         first, _, first_setting = next(iter(runs.values()), (path, None, setting))
         diff = sorted(k for k in setting.keys() | first_setting.keys() if setting.get(k) != first_setting.get(k))
         if diff:
