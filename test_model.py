@@ -2110,6 +2110,19 @@ def test_broken_cache_files_say_delete_them(tmp_path):
         path.write_bytes(whole)
 
 
+@pytest.mark.run_dir
+@pytest.mark.slow
+def test_resume_refuses_a_checkpoint_with_nan_weights(tmp_path):
+    run_train(tmp_path, "--epochs=1")
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    next(iter(ck["best"].values())).view(-1)[0] = float("nan")
+    torch.save(ck, tmp_path / "ckpt.pt")
+    metrics = (tmp_path / "metrics.json").read_text()
+    with pytest.raises(SystemExit, match="ckpt.pt is unreadable .*NaN or Inf weights.*--overwrite=true"):
+        run_train(tmp_path, "--epochs=2", "--resume")
+    assert (tmp_path / "metrics.json").read_text() == metrics  # the finished run's results stand
+
+
 @pytest.mark.loaders
 def test_loaders_refuse_nan_or_inf_weights(tmp_path):
     state = timm_state_dict(ViT(image_size=16, patch_size=8, dim=16, depth=1, heads=2, mlp_dim=32))

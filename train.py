@@ -49,7 +49,6 @@ class Config(AVConfig, data.SynthConfig):
     data_root: str = ""  # real AVE: the folder with Annotations.txt and the split files
     prepared_dir: str = ""  # real AVE: the output of data.py --prepare_ave
     workers: int = 2  # processes drawing the synthetic set
-    # backbones: real checkpoints, or stage 0 pre-training of small ones
     vit_ckpt: str = ""  # timm or torchvision ViT weights (.pth, .safetensors); empty: pre-train one in stage 0
     ast_ckpt: str = ""  # AST-repo or Hugging Face AST weights; empty: pre-train one in stage 0
     vit_heads: int = 0  # attention heads of --vit_ckpt; 0: D // 64
@@ -62,7 +61,6 @@ class Config(AVConfig, data.SynthConfig):
     pretrain_samples: int = 4000  # stage-0 training images and sounds
     vit_epochs: int = 14  # stage-0 epochs of the ViT: until it names about 98 % of its training images
     ast_epochs: int = 7  # stage-0 epochs of the AST, which learns faster (the two train at once, a core each)
-    # adaptation
     epochs: int = 10  # training epochs; the epoch with the best val accuracy is kept
     batch_size: int = 32  # clips of 10 segments per step (per process under torchrun)
     lr: float = 3e-3  # AdamW learning rate
@@ -539,6 +537,7 @@ def read_checkpoint(path):
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
         assert {"config", "epoch", "history", "model", "optimizer", "best"} <= set(ck), "not written by train.py"
+        assert all(t.isfinite().all() for t in [*ck["model"].values(), *ck["best"].values()]), "NaN or Inf weights"
         return ck
     except Exception as e:  # nothing of a bad file is used
         reason = str(e).splitlines()[0][:200] if str(e) else "no detail"
