@@ -1455,8 +1455,12 @@ TINY = ["--train_clips=8", "--val_clips=4", "--test_clips=4", "--num_classes=3",
         "--ast_epochs=1", "--epochs=2", "--batch_size=4", "--latent_tokens=2", "--head_dim=16", "--workers=1"]
 
 
+def args(tmp, *extra):
+    return TINY + [f"--out_dir={tmp}", f"--cache_dir={tmp}", *extra]
+
+
 def run_train(tmp, *extra):
-    cfg = train.parse_config(TINY + [f"--out_dir={tmp}", f"--cache_dir={tmp}", *extra])
+    cfg = train.parse_config(args(tmp, *extra))
     with contextlib.redirect_stdout(io.StringIO()) as out:
         train.main(cfg)
     return json.loads((tmp / "metrics.json").read_text()), out.getvalue()
@@ -1984,10 +1988,6 @@ def test_flags_are_checked_before_any_work(tmp_path, capsys):
                    "--fstride=16", "patch stride along frequency", "--val_clips=200"):
         assert phrase in helped, phrase
     assert all(len(line.split(None, 1)) == 2 for line in helped.splitlines() if line.startswith("  --"))
-
-
-def args(tmp, *extra):
-    return TINY + [f"--out_dir={tmp}", f"--cache_dir={tmp}", *extra]
 
 
 @pytest.mark.run_dir

@@ -529,7 +529,8 @@ def start_or_resume(cfg, model, opt, sched):
     if RANK == 0:
         write_log(cfg, ck["history"])  # drops epochs logged after the checkpoint
     log(f"resumed from {path} after epoch {ck['epoch']}")
-    return {**{k: ck[k] for k in ("epoch", "best_val", "best", "history", "seconds", "elapsed")}, **run_identity(cfg)}
+    kept = ("epoch", "best_val", "best", "history", "seconds", "elapsed", "world_size", "checkpoint_sha256")
+    return {k: ck[k] for k in kept}  # run_identity: found equal in check_run_dir, so not hashed again
 
 
 def read_checkpoint(path):
@@ -626,8 +627,8 @@ def summary(dirs):
             setting = {k: v for k, v in m["config"].items() if k not in RESUME_MAY_DIFFER - {"epochs"} | {"seed"}}
             seed, setting["world_size"] = m["config"]["seed"], m.get("world_size", 1)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path}: not a finished run's metrics ({type(e).__name__}: {e}; before 2026-12-04 the "
-                             "accuracies with an input removed had other names: rerun it)") from None
+            hint = "; runs from before 2026-12-04 use other key names" if isinstance(e, KeyError) else ""
+            raise ValueError(f"{path}: not a finished run's metrics ({type(e).__name__}: {e}{hint})") from None
         first, _, first_setting = next(iter(runs.values()), (path, None, setting))
         diff = sorted(k for k in setting.keys() | first_setting.keys() if setting.get(k) != first_setting.get(k))
         if diff:
