@@ -1,6 +1,5 @@
 """Data: the AST fbank, the synthetic AVE default and the real AVE pipeline.
 
-    python data.py --stats                          label statistics and unimodal ceilings of the synthetic set
     python data.py --prepare_ave ROOT --out DIR     decode the real AVE videos once (needs the ffmpeg CLI)
 """
 import argparse
@@ -466,9 +465,9 @@ def prepare_video(src, dst, image_size=224, timeout=120):
     return notes
 
 
-def check_prepared(path, image_size=None):
+def check_prepared(path, image_size=None, whole=False):
     """Raises ValueError if a prepared .npz is unreadable or holds other keys or shapes than prepare_video writes.
-    Cheap: reads the zip directory and the arrays' headers, not their data."""
+    Cheap: reads the zip directory and the arrays' headers; whole=True also checks the data against its CRC-32."""
     expect = {"frames": ((SECONDS, image_size, image_size, 3), np.uint8),
               "audio": ((SAMPLE_RATE * SECONDS,), np.float32)}
     try:
@@ -482,6 +481,8 @@ def check_prepared(path, image_size=None):
                     got, _, got_dtype = read(f)
                 if got_dtype != dtype or len(got) != len(shape) or any(a and a != b for a, b in zip(shape, got)):
                     raise ValueError(f"{key} is {got_dtype} {got}, expected {np.dtype(dtype)} {shape}")
+            if whole and z.testzip():
+                raise ValueError(f"the data of {z.testzip()} is damaged")
     except (OSError, zipfile.BadZipFile, ValueError) as e:
         raise ValueError(f"{path} is broken ({e})") from None
 
@@ -501,7 +502,7 @@ def prepare_ave(root, out, image_size=224, workers=2, timeout=120):
     todo = [v for v in ids if not os.path.exists(dst[v])]
     for v in sorted(set(ids) - set(todo)):  # an earlier file that cannot be read is redone
         try:
-            check_prepared(dst[v], image_size)
+            check_prepared(dst[v], image_size, whole=True)
         except ValueError as e:
             os.remove(dst[v])  # if preparing it fails again, the row is dropped rather than left broken
             print(f"{e}: preparing it again")
@@ -544,8 +545,9 @@ class AVEDataset(torch.utils.data.Dataset):
         pairs = [(os.path.join(prepared_dir, r.video_id + ".npz"), segment_labels(r, classes)) for r in rows]
         keep = [(f, y) for f, y in pairs if os.path.exists(f)]
         if not keep:
-            raise FileNotFoundError(f"no prepared clip of the {split} split in {prepared_dir}: "
-                                    f"run `python data.py --prepare_ave {root} --out {prepared_dir}` first")
+            raise FileNotFoundError(f"{split}Set.txt in {root} lists no video" if not rows else f"no prepared clip of "
+                                    f"the {split} split in {prepared_dir}: run `python data.py --prepare_ave {root} "
+                                    f"--out {prepared_dir}` first")
         if len(keep) < len(rows):  # those videos were listed as skipped when preparing
             print(f"AVE {split}: dropped {len(rows) - len(keep)} of {len(rows)} rows whose video was not prepared")
         self.files, self.labels = [f for f, _ in keep], [y for _, y in keep]
@@ -578,7 +580,6 @@ class AVEDataset(torch.utils.data.Dataset):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stats", action="store_true", help="label statistics of the default synthetic set")
     p.add_argument("--prepare_ave", metavar="ROOT", help="folder with Annotations.txt and AVE/*.mp4")
     p.add_argument("--out", metavar="DIR", help="where the prepared <VideoID>.npz files go")
     p.add_argument("--image_size", type=int, default=224)
@@ -588,10 +589,6 @@ def main(argv=None):
         if not a.out:
             p.error("--prepare_ave needs --out DIR")
         prepare_ave(a.prepare_ave, a.out, a.image_size, a.workers)
-    elif a.stats:
-        cfg = SynthConfig()  # the demo's defaults
-        for name, split in synthetic_splits(cfg, os.path.join("out", "data")).items():
-            print(name, json.dumps({k: round(v, 3) for k, v in label_stats(split, cfg.num_classes).items()}))
     else:
         p.print_help()
 

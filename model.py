@@ -140,11 +140,11 @@ class AVConfig:
 CHOICES = {"mode": ("molt", "avmoe", "frozen"), "modalities": ("av", "a", "v"), "molt_layers": ("late", "early", "all")}
 
 
-def check_config(cfg):
-    """The model's settings, checked in one place (AVModel and train.parse_config call it)."""
-    for key, choices in CHOICES.items():
-        if getattr(cfg, key) not in choices:
-            raise ValueError(f"{key} must be one of {', '.join(choices)}, not {getattr(cfg, key)!r}")
+def check_config(cfg, choices=CHOICES):
+    """The model's settings, checked in one place (AVModel and train.check, which adds its own choices, call it)."""
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}, not {getattr(cfg, key)!r}")
     if cfg.molt_layers == "all" and cfg.late_layers:
         raise ValueError("late_layers does not apply to molt_layers=all (it uses every layer of the shallower "
                          "backbone): drop one of the two")

@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import warnings
+import zipfile
 from functools import partial
 from html.parser import HTMLParser
 
@@ -1387,6 +1388,35 @@ def test_ave_dataset_rows_labels_and_tensors(ave, capsys):
         data.AVEDataset(out, root, "test")  # its only clip was too short to prepare
 
 
+def damage_data(path):
+    """Flips bytes in the middle of the frames' data, where neither the zip directory nor a header lies."""
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("frames.npy")
+    middle = info.header_offset + 200 + info.compress_size // 2
+    raw[middle:middle + 8] = bytes(255 - b for b in raw[middle:middle + 8])
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.ave
+def test_ave_damaged_data_is_found_by_the_whole_check_and_an_empty_split_is_named(tmp_path):
+    root, prepared = tmp_path / "root", tmp_path / "prepared"
+    root.mkdir(), prepared.mkdir()
+    row = "Church bell&vid1&good&0&10"
+    write(root / "Annotations.txt", [row]), write(root / "trainSet.txt", [row]), write(root / "valSet.txt", [])
+    np.savez(prepared / "vid1.npz", frames=np.zeros((10, 16, 16, 3), np.uint8), audio=np.zeros(160000, np.float32))
+    data.check_prepared(prepared / "vid1.npz", 16, whole=True)
+    damage_data(prepared / "vid1.npz")
+    data.check_prepared(prepared / "vid1.npz", 16)  # headers only: cheap, and blind to this
+    with pytest.raises(ValueError, match="vid1.npz is broken .the data of frames.npy is damaged"):
+        data.check_prepared(prepared / "vid1.npz", 16, whole=True)
+    ds = data.AVEDataset(prepared, root, "train", num_mel_bins=32)
+    with pytest.raises(ValueError, match="vid1.npz is broken .*rerun `python data.py --prepare_ave"):
+        ds[0]
+    with pytest.raises(FileNotFoundError, match=f"valSet.txt in {re.escape(str(root))} lists no video"):
+        data.AVEDataset(prepared, root, "val")
+
+
 @pytest.mark.ave
 def test_ave_dataset_resizes_frames_like_torchvision(tmp_path):
     root, prepared = tmp_path / "root", tmp_path / "prepared"
@@ -1434,6 +1464,12 @@ def test_ave_broken_prepared_clips_are_named_and_redone(ave, tmp_path, monkeypat
     assert sorted(report["prepared"]) == ["A", "B"] and "preparing it again" in printed.getvalue()
     with np.load(prepared / "B.npz") as f:
         assert np.array_equal(f["frames"], frames) and len(data.AVEDataset(prepared, root, "train")) == 4
+    damage_data(prepared / "B.npz")  # headers intact: the dataset's cheap check passes, reading the clip fails,
+    with contextlib.redirect_stdout(io.StringIO()) as printed:  # and the rerun it advises redoes the file
+        report = data.prepare_ave(str(root), str(prepared), image_size=32)
+    assert report["prepared"] == ["B"] and "data of frames.npy is damaged): preparing it again" in printed.getvalue()
+    with np.load(prepared / "B.npz") as f:
+        assert np.array_equal(f["frames"], frames)
 
 
 @pytest.mark.ave
@@ -2034,6 +2070,31 @@ def test_run_dir_two_runs_started_together_one_refused(tmp_path):
     assert mode == ("molt", "frozen")[[p.returncode for p in runs].index(0)]
 
 
+def test_stage0_reads_the_users_checkpoints_first_and_only_for_the_modalities_used(tmp_path, monkeypatch):
+    trained = []
+
+    def untrained(enc, head, x, y, path, prefix, *rest):  # records, and saves the initial weights
+        trained.append(type(enc).__name__)
+        torch.save(timm_state_dict(enc, prefix), path)
+    monkeypatch.setattr(train, "pretrain", untrained)
+    vit = ViT(image_size=16, patch_size=8, dim=16, depth=2, heads=2, mlp_dim=32)
+    ast = AST(num_mel_bins=32, target_length=100, fstride=16, tstride=16, dim=16, depth=2, heads=2, mlp_dim=32)
+    torch.save(timm_state_dict(vit), tmp_path / "vit.pth")
+    torch.save(timm_state_dict(ast, "module.v."), tmp_path / "ast.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    wrong = train.parse_config(args(tmp_path, f"--ast_ckpt={tmp_path / 'vit.pth'}", "--ast_heads=2"))
+    with pytest.raises(ValueError, match="use load_vit"), contextlib.redirect_stdout(io.StringIO()):
+        train.backbones(wrong)  # a ViT given as the AST: refused before stage 0 trains the missing ViT
+    assert trained == []
+    audio = train.parse_config(args(tmp_path, "--modalities=a", f"--vit_ckpt={tmp_path / 'garbage.pth'}",
+                                    f"--ast_ckpt={tmp_path / 'ast.pth'}", "--ast_heads=2"))
+    got_vit, got_ast = train.backbones(audio)  # the ViT is not used: its file is not read, no ViT is trained
+    assert got_vit is None and trained == [] and torch.equal(got_ast.pos_embed, ast.pos_embed)
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.backbones(train.parse_config(args(tmp_path / "v", "--modalities=v")))
+    assert trained == ["ViT"]
+
+
 @pytest.mark.run_dir
 @pytest.mark.slow
 def test_resume_refuses_another_world_size_fewer_epochs_or_a_changed_checkpoint(tmp_path, monkeypatch):
@@ -2048,6 +2109,14 @@ def test_resume_refuses_another_world_size_fewer_epochs_or_a_changed_checkpoint(
         train.parse_config(resume + ["--epochs=3"])
     monkeypatch.setattr(train, "WORLD", 1)
     train.parse_config(resume + ["--epochs=3"])  # unchanged: resumes
+    real = train.datasets
+    def one_clip_less(cfg):  # as when more or fewer real AVE videos were prepared since the checkpoint
+        sets, n = real(cfg)
+        return dict(sets, train=torch.utils.data.Subset(sets["train"], range(7))), n
+    monkeypatch.setattr(train, "datasets", one_clip_less)
+    with pytest.raises(SystemExit, match=r"trained on \{'train': 8, 'val': 4, 'test': 4\} clips per split, the data "
+                                         r"now has \{'train': 7,"), contextlib.redirect_stdout(io.StringIO()):
+        train.main(train.parse_config(resume + ["--epochs=3"]))
     torch.save(timm_state_dict(randomize(vit)), tmp_path / "vit.pth")  # other weights at the same path
     with pytest.raises(SystemExit, match="checkpoint_sha256="):
         train.parse_config(resume + ["--epochs=3"])

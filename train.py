@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from model import AST, AVConfig, AVModel, ViT, check_config, load_ast, load_vit, param_counts, timm_state_dict
+from model import AST, CHOICES, AVConfig, AVModel, ViT, check_config, load_ast, load_vit, param_counts, timm_state_dict
 
 
 @dataclasses.dataclass
@@ -104,7 +104,7 @@ def main(cfg):
         f"parameters of {counts['total']:,} in all")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, cfg.lr_step, gamma=0.35)
-    run = start_or_resume(cfg, model, opt, sched)
+    run = start_or_resume(cfg, model, opt, sched, sets)
     for k, v in run["seconds"].items():  # a resumed run's times count the earlier processes too
         seconds[k] = round(seconds.get(k, 0) + v, 1)
     run["seconds"], t_start = seconds, t_start - run["elapsed"]
@@ -235,9 +235,8 @@ def final_report(cfg, model, ds, loader, device, cache, run, t_start):
     frames_removed = evaluate(model, loader, device, cache, remove="v")
     counts = param_counts(model)
     metrics = {"test_acc": test["acc"], "val_acc": run["best_val"], "test_acc_audio_removed": audio_removed["acc"],
-               "test_acc_frames_removed": frames_removed["acc"],
-               "trainable_params": counts["adapters"] + counts["head"],
-               "trainable_adapter_params": counts["adapters"], "head_params": counts["head"],
+               "test_acc_frames_removed": frames_removed["acc"], "head_params": counts["head"],
+               "trainable_params": counts["adapters"] + counts["head"], "trainable_adapter_params": counts["adapters"],
                "total_params": counts["total"], "mode": cfg.mode, "modalities": cfg.modalities, "world_size": WORLD,
                "router_weights": {"normal": test["router"], "audio_removed": audio_removed["router"]},
                "layer_weights": test["alpha"], "token_redundancy": test["orth"], "confusion": test["confusion"],
@@ -281,13 +280,16 @@ def pretrain(enc, head, x, y, path, prefix, epochs, cfg, progress):
 
 
 def backbones(cfg):
-    """The frozen ViT and AST: from the user's checkpoints, or pre-trained here once and cached in cache_dir."""
+    """The frozen ViT and AST of the modalities used (None for the other): the user's checkpoints, read first so that
+    a wrong file stops the run before stage 0 trains; the others pre-trained here once and cached in cache_dir."""
     key = f"s{cfg.seed}_d{cfg.dim}x{cfg.depth}h{cfg.heads}_{cfg.image_size}px_{cfg.num_mel_bins}mel_" \
           f"f{cfg.fstride}t{cfg.tstride}_{cfg.pretrain_samples}x{cfg.vit_epochs}-{cfg.ast_epochs}_{data.GENERATOR}"
-    vit_path = cfg.vit_ckpt or os.path.join(cfg.cache_dir, "backbones", f"vit_timm_{key}.pth")
-    ast_path = cfg.ast_ckpt or os.path.join(cfg.cache_dir, "backbones", f"ast_repo_{key}.pth")
-    todo = [name for name, given, path in (("ViT", cfg.vit_ckpt, vit_path), ("AST", cfg.ast_ckpt, ast_path))
-            if not given and not os.path.exists(path)]
+    used = [name for name, m in (("ViT", "v"), ("AST", "a")) if m in cfg.modalities]
+    given = {"ViT": cfg.vit_ckpt, "AST": cfg.ast_ckpt}
+    paths = {name: given[name] or os.path.join(cfg.cache_dir, "backbones", f"{stem}_{key}.pth")
+             for name, stem in (("ViT", "vit_timm"), ("AST", "ast_repo"))}
+    loaded = {name: load_backbone(name, paths[name], cfg) for name in used if given[name]}
+    todo = [name for name in used if not given[name] and not os.path.exists(paths[name])]
     if RANK == 0 and todo:
         log(f"stage 0: pre-training small backbones ({' and '.join(todo)}: shapes for the ViT, timbres for the AST)")
         frames, fbanks, shape, timbre = data.generate_pretraining(cfg.seed + 7, cfg.pretrain_samples,
@@ -298,30 +300,31 @@ def backbones(cfg):
         if "ViT" in todo:
             torch.manual_seed(cfg.seed)
             jobs.append((ViT(cfg.image_size, 8, cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim),
-                         nn.Linear(cfg.dim, len(data.SHAPES) + 1), frames, shape, vit_path, "", epochs["ViT"]))
+                         nn.Linear(cfg.dim, len(data.SHAPES) + 1), frames, shape, paths["ViT"], "", epochs["ViT"]))
         if "AST" in todo:
             torch.manual_seed(cfg.seed + 1)
             jobs.append((AST(cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride, cfg.dim, cfg.depth,
                              cfg.heads, 4 * cfg.dim), nn.Linear(cfg.dim, len(data.TIMBRES) + 1), fbanks, timbre,
-                         ast_path, "module.v.", epochs["AST"]))
+                         paths["AST"], "module.v.", epochs["AST"]))
         steps = sum(epochs[name] for name in todo) * math.ceil(cfg.pretrain_samples / PRETRAIN_BATCH)
         progress = data.Progress(f"stage 0: pre-training the {' and '.join(todo)} (steps)", steps)
         with data.single_thread(), ThreadPoolExecutor(2) as pool:  # one core each: small models gain little from two
             list(pool.map(lambda job: pretrain(*job, cfg, progress), jobs))
     if WORLD > 1:
         dist.barrier()
-    # heads cannot be read from weights: ours are known; a user's default to D // 64 unless given
-    vit = load_backbone(load_vit, vit_path, cfg.vit_ckpt, image_size=cfg.image_size,
-                        num_heads=cfg.vit_heads or (None if cfg.vit_ckpt else cfg.heads))
-    ast = load_backbone(load_ast, ast_path, cfg.ast_ckpt, cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride,
-                        cfg.tstride, num_heads=cfg.ast_heads or (None if cfg.ast_ckpt else cfg.heads))
-    return vit, ast
+    loaded.update({name: load_backbone(name, paths[name], cfg) for name in used if name not in loaded})
+    return loaded.get("ViT"), loaded.get("AST")
 
 
-def load_backbone(load, path, given, *args, **kwargs):
-    """load(path, ...); a stage-0 cache file that cannot be read is ours, broken: say so, not a user's advice."""
+def load_backbone(name, path, cfg):
+    """The ViT or AST at path. Heads cannot be read from weights: ours are known, a user's default to D // 64 unless
+    given. A stage-0 cache file that cannot be read is ours, broken: say so, not a user's advice."""
+    given = path in (cfg.vit_ckpt, cfg.ast_ckpt)
+    heads = (cfg.vit_heads if name == "ViT" else cfg.ast_heads) or (None if given else cfg.heads)
     try:
-        return load(path, *args, **kwargs)
+        if name == "ViT":
+            return load_vit(path, image_size=cfg.image_size, num_heads=heads)
+        return load_ast(path, cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride, num_heads=heads)
     except ValueError as e:
         if given:
             raise
@@ -408,10 +411,7 @@ def parse_config(argv, run=True):
 
 def check(cfg):
     """Every setting that can be checked before any work; ValueError names the flag and what to do."""
-    check_config(cfg)
-    for key, choices in RUN_CHOICES.items():
-        if getattr(cfg, key) not in choices:
-            raise ValueError(f"--{key} must be one of {', '.join(choices)}, not {getattr(cfg, key)!r}")
+    check_config(cfg, CHOICES | RUN_CHOICES)
     for key in AT_LEAST_ONE:
         if getattr(cfg, key) < 1:
             raise ValueError(f"--{key} must be at least 1, not {getattr(cfg, key)}")
@@ -504,10 +504,11 @@ def lock_run_dir(out_dir):
     LOCKS[path] = f  # held until this process exits
 
 
-def start_or_resume(cfg, model, opt, sched):
+def start_or_resume(cfg, model, opt, sched, sets):
     """A fresh run clears out_dir's outputs of an earlier one; --resume restores everything the checkpoint holds.
     -> the run's progress: epochs done, best val acc and its trainable weights, history, phase and wall seconds."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
+    clips = {s: len(ds) for s, ds in sets.items()}  # real AVE: the clips prepared so far
     if not (cfg.resume and os.path.exists(path)):
         if cfg.resume:
             log(f"--resume: no {path} yet, starting from scratch")
@@ -516,8 +517,11 @@ def start_or_resume(cfg, model, opt, sched):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(cfg.out_dir, name))
         return {"epoch": 0, "best_val": -1.0, "best": trainable_state(model), "history": [], "seconds": {},
-                "elapsed": 0.0, **run_identity(cfg)}
+                "elapsed": 0.0, "clips": clips, **run_identity(cfg)}
     ck = read_checkpoint(path)  # its settings were compared with these in check_run_dir
+    if ck.get("clips", clips) != clips:
+        sys.exit(f"{path} was trained on {ck['clips']} clips per split, the data now has {clips}: prepare or remove "
+                 "videos back to that state, or rerun with --overwrite=true to start afresh")
     if set(ck["model"]) != {n for n, p in model.named_parameters() if p.requires_grad}:
         sys.exit(f"{path} holds other trainable tensors than this model: was it written by another version?")
     model.load_state_dict(ck["model"], strict=False)  # the trainable part only; the backbones come from stage 0
@@ -530,7 +534,7 @@ def start_or_resume(cfg, model, opt, sched):
         write_log(cfg, ck["history"])  # drops epochs logged after the checkpoint
     log(f"resumed from {path} after epoch {ck['epoch']}")
     kept = ("epoch", "best_val", "best", "history", "seconds", "elapsed", "world_size", "checkpoint_sha256")
-    return {k: ck[k] for k in kept}  # run_identity: found equal in check_run_dir, so not hashed again
+    return {**{k: ck[k] for k in kept}, "clips": clips}  # run_identity: found equal in check_run_dir, not hashed again
 
 
 def read_checkpoint(path):
@@ -586,6 +590,8 @@ def probe(cfg, max_clips=1000):
     sets, cfg.num_classes = datasets(cfg)
     table = {}
     for m, enc in zip("va", backbones(cfg)):
+        if enc is None:  # a modality this run does not use
+            continue
         xy = []
         for split in ("train", "test"):
             ds = torch.utils.data.Subset(sets[split], range(min(max_clips, len(sets[split]))))
@@ -735,11 +741,8 @@ def text(x, y, s, anchor="middle", extra=""):
     return f'<text x="{x:.0f}" y="{y:.0f}" text-anchor="{anchor}" {extra}>{html.escape(str(s))}</text>'
 
 
-def svg(w, h, title, parts, axes=None):
-    """A drawing with its title on top; axes=(left, top, bottom, right) draws a y axis and an x axis."""
-    if axes:
-        parts = [f'<path d="M{axes[0]},{axes[1]}V{axes[2]}H{axes[3]}" fill="none" stroke="#000" stroke-width="2"/>',
-                 *parts]
+def svg(w, h, title, parts):
+    """A drawing with its title on top."""
     heading = text(w / 2, 24, title, extra="font-weight=bold")
     return f'<svg width="{w:.0f}" height="{h:.0f}">{heading}{"".join(parts)}</svg>'
 
@@ -751,6 +754,7 @@ def line_chart(title, ys, axis, best, fmt):
     bx, right = px(best - 1), best - 1 > (len(ys) - 1) / 2
     points = " ".join(f"{px(i):.1f},{py(v):.1f}" for i, v in enumerate(ys))
     return svg(left + pw + 30, top + ph + 60, title, [
+        f'<path d="M{left},{top}V{top + ph}H{left + pw}" fill="none" stroke="#000" stroke-width="2"/>',  # the axes
         f'<polyline points="{points}" fill="none" stroke="#000" stroke-width="3"/>',
         f'<line x1="{bx:.0f}" x2="{bx:.0f}" y1="{top - 6}" y2="{top + ph}" stroke="#000" stroke-dasharray="7 5"/>',
         f'<circle cx="{bx:.0f}" cy="{py(ys[best - 1]):.0f}" r="7"/>',
@@ -759,8 +763,7 @@ def line_chart(title, ys, axis, best, fmt):
         text(left - 8, top + 6, fmt.format(hi), "end"), text(left - 8, top + ph + 6, fmt.format(0), "end"),
         text(left, top + ph + 24, 1), text(left + pw, top + ph + 24, len(ys)),
         text(left + pw / 2, top + ph + 50, "epoch"),
-        text(24, top + ph / 2, axis, extra=f'transform="rotate(-90 24 {top + ph / 2:.0f})"')],
-        axes=(left, top, top + ph, left + pw))
+        text(24, top + ph / 2, axis, extra=f'transform="rotate(-90 24 {top + ph / 2:.0f})"')])
 
 
 def heatmap(title, rows, cols, values):
