@@ -2024,6 +2024,10 @@ def test_flags_are_checked_before_any_work(tmp_path, capsys):
                    "--fstride=16", "patch stride along frequency", "--val_clips=200"):
         assert phrase in helped, phrase
     assert all(len(line.split(None, 1)) == 2 for line in helped.splitlines() if line.startswith("  --"))
+    for bad, says in (("--out_dir=", "'' is not a writable folder"), ("--data=vae", "data must be one of synthetic"),
+                      (f"--vit_ckpt={tmp_path}", f"checkpoint {tmp_path} is a folder: give a file")):
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            train.parse_config([f"--out_dir={tmp_path / 'run'}", f"--cache_dir={tmp_path / 'run'}", bad])
 
 
 @pytest.mark.run_dir

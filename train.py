@@ -241,7 +241,7 @@ def final_report(cfg, model, ds, loader, device, cache, run, t_start):
                "router_weights": {"normal": test["router"], "audio_removed": audio_removed["router"]},
                "layer_weights": test["alpha"], "token_redundancy": test["orth"], "confusion": test["confusion"],
                "history": run["history"], "config": dataclasses.asdict(cfg), "seconds": round(time.time() - t_start, 1)}
-    rest = round(time.time() - t_start - sum(run["seconds"].values()), 1)  # the test, and setting up
+    rest = max(0.0, round(time.time() - t_start - sum(run["seconds"].values()), 1))  # the test, and setting up
     metrics["phase_seconds"] = dict(run["seconds"], **{"test and report": rest})
     data.write_atomic(os.path.join(cfg.out_dir, "metrics.json"), json.dumps(metrics, indent=1))
     both = len(model.mods) == 2  # removing one of two inputs only means something with both
@@ -437,7 +437,7 @@ def check(cfg):
         raise ValueError(f"--late_layers={cfg.late_layers} is more than the stage-0 backbones' {cfg.depth} layers")
     for path in (cfg.vit_ckpt, cfg.ast_ckpt):
         if path and not os.path.isfile(path):
-            raise ValueError(f"checkpoint {path} not found")
+            raise ValueError(f"checkpoint {path} {'is a folder' if os.path.isdir(path) else 'not found'}: give a file")
     if cfg.data == "synthetic" and (cfg.data_root or cfg.prepared_dir):
         raise ValueError("--data_root and --prepared_dir are for real AVE: add --data=ave")
     if cfg.data == "ave" and not (os.path.isdir(cfg.data_root) and os.path.isdir(cfg.prepared_dir)):
@@ -454,7 +454,7 @@ def check_run_dir(cfg, run=True):
             os.makedirs(folder, exist_ok=True)
             tempfile.TemporaryFile(dir=folder).close()
         except OSError as e:
-            raise ValueError(f"{folder} is not a writable folder ({e.strerror}): see --out_dir, --cache_dir") from None
+            raise ValueError(f"{folder!r} is not a writable folder ({e.strerror}): see --out_dir/--cache_dir") from None
     if not run:
         return
     if cfg.resume and cfg.overwrite:
@@ -889,7 +889,7 @@ if __name__ == "__main__":
             summary(sys.argv[2:])
         elif "--bench" in sys.argv or "--probe" in sys.argv:  # neither writes a checkpoint
             tool = bench if "--bench" in sys.argv else probe
-            tool(parse_config([a for a in sys.argv[1:] if a not in ("--bench", "--probe")], run=False))
+            tool(parse_config([a for a in sys.argv[1:] if a != f"--{tool.__name__}"], run=False))  # not both
         else:
             interruptible(parse_config(sys.argv[1:]))
     except (ValueError, FileNotFoundError) as e:  # bad input found while working (a checkpoint, an annotation line)
