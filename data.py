@@ -1,5 +1,6 @@
 """Data: the AST fbank, the synthetic AVE default and the real AVE pipeline.
 
+    python data.py --stats                          label statistics and unimodal ceilings of the synthetic set
     python data.py --prepare_ave ROOT --out DIR     decode the real AVE videos once (needs the ffmpeg CLI)
 """
 import argparse
@@ -266,8 +267,7 @@ def render_pretraining(seed, i, image_size, num_mel_bins):
 
 
 def draw_all(job, args, workers, what):
-    """[job(*a) for a in args] in worker processes, with a progress line. One torch thread per process: the many
-    small fbank calls gain nothing from more, and lose much on a busy machine."""
+    """[job(*a) for a in args] in processes of one torch thread each: the small fbank calls gain nothing from more."""
     progress = Progress(what, len(args))
     if workers == 1:
         with single_thread():
@@ -580,6 +580,7 @@ class AVEDataset(torch.utils.data.Dataset):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stats", action="store_true", help="label statistics of the default synthetic set")
     p.add_argument("--prepare_ave", metavar="ROOT", help="folder with Annotations.txt and AVE/*.mp4")
     p.add_argument("--out", metavar="DIR", help="where the prepared <VideoID>.npz files go")
     p.add_argument("--image_size", type=int, default=224)
@@ -589,6 +590,10 @@ def main(argv=None):
         if not a.out:
             p.error("--prepare_ave needs --out DIR")
         prepare_ave(a.prepare_ave, a.out, a.image_size, a.workers)
+    elif a.stats:
+        cfg = SynthConfig()  # the demo's defaults
+        for name, split in synthetic_splits(cfg, os.path.join("out", "data")).items():
+            print(name, json.dumps({k: round(v, 3) for k, v in label_stats(split, cfg.num_classes).items()}))
     else:
         p.print_help()
 

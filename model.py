@@ -233,8 +233,7 @@ class AVModel(nn.Module):
         return [f"layer {i + 1}" for i in self.layers[m]]
 
     def inputs(self, frames, fbank):
-        """Clips (B, S, 3, H, W), (B, S, T, F) -> per-segment backbone inputs (B*S, ...) on the model's device, keyed by
-        modality (one the model does not read is never moved)."""
+        """Clips (B, S, 3, H, W), (B, S, T, F) -> {m: (B*S, ...)} on the model's device, for the modalities it reads."""
         return {m: {"v": frames, "a": fbank}[m].flatten(0, 1).to(self.head.out.weight.device) for m in self.mods}
 
     @torch.no_grad()

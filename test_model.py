@@ -8,6 +8,7 @@ computed by hand; their failures name the equation and show expected against act
 tests: resume, torchrun, metrics.json and the report, the real AVE pipeline on clips made with ffmpeg, bad input."""
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -1646,13 +1647,13 @@ def test_probe_finds_the_layer_that_holds_each_modalitys_class(tmp_path, monkeyp
 
 
 @pytest.mark.summary
-def fake_run(folder, seed, acc=0.9, **config):
+def fake_run(folder, seed, acc=0.9, sha256=None, **config):
     """A finished run's metrics.json, as train.py writes it."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg = dict(dataclasses.asdict(train.Config()), seed=seed, out_dir=str(folder), **config)
     (folder / "metrics.json").write_text(json.dumps(
         {"test_acc": acc, "test_acc_audio_removed": 0.5, "test_acc_frames_removed": 0.5, "val_acc": acc,
-         "token_redundancy": 0.1, "seconds": 10, "world_size": 1, "config": cfg}))
+         "token_redundancy": 0.1, "seconds": 10, "world_size": 1, "checkpoint_sha256": sha256 or {}, "config": cfg}))
     return folder
 
 
@@ -1680,6 +1681,10 @@ def test_summary_refuses_runs_that_differ_beyond_the_seed_or_repeat(tmp_path, ca
     (e / "metrics.json").write_text((e / "metrics.json").read_text().replace('"world_size": 1', '"world_size": 3'))
     with pytest.raises(ValueError, match="differ in world_size"):  # torchrun with 3 processes: 3x the batch
         train.summary([a, e])
+    vit = [fake_run(tmp_path / f"v{i}", i, vit_ckpt=f"{i}/vit.pth", sha256={"vit_ckpt": "1f"}) for i in range(2)]
+    train.summary(vit)  # one checkpoint at two paths: one setting
+    with pytest.raises(ValueError, match="differ in checkpoint_sha256"):  # other weights at one path: two settings
+        train.summary(vit + [fake_run(tmp_path / "v2", 2, vit_ckpt="0/vit.pth", sha256={"vit_ckpt": "2e"})])
 
 
 @pytest.mark.feature_cache
@@ -1980,6 +1985,7 @@ def test_a_users_checkpoint_is_read_never_written(tmp_path):
     before = (tmp_path / "vit.pth").read_bytes()
     m, printed = run_train(tmp_path / "run", f"--vit_ckpt={tmp_path / 'vit.pth'}", "--vit_heads=2", "--epochs=1")
     assert (tmp_path / "vit.pth").read_bytes() == before
+    assert m["checkpoint_sha256"] == {"vit_ckpt": hashlib.sha256(before).hexdigest()}  # the content, in metrics.json
     assert "AST" in printed and "ViT and AST" not in printed  # stage 0 pre-trained only the missing backbone
     assert not list((tmp_path / "run" / "backbones").glob("vit_*"))
 
@@ -2121,9 +2127,11 @@ def test_resume_refuses_another_world_size_fewer_epochs_or_a_changed_checkpoint(
     with pytest.raises(SystemExit, match=r"trained on \{'train': 8, 'val': 4, 'test': 4\} clips per split, the data "
                                          r"now has \{'train': 7,"), contextlib.redirect_stdout(io.StringIO()):
         train.main(train.parse_config(resume + ["--epochs=3"]))
+    shutil.copy(tmp_path / "vit.pth", tmp_path / "moved.pth")
     torch.save(timm_state_dict(randomize(vit)), tmp_path / "vit.pth")  # other weights at the same path
     with pytest.raises(SystemExit, match="checkpoint_sha256="):
         train.parse_config(resume + ["--epochs=3"])
+    assert train.parse_config(resume + ["--epochs=3", f"--vit_ckpt={tmp_path / 'moved.pth'}"]).resume  # same bytes
 
 
 @pytest.mark.run_dir

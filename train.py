@@ -149,8 +149,7 @@ def main(cfg):
 
 
 def train_epoch(ddp, train, opt, cfg, device, cache, epoch):
-    """One pass over the training clips, in an order fixed by the seed and the epoch; -> mean loss. Stops the run
-    on a non-finite loss."""
+    """One pass over the training clips in an order fixed by seed and epoch -> mean loss; stops on a non-finite loss."""
     ddp.train()
     sampler = torch.utils.data.DistributedSampler(train, seed=cfg.seed) if WORLD > 1 else None
     if sampler is not None:
@@ -228,8 +227,7 @@ def evaluate(model, loader, device, cache=None, remove=None):
 
 
 def final_report(cfg, model, ds, loader, device, cache, run, t_start):
-    """Test accuracy with both modalities, with the audio removed and with the frames removed; the router and
-    MoLT's layer weights; metrics.json and report.html."""
+    """Test accuracy as is, with the audio removed and with the frames removed; router and layer weights; the files."""
     test = evaluate(model, loader, device, cache)
     audio_removed = evaluate(model, loader, device, cache, remove="a")
     frames_removed = evaluate(model, loader, device, cache, remove="v")
@@ -238,6 +236,7 @@ def final_report(cfg, model, ds, loader, device, cache, run, t_start):
                "test_acc_frames_removed": frames_removed["acc"], "head_params": counts["head"],
                "trainable_params": counts["adapters"] + counts["head"], "trainable_adapter_params": counts["adapters"],
                "total_params": counts["total"], "mode": cfg.mode, "modalities": cfg.modalities, "world_size": WORLD,
+               "checkpoint_sha256": run["checkpoint_sha256"],  # with world_size, what the settings do not say
                "router_weights": {"normal": test["router"], "audio_removed": audio_removed["router"]},
                "layer_weights": test["alpha"], "token_redundancy": test["orth"], "confusion": test["confusion"],
                "history": run["history"], "config": dataclasses.asdict(cfg), "seconds": round(time.time() - t_start, 1)}
@@ -257,9 +256,8 @@ def final_report(cfg, model, ds, loader, device, cache, run, t_start):
 
 
 def pretrain(enc, head, x, y, path, prefix, epochs, cfg, progress):
-    """Supervised pre-training of one backbone on single frames or single 1 s fbanks (shape / timbre, never the AV
-    task) for epochs passes in batches of PRETRAIN_BATCH, saved in the timm layout (prefix "module.v.": the AST
-    repo's)."""
+    """Supervised pre-training of one backbone on single frames or 1 s fbanks (shape / timbre, never the AV task)
+    for epochs passes in batches of PRETRAIN_BATCH, saved in the timm layout (prefix "module.v.": the AST repo's)."""
     name, steps = type(enc).__name__, epochs * math.ceil(len(x) / PRETRAIN_BATCH)
     opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=2e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)  # a ViT needs warm-up
@@ -352,7 +350,8 @@ def datasets(cfg):
 BOOLS = {"": True, "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 SUMMARY_KEYS = ("test_acc", "test_acc_audio_removed", "test_acc_frames_removed", "val_acc", "token_redundancy",
                 "seconds")
-RESUME_MAY_DIFFER = {"epochs", "out_dir", "cache_dir", "device", "resume", "overwrite", "workers", "dist_timeout"}
+RESUME_MAY_DIFFER = {"epochs", "out_dir", "cache_dir", "device", "resume", "overwrite", "workers", "dist_timeout",
+                     "vit_ckpt", "ast_ckpt"}  # a checkpoint may move: its content is compared (run_identity)
 RUN_CHOICES = {"data": ("synthetic", "ave"), "device": ("auto", "cuda", "mps", "cpu")}
 AT_LEAST_ONE = ("num_classes", "train_clips", "val_clips", "test_clips", "workers", "dim", "depth", "heads",
                 "pretrain_samples", "vit_epochs", "ast_epochs", "epochs", "batch_size", "lr_step", "dist_timeout",
@@ -489,8 +488,7 @@ def run_identity(cfg):
 
 
 def lock_run_dir(out_dir):
-    """An OS lock on out_dir/run.lock, dropped when the process ends however it ends (nothing stale after a crash).
-    Under torchrun rank 0 holds it for all; Windows has no flock, so no lock."""
+    """A flock on out_dir/run.lock that ends with the process, even a crashed one; rank 0 holds it; POSIX only."""
     path = os.path.realpath(os.path.join(out_dir, "run.lock"))
     if RANK or os.name != "posix" or path in LOCKS:
         return
@@ -589,9 +587,7 @@ def probe(cfg, max_clips=1000):
     that segment's own modality carries (synthetic: the class heard / seen, or none; real AVE: the segment label)."""
     sets, cfg.num_classes = datasets(cfg)
     table = {}
-    for m, enc in zip("va", backbones(cfg)):
-        if enc is None:  # a modality this run does not use
-            continue
+    for m, enc in zip("va", backbones(dataclasses.replace(cfg, modalities="av"))):  # both, whatever the run uses
         xy = []
         for split in ("train", "test"):
             ds = torch.utils.data.Subset(sets[split], range(min(max_clips, len(sets[split]))))
@@ -632,6 +628,7 @@ def summary(dirs):
             numbers = [float(m[key]) for key in SUMMARY_KEYS]
             setting = {k: v for k, v in m["config"].items() if k not in RESUME_MAY_DIFFER - {"epochs"} | {"seed"}}
             seed, setting["world_size"] = m["config"]["seed"], m.get("world_size", 1)
+            setting["checkpoint_sha256"] = m.get("checkpoint_sha256", {})  # the checkpoints' content, not their paths
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             hint = "; runs from before 2026-12-04 use other key names" if isinstance(e, KeyError) else ""
             raise ValueError(f"{path}: not a finished run's metrics ({type(e).__name__}: {e}{hint})") from None
@@ -783,8 +780,7 @@ def heatmap(title, rows, cols, values):
 
 
 def clip_table(ds, i, preds, names, mods):
-    """Test clip i, a column per second: frame, fbank, true label, synthetic role, predictions (wrong ones bold,
-    shaded and marked x)."""
+    """Test clip i, a column per second: frame, fbank, true label, synthetic role, predictions (wrong: bold, x)."""
     frames, fb, labels = ds[i]
     mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
     frames = ((frames * std + mean) * 255).round().clamp(0, 255).byte()  # (S, 3, H, W), as the camera saw it
