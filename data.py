@@ -203,7 +203,7 @@ def draw_sound(rng, timbres):
     wave = rng.normal(0, rng.uniform(0.005, 0.03), SAMPLE_RATE).astype(np.float32)
     for timbre in timbres:
         f0 = 150 * 20 ** rng.random()
-        phase = 2 * np.pi * f0 * {"chirp": t + 0.5 * t * t}.get(timbre, t)  # a chirp rises by half an octave
+        phase = 2 * np.pi * f0 * {"chirp": t + 0.5 * t * t}.get(timbre, t)  # a chirp rises an octave: f0 (1 + t)
         if timbre == "vibrato":
             phase = phase + 0.03 * f0 / 5 * np.sin(2 * np.pi * 5 * t)
         ks = np.array([k for k in HARMONICS.get(timbre, [1, 2]) if k * f0 < SAMPLE_RATE / 2], np.float32)

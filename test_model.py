@@ -707,6 +707,10 @@ def test_avmoe_router_reads_both_means():
     _, w = moe(x, other)
     expect = torch.softmax(moe.router.mlp(torch.cat([x.mean(1), other.mean(1)], -1)), -1)  # i = [mean X; mean X_o]
     assert_close("AVMoE router: w = softmax(r([mean X_self; mean X_other]))", w, expect, atol=1e-6)
+    alone = MoE(8, None, AVConfig(n_ua=2, latent_tokens=2, reduction=2)).eval()  # one modality: two UA experts
+    nn.init.normal_(alone.router.mlp[2].weight)
+    assert_close("AVMoE router, one modality: w = softmax(r(mean X_self))", alone(x, None)[1],
+                 torch.softmax(alone.router.mlp(x.mean(1)), -1), atol=1e-6)
 
 
 @pytest.mark.avmoe_router_noise
@@ -949,6 +953,14 @@ def test_molt_orthogonality_loss_on_a_known_cosine():
     three = torch.stack([a, b, -a]).reshape(1, 3, 1, 2)  # squared cosines 0.25, 1, 0.25 off the diagonal
     assert_close("MoLT orthogonality: three tokens", orthogonality_loss(three.expand(2, -1, -1, -1)),
                  torch.tensor(1.5 / 3))
+    tokens = torch.randn(2, 3, 2, 5, generator=torch.Generator().manual_seed(0))  # (B, K, n, D): 2 tokens a layer
+    expect = []
+    for clip in tokens:  # every pair of the K * n = 6 tokens, within a layer and across layers
+        flat = [t / t.norm() for layer in clip for t in layer]
+        pairs = [(float(u @ v)) ** 2 for i, u in enumerate(flat) for j, v in enumerate(flat) if i != j]
+        expect.append(sum(pairs) / len(pairs))
+    assert_close("MoLT orthogonality: all K * n tokens", orthogonality_loss(tokens),
+                 torch.tensor(sum(expect) / 2), atol=1e-6)
 
 
 @pytest.mark.molt_readout
@@ -999,6 +1011,18 @@ def test_head_mixes_only_neighbouring_seconds():
     moved[0, 5] += torch.randn(12)  # not a constant, which the LayerNorm would remove
     changed = (head(moved) - head(x)).abs().amax(-1)[0] > 1e-6  # (S,)
     assert changed.nonzero().flatten().tolist() == [4, 5, 6], "the head's temporal kernel spans 3 seconds"
+
+
+@pytest.mark.head
+@pytest.mark.parametrize("mode", ["molt", "avmoe", "frozen"])
+def test_head_keeps_the_clips_of_a_batch_apart(mode):
+    vit, ast = small_backbones()
+    model = randomize_adapters(AVModel(AVConfig(mode=mode, num_classes=4, latent_tokens=2), vit, ast))
+    frames, fb, _ = clip_batch(b=3, s=4)
+    with torch.no_grad():
+        together = model(frames, fb)[0]  # (B, S, C + 1)
+        alone = torch.cat([model(frames[i:i + 1], fb[i:i + 1])[0] for i in range(3)])
+    assert_close(f"{mode}: each clip of a batch gets its own segments' logits", together, alone, atol=1e-3)
 
 
 @pytest.mark.param_counts
@@ -1108,18 +1132,22 @@ def shape_seen(frame):
     if fill > 0.9:
         return "square"
     if not box[h // 2, w // 2]:
-        return "ring"
+        return "frame" if box[0, 0] and box[-1, -1] else "ring"  # a hollow square has its corners, a ring not
     if fill > 0.7:
         return "disk"
-    return "triangle" if box[-1].mean() > 0.8 else "cross"
+    if box[-1].mean() > 0.8:
+        return "triangle"
+    diagonals = [box[int(h * (0.5 + dy)), int(w * (0.5 + dx))] for dy in (-0.22, 0.22) for dx in (-0.2, 0.2)]
+    return "diamond" if all(diagonals) else "cross"  # halfway to a corner: inside a diamond, outside a cross
 
 
 @pytest.mark.renderer
-@pytest.mark.parametrize("shape", data.CLASS_SHAPES)
+@pytest.mark.parametrize("shape", data.SHAPES)
 def test_renderer_frame_shows_the_class_shape(shape):
+    """Each class shape, and each distractor shape (no class has it), is what it is named."""
     rng = np.random.default_rng(0)
     for _ in range(5):  # at random places, scales and hues
-        assert shape_seen(data.draw_frame(rng, 64, [shape])) == shape
+        assert shape_seen(data.draw_frame(rng, 128, [shape])) == shape
     frame = data.draw_frame(rng, 64, []).astype(float) / 255
     assert (frame.max(-1) - frame.min(-1)).max() < 0.4  # no shape: grey only
 
@@ -1143,6 +1171,48 @@ def test_renderer_sound_plays_the_class_timbre(timbre):
                   "tremolo": half and h3 < 0.05 and swing == 6, "pulse": half and third and swing == 3,
                   "vibrato": sharp < 0.5}[timbre]
         assert expect, f"{timbre} (seed {seed}): f0 {f0} Hz, h2 {h2:.2f}, h3 {h3:.2f}, sharp {sharp:.2f}, swing {swing}"
+
+
+@pytest.mark.renderer
+def test_renderer_sound_distractors_and_pitch_range():
+    """A chirp's pitch rises by an octave over its second (f0 (1 + t)), a bell's loudness decays (exp(-4 t)) and
+    holds an inharmonic partial at 2.76 f0; the pitch of any tone is drawn from 150 Hz to 3 kHz."""
+    def spectrum(wave):  # 1 Hz per bin
+        return np.abs(np.fft.rfft(wave * np.hanning(len(wave)), n=16000))
+
+    def peak(wave):  # the strongest frequency
+        return int(spectrum(wave).argmax())
+    for seed in range(4):
+        chirp = data.draw_sound(np.random.default_rng(seed), ["chirp"])
+        start, end = peak(chirp[:2000]), peak(chirp[-2000:])  # around t = 1/16 and t = 15/16: 1.82x
+        assert 1.6 < end / start < 2.0, (seed, start, end)
+        bell = data.draw_sound(np.random.default_rng(seed), ["bell"])
+        f0 = peak(bell[:4000])
+        first, last = (spectrum(part)[f0 - 10:f0 + 11].max() for part in (bell[:4000], bell[-4000:]))
+        assert first > 8 * last, (seed, f0, first / last)  # exp(-4 t) from t = 1/8 to 7/8: 20x
+        spec = np.abs(np.fft.rfft(bell * np.hanning(16000)))
+        if 2.76 * f0 < 7500:
+            assert spec[int(2.76 * f0) - 8:int(2.76 * f0) + 9].max() > 4 * spec[2 * f0 - 8:2 * f0 + 9].max(), f0
+    pitches = [peak(data.draw_sound(np.random.default_rng(seed), ["sine"])) for seed in range(60)]
+    assert 145 <= min(pitches) < 300 and 1500 < max(pitches) <= 3050, (min(pitches), max(pitches))
+
+
+@pytest.mark.generator
+def test_generator_clip_layout_roles_decoys_and_gaps():
+    """Over many clips: the event run is first, second or third in time equally often (roles are drawn after
+    placement), a decoy shows the event's class half the time plus its share of the rest, and runs may have gaps."""
+    rng = np.random.default_rng(0)
+    first, same, gapped, n = [0, 0, 0], 0, 0, 3000
+    for _ in range(n):
+        audible, visible, labels, run = data.make_clip(rng, 6)
+        order = [r for i, r in enumerate(run) if r >= 0 and (i == 0 or run[i - 1] != r)]  # roles, in time order
+        first[order[0]] += 1
+        same += audible[run == 1][0] == audible[run == 0][0]
+        inside = run[np.flatnonzero(run >= 0).min():np.flatnonzero(run >= 0).max() + 1]
+        gapped += (inside < 0).any()
+    assert all(abs(f / n - 1 / 3) < 0.04 for f in first), first
+    assert abs(same / n - (0.5 + 0.5 / 6)) < 0.04, same / n
+    assert 0.3 < gapped / n < 0.95, gapped / n
 
 
 @pytest.mark.generator
@@ -1590,6 +1660,10 @@ def test_probe_ridge_against_numpy():
                             torch.tensor(xt, dtype=torch.float32), torch.tensor(yt))
     assert expect[0] > 0.95 and expect[1] < 0.6 and expect[2] > 0.6  # what the layers are built to show
     assert got == pytest.approx(expect, abs=0.005)
+    y, yt = (torch.tensor(g.random(400) < 0.2).long() for _ in range(2))  # 80 % class 0, features pure noise:
+    noise, noise_t = (torch.tensor(g.standard_normal((400, 1, 3)), dtype=torch.float32) for _ in range(2))
+    majority = (yt == 0).float().mean().item()  # only the constant column (the bias) can learn the prior
+    assert train.ridge_probe(noise, y, noise_t, yt) == pytest.approx([majority], abs=0.02)
 
 
 @pytest.mark.probe
@@ -1624,12 +1698,17 @@ class Carrier(torch.utils.data.Dataset):
 
 
 class Layered(nn.Module):
-    """A stand-in backbone: its first block outputs noise, its second the class its input carries."""
+    """A stand-in backbone: its first block outputs noise, its second the class its input carries (blind=True: it
+    cannot tell nothing (-1) from class 0)."""
+
+    def __init__(self, blind=False):
+        super().__init__()
+        self.blind = blind
 
     def block_outputs(self, x):
         c = x.flatten(1)[:, 0].round().long() + 1  # -1 .. 2 -> 0 .. 3
         yield torch.randn(len(x), 5, 8)  # (B, N, D)
-        yield nn.functional.one_hot(c, 8).float()[:, None].expand(-1, 5, -1)
+        yield nn.functional.one_hot(c.clamp_min(1) if self.blind else c, 8).float()[:, None].expand(-1, 5, -1)
 
 
 @pytest.mark.probe
@@ -1644,6 +1723,11 @@ def test_probe_finds_the_layer_that_holds_each_modalitys_class(tmp_path, monkeyp
     for stream in ("visual", "audio"):  # the visual probe reads what is seen, the audio probe what is heard
         assert table[stream][1] == 1.0 and table[stream][0] < 0.6, (stream, table[stream])
     assert json.loads((tmp_path / "probe.json").read_text()) == table
+    monkeypatch.setattr(train, "backbones", lambda cfg: (Layered(blind=True), Layered(blind=True)))
+    with contextlib.redirect_stdout(io.StringIO()):
+        table = train.probe(cfg)
+    for stream in ("visual", "audio"):  # "nothing" is a class of its own: a layer blind to it scores below 1
+        assert 0.6 < table[stream][1] < 0.9, (stream, table[stream])
 
 
 @pytest.mark.summary
@@ -1685,6 +1769,19 @@ def test_summary_refuses_runs_that_differ_beyond_the_seed_or_repeat(tmp_path, ca
     train.summary(vit)  # one checkpoint at two paths: one setting
     with pytest.raises(ValueError, match="differ in checkpoint_sha256"):  # other weights at one path: two settings
         train.summary(vit + [fake_run(tmp_path / "v2", 2, vit_ckpt="0/vit.pth", sha256={"vit_ckpt": "2e"})])
+
+
+@pytest.mark.feature_cache
+def test_feature_cache_holds_every_clip_past_its_first_batch_of_32():
+    vit, ast = small_backbones()
+    model = AVModel(AVConfig(mode="molt", num_classes=4, latent_tokens=2), vit, ast).eval()
+    frames, fb, labels = clip_batch(b=40, s=10)
+    cache = data.FeatureCache(model, torch.utils.data.TensorDataset(frames, fb, labels), show=False)
+    idx = torch.tensor([0, 31, 32, 39])  # it is filled 32 clips at a time
+    got = cache.get(idx, {m: torch.zeros(4, 10, dtype=torch.bool) for m in "av"}, "cpu")
+    expect = model.frozen_states(frames[idx], fb[idx])
+    for m in "va":
+        assert_close(f"feature cache, {m} states of clips {idx.tolist()}", got[m]["late"], expect[m]["late"])
 
 
 @pytest.mark.feature_cache
