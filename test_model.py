@@ -2087,6 +2087,7 @@ def test_a_users_checkpoint_is_read_never_written(tmp_path):
     assert not list((tmp_path / "run" / "backbones").glob("vit_*"))
 
 
+@pytest.mark.stage0
 @pytest.mark.slow
 def test_stage0_gives_each_backbone_its_own_epochs(tmp_path, monkeypatch):
     seen, real = {}, train.pretrain
@@ -2177,6 +2178,7 @@ def test_run_dir_two_runs_started_together_one_refused(tmp_path):
     assert mode == ("molt", "frozen")[[p.returncode for p in runs].index(0)]
 
 
+@pytest.mark.stage0
 def test_stage0_reads_the_users_checkpoints_first_and_only_for_the_modalities_used(tmp_path, monkeypatch):
     trained = []
 
