@@ -2211,8 +2211,14 @@ def test_resume_refuses_another_world_size_fewer_epochs_or_a_changed_checkpoint(
     torch.save(timm_state_dict(vit), tmp_path / "vit.pth")
     run_train(tmp_path / "run", f"--vit_ckpt={tmp_path / 'vit.pth'}", "--vit_heads=2")
     resume = args(tmp_path / "run", f"--vit_ckpt={tmp_path / 'vit.pth'}", "--vit_heads=2", "--resume")
-    with pytest.raises(SystemExit, match="holds 2 finished epochs: resume with --epochs=2 or more"):
-        train.parse_config(resume + ["--epochs=1"])
+    files = {f: f.read_bytes() for f in (tmp_path / "run").iterdir() if f.is_file()}
+    for epochs in ("1", "2"):  # fewer epochs, or a finished run resumed as it is (it would only rewrite its results)
+        with pytest.raises(SystemExit, match="holds 2 finished epochs: resume with --epochs=3 or more"):
+            train.parse_config(resume + [f"--epochs={epochs}"])
+    assert files == {f: f.read_bytes() for f in (tmp_path / "run").iterdir() if f.is_file()}
+    (tmp_path / "run" / "metrics.json").rename(tmp_path / "metrics.json")  # stopped after its last epoch, untested:
+    assert train.parse_config(resume + ["--epochs=2"]).resume  # resuming it writes its results
+    (tmp_path / "metrics.json").rename(tmp_path / "run" / "metrics.json")
     monkeypatch.setattr(train, "WORLD", 3)
     with pytest.raises(SystemExit, match="world_size=1 there, 3 now"):
         train.parse_config(resume + ["--epochs=3"])

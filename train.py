@@ -445,8 +445,7 @@ def check(cfg):
 
 
 def check_run_dir(cfg, run=True):
-    """Writable folders; for a run (not --probe, --bench) out_dir belongs to it alone, an earlier run's outputs are
-    never cleared without --overwrite, and --resume needs a checkpoint of the same settings and identity."""
+    """Writable folders; a run's out_dir is its alone, never cleared without --overwrite, resumed only as it was."""
     cache = [os.path.join(cfg.cache_dir, sub) for sub in ("data", "backbones")]
     for folder in [cfg.out_dir, cfg.cache_dir] + [c for c in cache if os.path.isdir(c)]:
         try:
@@ -476,8 +475,9 @@ def check_run_dir(cfg, run=True):
         raise ValueError(f"{path} is from another configuration: " + ", ".join(
             f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items()) +
             f" (only {', '.join(sorted(RESUME_MAY_DIFFER - {'resume', 'overwrite'}))} may change on --resume)")
-    if cfg.epochs < ck["epoch"]:
-        raise ValueError(f"{path} holds {ck['epoch']} finished epochs: resume with --epochs={ck['epoch']} or more")
+    need = ck["epoch"] + ("metrics.json" in earlier)  # a finished run: resuming it as it is would only rewrite it
+    if cfg.epochs < need:
+        raise ValueError(f"{path} holds {ck['epoch']} finished epochs: resume with --epochs={need} or more")
 
 
 def run_identity(cfg):
