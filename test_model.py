@@ -1750,6 +1750,15 @@ def test_summary_gives_mean_and_sample_std(tmp_path, capsys):
 
 
 @pytest.mark.summary
+def test_summary_flag_anywhere_on_the_command_line(tmp_path):
+    runs = [str(fake_run(tmp_path / f"s{i}", i, acc)) for i, acc in enumerate((0.9, 0.7))]
+    for argv in (["--summary", *runs], [runs[0], "--summary", runs[1]]):
+        done = subprocess.run([sys.executable, "train.py", *argv], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert done.returncode == 0 and re.search(r"^test_acc +0\.800 \+- 0\.141", done.stdout, re.M), done.stderr
+
+
+@pytest.mark.summary
 def test_summary_refuses_runs_that_differ_beyond_the_seed_or_repeat(tmp_path, capsys):
     a, b = fake_run(tmp_path / "a", 0), fake_run(tmp_path / "b", 1, mode="frozen")
     for runs, expect in (([a, b], "differ in mode ('molt' against 'frozen')"), ([a, a, a], "both seed 0"),

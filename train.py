@@ -881,8 +881,8 @@ def interruptible(cfg):
 
 if __name__ == "__main__":
     try:
-        if sys.argv[1:2] == ["--summary"]:
-            summary(sys.argv[2:])
+        if "--summary" in sys.argv:  # the other arguments are run folders
+            summary([a for a in sys.argv[1:] if a != "--summary"])
         elif "--bench" in sys.argv or "--probe" in sys.argv:  # neither writes a checkpoint
             tool = bench if "--bench" in sys.argv else probe
             tool(parse_config([a for a in sys.argv[1:] if a != f"--{tool.__name__}"], run=False))  # not both
