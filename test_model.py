@@ -1774,6 +1774,11 @@ def test_summary_refuses_runs_that_differ_beyond_the_seed_or_repeat(tmp_path, ca
     (e / "metrics.json").write_text((e / "metrics.json").read_text().replace('"world_size": 1', '"world_size": 3'))
     with pytest.raises(ValueError, match="differ in world_size"):  # torchrun with 3 processes: 3x the batch
         train.summary([a, e])
+    f = fake_run(tmp_path / "f", 1)  # real AVE: fewer videos prepared for this seed's run
+    m = json.loads((f / "metrics.json").read_text())
+    (f / "metrics.json").write_text(json.dumps(dict(m, clips={"train": 8, "val": 3, "test": 2})))
+    with pytest.raises(ValueError, match="differ in clips"):
+        train.summary([a, f])
     vit = [fake_run(tmp_path / f"v{i}", i, vit_ckpt=f"{i}/vit.pth", sha256={"vit_ckpt": "1f"}) for i in range(2)]
     train.summary(vit)  # one checkpoint at two paths: one setting
     with pytest.raises(ValueError, match="differ in checkpoint_sha256"):  # other weights at one path: two settings
@@ -2204,13 +2209,29 @@ def test_stage0_reads_the_users_checkpoints_first_and_only_for_the_modalities_us
     with pytest.raises(ValueError, match="use load_vit"), contextlib.redirect_stdout(io.StringIO()):
         train.backbones(wrong)  # a ViT given as the AST: refused before stage 0 trains the missing ViT
     assert trained == []
-    audio = train.parse_config(args(tmp_path, "--modalities=a", f"--vit_ckpt={tmp_path / 'garbage.pth'}",
-                                    f"--ast_ckpt={tmp_path / 'ast.pth'}", "--ast_heads=2"))
-    got_vit, got_ast = train.backbones(audio)  # the ViT is not used: its file is not read, no ViT is trained
+    with pytest.raises(SystemExit, match="--vit_ckpt is for a modality that --modalities=a does not use: drop it"):
+        train.parse_config(args(tmp_path, "--modalities=a", f"--vit_ckpt={tmp_path / 'garbage.pth'}"))
+    audio = train.parse_config(args(tmp_path, "--modalities=a", f"--ast_ckpt={tmp_path / 'ast.pth'}", "--ast_heads=2"))
+    got_vit, got_ast = train.backbones(audio)  # the ViT is not used: none is read or trained
     assert got_vit is None and trained == [] and torch.equal(got_ast.pos_embed, ast.pos_embed)
     with contextlib.redirect_stdout(io.StringIO()):
         train.backbones(train.parse_config(args(tmp_path / "v", "--modalities=v")))
     assert trained == ["ViT"]
+
+
+@pytest.mark.run_dir
+@pytest.mark.slow
+def test_resume_to_more_epochs_drops_the_stale_results_so_an_interrupted_one_can_finish(tmp_path, monkeypatch):
+    run_train(tmp_path, "--epochs=1")
+    def interrupted(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "final_report", interrupted)  # stopped after its last epoch, before its results
+    with pytest.raises(KeyboardInterrupt), contextlib.redirect_stdout(io.StringIO()):
+        train.main(train.parse_config(args(tmp_path, "--epochs=2", "--resume")))
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "report.html").exists()  # 1 epoch's: stale
+    monkeypatch.undo()
+    m, _ = run_train(tmp_path, "--epochs=2", "--resume")  # the same command finishes it
+    assert len(m["history"]) == 2
 
 
 @pytest.mark.run_dir

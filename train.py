@@ -198,8 +198,7 @@ def loss_fn(logits, labels, aux, cfg):
 
 @torch.no_grad()
 def evaluate(model, loader, device, cache=None, remove=None):
-    """Segment accuracy, the confusion matrix, router weights (mean, and how often each expert is the largest),
-    MoLT's layer weights and token redundancy (the orthogonality loss: mean squared cosine between layer tokens)."""
+    """Segment accuracy, confusion, router weights (mean, top-1 share), layer weights, token redundancy (L_orth)."""
     model.eval()
     n = model.cfg.num_classes + 1
     confusion = torch.zeros(n, n, dtype=torch.long)
@@ -236,16 +235,16 @@ def final_report(cfg, model, ds, loader, device, cache, run, t_start):
                "test_acc_frames_removed": frames_removed["acc"], "head_params": counts["head"],
                "trainable_params": counts["adapters"] + counts["head"], "trainable_adapter_params": counts["adapters"],
                "total_params": counts["total"], "mode": cfg.mode, "modalities": cfg.modalities, "world_size": WORLD,
-               "checkpoint_sha256": run["checkpoint_sha256"],  # with world_size, what the settings do not say
+               "checkpoint_sha256": run["checkpoint_sha256"], "clips": run["clips"],  # what settings do not say
                "router_weights": {"normal": test["router"], "audio_removed": audio_removed["router"]},
                "layer_weights": test["alpha"], "token_redundancy": test["orth"], "confusion": test["confusion"],
                "history": run["history"], "config": dataclasses.asdict(cfg), "seconds": round(time.time() - t_start, 1)}
     rest = max(0.0, round(time.time() - t_start - sum(run["seconds"].values()), 1))  # the test, and setting up
     metrics["phase_seconds"] = dict(run["seconds"], **{"test and report": rest})
-    data.write_atomic(os.path.join(cfg.out_dir, "metrics.json"), json.dumps(metrics, indent=1))
     both = len(model.mods) == 2  # removing one of two inputs only means something with both
     write_report(os.path.join(cfg.out_dir, "report.html"), cfg, model, ds, metrics, test,
                  audio_removed if both else None)
+    data.write_atomic(os.path.join(cfg.out_dir, "metrics.json"), json.dumps(metrics, indent=1))  # last: finished
     print(f"test acc {test['acc']:.3f} (val {run['best_val']:.3f}); audio removed {audio_removed['acc']:.3f}; "
           f"frames removed {frames_removed['acc']:.3f}; the rest in {cfg.out_dir}/report.html")
     print("seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["phase_seconds"].items()) +
@@ -278,8 +277,7 @@ def pretrain(enc, head, x, y, path, prefix, epochs, cfg, progress):
 
 
 def backbones(cfg):
-    """The frozen ViT and AST of the modalities used (None for the other): the user's checkpoints, read first so that
-    a wrong file stops the run before stage 0 trains; the others pre-trained here once and cached in cache_dir."""
+    """The frozen ViT and AST of the modalities used: the user's files first (before stage 0 trains), else cached."""
     key = f"s{cfg.seed}_d{cfg.dim}x{cfg.depth}h{cfg.heads}_{cfg.image_size}px_{cfg.num_mel_bins}mel_" \
           f"f{cfg.fstride}t{cfg.tstride}_{cfg.pretrain_samples}x{cfg.vit_epochs}-{cfg.ast_epochs}_{data.GENERATOR}"
     used = [name for name, m in (("ViT", "v"), ("AST", "a")) if m in cfg.modalities]
@@ -434,7 +432,9 @@ def check(cfg):
     stage0 = any(m in cfg.modalities and not ckpt for m, ckpt in (("v", cfg.vit_ckpt), ("a", cfg.ast_ckpt)))
     if stage0 and cfg.mode == "molt" and cfg.late_layers > cfg.depth:
         raise ValueError(f"--late_layers={cfg.late_layers} is more than the stage-0 backbones' {cfg.depth} layers")
-    for path in (cfg.vit_ckpt, cfg.ast_ckpt):
+    for m, flag, path in (("v", "vit_ckpt", cfg.vit_ckpt), ("a", "ast_ckpt", cfg.ast_ckpt)):
+        if path and m not in cfg.modalities:
+            raise ValueError(f"--{flag} is for a modality that --modalities={cfg.modalities} does not use: drop it")
         if path and not os.path.isfile(path):
             raise ValueError(f"checkpoint {path} {'is a folder' if os.path.isdir(path) else 'not found'}: give a file")
     if cfg.data == "synthetic" and (cfg.data_root or cfg.prepared_dir):
@@ -503,17 +503,17 @@ def lock_run_dir(out_dir):
 
 
 def start_or_resume(cfg, model, opt, sched, sets):
-    """A fresh run clears out_dir's outputs of an earlier one; --resume restores everything the checkpoint holds.
-    -> the run's progress: epochs done, best val acc and its trainable weights, history, phase and wall seconds."""
+    """Clears an earlier run's outputs, or on --resume the results that training on makes stale, and restores what
+    the checkpoint holds -> progress: epochs done, best val acc and its weights, history, phase and wall seconds."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     clips = {s: len(ds) for s, ds in sets.items()}  # real AVE: the clips prepared so far
-    if not (cfg.resume and os.path.exists(path)):
+    resuming = cfg.resume and os.path.exists(path)
+    for name in ("metrics.json", "report.html") if resuming else RUN_FILES:  # every rank: nothing is written yet
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(cfg.out_dir, name))
+    if not resuming:
         if cfg.resume:
             log(f"--resume: no {path} yet, starting from scratch")
-        if RANK == 0:
-            for name in RUN_FILES:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(cfg.out_dir, name))
         return {"epoch": 0, "best_val": -1.0, "best": trainable_state(model), "history": [], "seconds": {},
                 "elapsed": 0.0, "clips": clips, **run_identity(cfg)}
     ck = read_checkpoint(path)  # its settings were compared with these in check_run_dir
@@ -628,7 +628,7 @@ def summary(dirs):
             numbers = [float(m[key]) for key in SUMMARY_KEYS]
             setting = {k: v for k, v in m["config"].items() if k not in RESUME_MAY_DIFFER - {"epochs"} | {"seed"}}
             seed, setting["world_size"] = m["config"]["seed"], m.get("world_size", 1)
-            setting["checkpoint_sha256"] = m.get("checkpoint_sha256", {})  # the checkpoints' content, not their paths
+            setting.update({k: m.get(k) for k in ("checkpoint_sha256", "clips")})  # content and data, not paths
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             hint = "; runs from before 2026-12-04 use other key names" if isinstance(e, KeyError) else ""
             raise ValueError(f"{path}: not a finished run's metrics ({type(e).__name__}: {e}{hint})") from None
@@ -888,5 +888,5 @@ if __name__ == "__main__":
             tool(parse_config([a for a in sys.argv[1:] if a != f"--{tool.__name__}"], run=False))  # not both
         else:
             interruptible(parse_config(sys.argv[1:]))
-    except (ValueError, FileNotFoundError) as e:  # bad input found while working (a checkpoint, an annotation line)
+    except (ValueError, OSError) as e:  # bad input found while working (a checkpoint, an annotation line), a full disk
         sys.exit(f"error: {e}")
