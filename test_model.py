@@ -1566,10 +1566,19 @@ def args(tmp, *extra):
     return TINY + [f"--out_dir={tmp}", f"--cache_dir={tmp}", *extra]
 
 
+def start(tmp, *extra):
+    """The run record of a run in tmp, as main takes it: the folder locked and every earlier file checked."""
+    return train.Run(train.parse_config(args(tmp, *extra)))
+
+
 def run_train(tmp, *extra):
+    """A run as `python train.py` makes it: an error found while working is one line (SystemExit)."""
     cfg = train.parse_config(args(tmp, *extra))
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        train.main(cfg)
+        try:
+            train.main(cfg)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"error: {e}") from None
     return json.loads((tmp / "metrics.json").read_text()), out.getvalue()
 
 
@@ -1714,30 +1723,36 @@ class Layered(nn.Module):
 @pytest.mark.probe
 def test_probe_finds_the_layer_that_holds_each_modalitys_class(tmp_path, monkeypatch):
     sets = {"train": Carrier(30, 0), "test": Carrier(30, 1)}
-    monkeypatch.setattr(train, "datasets", lambda cfg: (sets, 3))
-    monkeypatch.setattr(train, "backbones", lambda cfg: (Layered(), Layered()))
+    monkeypatch.setattr(train, "datasets", lambda cfg, run=None: sets)
+    monkeypatch.setattr(train, "backbones", lambda cfg, run=None, loaded=None: (Layered(), Layered()))
     cfg = train.parse_config(TINY + [f"--out_dir={tmp_path}", f"--cache_dir={tmp_path}", "--overwrite"])
     torch.manual_seed(0)
     with contextlib.redirect_stdout(io.StringIO()):
         table = train.probe(cfg)
     for stream in ("visual", "audio"):  # the visual probe reads what is seen, the audio probe what is heard
         assert table[stream][1] == 1.0 and table[stream][0] < 0.6, (stream, table[stream])
-    assert json.loads((tmp_path / "probe.json").read_text()) == table
-    monkeypatch.setattr(train, "backbones", lambda cfg: (Layered(blind=True), Layered(blind=True)))
+    written = json.loads((tmp_path / "probe_seed0.json").read_text())
+    assert written["probe"] == table and written["identity"]["settings"]["seed"] == 0
+    monkeypatch.setattr(train, "backbones", lambda cfg, run=None, loaded=None: (Layered(True), Layered(True)))
     with contextlib.redirect_stdout(io.StringIO()):
         table = train.probe(cfg)
     for stream in ("visual", "audio"):  # "nothing" is a class of its own: a layer blind to it scores below 1
         assert 0.6 < table[stream][1] < 0.9, (stream, table[stream])
 
 
-@pytest.mark.summary
-def fake_run(folder, seed, acc=0.9, sha256=None, **config):
-    """A finished run's metrics.json, as train.py writes it."""
+def fake_run(folder, seed, acc=0.9, weights=None, data_id=None, **config):
+    """A finished run's metrics.json, as train.py writes it (its identity as train.Run records it)."""
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = dict(dataclasses.asdict(train.Config()), seed=seed, out_dir=str(folder), **config)
+    cfg = train.Config(seed=seed, out_dir=str(folder), **config)
+    router = {"v": {"positions": ["layer 3"], "mean": [[0.25 + acc / 10, 0.75 - acc / 10]],
+                    "top1": [[0.5, 0.5]]}}
+    identity = {"kind": "train", "world_size": 1, "settings": train.settings(cfg),
+                "weights": weights or {"ViT": f"stage 0 of seed {seed}"},
+                "data": data_id or {"classes": ["a", "b"], "train": {"clips": 8, "sha256": f"seed {seed}"}}}
     (folder / "metrics.json").write_text(json.dumps(
-        {"test_acc": acc, "test_acc_audio_removed": 0.5, "test_acc_frames_removed": 0.5, "val_acc": acc,
-         "token_redundancy": 0.1, "seconds": 10, "world_size": 1, "checkpoint_sha256": sha256 or {}, "config": cfg}))
+        {"test_acc": acc, "test_acc_audio_removed": None, "test_acc_frames_removed": 0.5, "val_acc": acc,
+         "token_redundancy": 0.1, "seconds": 10, "router_weights": {"normal": router},
+         "config": dataclasses.asdict(cfg), "identity": identity}))
     return folder
 
 
@@ -1746,7 +1761,17 @@ def test_summary_gives_mean_and_sample_std(tmp_path, capsys):
     runs = [fake_run(tmp_path / f"s{i}", i, acc) for i, acc in enumerate((0.9, 0.8, 0.7))]
     capsys.readouterr()
     train.summary(runs)
-    assert re.search(r"^test_acc +0\.800 \+- 0\.100", capsys.readouterr().out, re.M)  # sample std of 0.9, 0.8, 0.7
+    out = capsys.readouterr().out
+    assert re.search(r"^test_acc +0\.800 \+- 0\.100", out, re.M)  # sample std of 0.9, 0.8, 0.7
+    assert re.search(r"^test_acc_audio_removed +-$", out, re.M)  # null: printed as -, not averaged
+    assert re.search(r"^router normal visual layer 3 UA 1 +0\.670 \+- 0\.010", out, re.M)  # 0.75 - acc / 10
+    (tmp_path / "p").mkdir()
+    for seed, acc in enumerate((0.5, 0.7)):  # --probe files of two seeds
+        (tmp_path / "p" / f"probe_seed{seed}.json").write_text(json.dumps(
+            {"probe": {"visual": [acc, 1.0]}, "config": dataclasses.asdict(train.Config(seed=seed)),
+             "identity": {"kind": "probe", "settings": train.settings(train.Config(seed=seed))}}))
+    train.summary(sorted(str(p) for p in (tmp_path / "p").iterdir()))
+    assert re.search(r"^probe visual layer 1 +0\.600 \+- 0\.141", capsys.readouterr().out, re.M)
 
 
 @pytest.mark.summary
@@ -1761,28 +1786,34 @@ def test_summary_flag_anywhere_on_the_command_line(tmp_path):
 @pytest.mark.summary
 def test_summary_refuses_runs_that_differ_beyond_the_seed_or_repeat(tmp_path, capsys):
     a, b = fake_run(tmp_path / "a", 0), fake_run(tmp_path / "b", 1, mode="frozen")
-    for runs, expect in (([a, b], "differ in mode ('molt' against 'frozen')"), ([a, a, a], "both seed 0"),
-                         ([a, fake_run(tmp_path / "c", 0)], "both seed 0"), ([], "needs the run folders")):
+    for runs, expect in (([a, b], "differ in settings.mode ('molt' against 'frozen')"),
+                         ([a, a, a], "both seed 0"), ([a, fake_run(tmp_path / "c", 0)], "both seed 0"),
+                         ([], "takes run folders"), ([a, "--seed=1"], "not --seed=1")):
         with pytest.raises(ValueError, match=re.escape(expect)):
             train.summary(runs)
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "metrics.json").write_text(json.dumps({"test_acc": None, "config": {"seed": 2}}))
-    with pytest.raises(ValueError, match="d/metrics.json: not a finished run's metrics"):
+    with pytest.raises(ValueError, match="d/metrics.json: .*written by an earlier version of train.py"):
         train.summary([a, tmp_path / "d"])
     assert capsys.readouterr().out == ""  # nothing printed before the refusal
+    train.summary([a / "metrics.json", fake_run(tmp_path / "s1", 1)])  # a metrics.json path is fine
     e = fake_run(tmp_path / "e", 1)
-    (e / "metrics.json").write_text((e / "metrics.json").read_text().replace('"world_size": 1', '"world_size": 3'))
-    with pytest.raises(ValueError, match="differ in world_size"):  # torchrun with 3 processes: 3x the batch
+    m = json.loads((e / "metrics.json").read_text())
+    m["identity"]["world_size"] = 3
+    (e / "metrics.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"differ in world_size \(1 against 3\)"):  # 3 processes: 3x the batch
         train.summary([a, e])
-    f = fake_run(tmp_path / "f", 1)  # real AVE: fewer videos prepared for this seed's run
-    m = json.loads((f / "metrics.json").read_text())
-    (f / "metrics.json").write_text(json.dumps(dict(m, clips={"train": 8, "val": 3, "test": 2})))
-    with pytest.raises(ValueError, match="differ in clips"):
-        train.summary([a, f])
-    vit = [fake_run(tmp_path / f"v{i}", i, vit_ckpt=f"{i}/vit.pth", sha256={"vit_ckpt": "1f"}) for i in range(2)]
+    fewer = {"classes": ["a", "b"], "train": {"clips": 7, "sha256": "seed 1"}}  # fewer clips in one seed
+    with pytest.raises(ValueError, match=r"differ in data.train.clips \(8 against 7\)"):
+        train.summary([a, fake_run(tmp_path / "f", 1, data_id=fewer)])
+    ave = {"classes": ["a", "b"], "train": {"clips": 8, "sha256": "the prepared clips"}}
+    with pytest.raises(ValueError, match="differ in data.train.sha256"):  # real AVE: data is not the seed's
+        train.summary([fake_run(tmp_path / f"ave{i}", i, data="ave",
+                                data_id=dict(ave, train={"clips": 8, "sha256": str(i)})) for i in range(2)])
+    vit = [fake_run(tmp_path / f"v{i}", i, vit_ckpt=f"{i}/vit.pth", weights={"ViT": "1f"}) for i in range(2)]
     train.summary(vit)  # one checkpoint at two paths: one setting
-    with pytest.raises(ValueError, match="differ in checkpoint_sha256"):  # other weights at one path: two settings
-        train.summary(vit + [fake_run(tmp_path / "v2", 2, vit_ckpt="0/vit.pth", sha256={"vit_ckpt": "2e"})])
+    with pytest.raises(ValueError, match=r"differ in weights.ViT \('1f' against '2e'\)"):  # other weights
+        train.summary(vit + [fake_run(tmp_path / "v2", 2, vit_ckpt="0/vit.pth", weights={"ViT": "2e"})])
 
 
 @pytest.mark.feature_cache
@@ -1802,7 +1833,7 @@ def test_feature_cache_holds_every_clip_past_its_first_batch_of_32():
 @pytest.mark.slow
 def test_feature_cache_gives_the_uncached_results(tmp_path):
     cfg = train.parse_config(TINY + [f"--out_dir={tmp_path}", f"--cache_dir={tmp_path}"])
-    sets, cfg.num_classes = train.datasets(cfg)
+    sets = train.datasets(cfg)
     with contextlib.redirect_stdout(io.StringIO()):
         vit, ast = train.backbones(cfg)
     model = AVModel(cfg, vit, ast).eval()
@@ -1845,10 +1876,10 @@ def test_bench_measure_counts_each_saved_storage_once():
 @pytest.mark.bench
 @pytest.mark.slow
 def test_bench_counts_less_for_molt(tmp_path):
-    cfg = train.parse_config(TINY + [f"--out_dir={tmp_path}", f"--cache_dir={tmp_path}", "--batch_size=50"], run=False)
+    cfg = train.parse_config(TINY + [f"--out_dir={tmp_path}", f"--cache_dir={tmp_path}", "--batch_size=50"], "bench")
     with contextlib.redirect_stdout(io.StringIO()) as out:
         train.bench(cfg, paper_scale=False)
-    r = json.loads((tmp_path / "bench.json").read_text())
+    r = json.loads((tmp_path / "bench_seed0.json").read_text())["bench"]
     assert "MoLT / AVMoE" in out.getvalue() and "(8 clips x 10 segments)" in out.getvalue()  # what it measured
     assert r["demo molt"]["adapter_params"] < r["demo avmoe"]["adapter_params"]
     assert 0 < r["demo molt"]["saved_bytes"] < r["demo avmoe"]["saved_bytes"]
@@ -1871,7 +1902,7 @@ def test_resume_gives_the_same_result_and_checks_the_config(tmp_path):
         assert resumed[k] == whole[k], k
     a, b = (torch.load(p / "ckpt.pt", weights_only=True)["model"] for p in (tmp_path / "a", tmp_path / "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(SystemExit, match=r"lr=0\.003 there, 0\.001 now"):
+    with pytest.raises(SystemExit, match=r"settings\.lr=0\.003 there, 0\.001 now"):
         run_train(tmp_path / "b", "--mode=avmoe", "--modality_dropout=0.2", "--lr_step=1", "--resume", "--lr=0.001")
 
 
@@ -1903,10 +1934,11 @@ def test_unreadable_checkpoints_and_nan_give_one_honest_line(tmp_path, monkeypat
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     for broken in (whole[: len(whole) // 2], b"", (tmp_path / "foreign.pt").read_bytes()):
         ckpt.write_bytes(broken)
-        with pytest.raises(SystemExit, match=r"ckpt\.pt is unreadable \(.*\): delete it or run with --overwrite"):
+        with pytest.raises(SystemExit, match=r"ckpt\.pt (is unreadable \(.*\): delete it or|was not written "
+                                             r"by train\.py:) run with --overwrite"):
             run_train(tmp_path, "--epochs=2", "--resume")
     monkeypatch.setattr(train.F, "cross_entropy", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
-    with pytest.raises(SystemExit, match="was not written: no epoch finished"):
+    with pytest.raises(SystemExit, match="loss is nan at epoch 1 step 0: stopping; no epoch had finished"):
         run_train(tmp_path / "new")
 
 
@@ -2096,7 +2128,7 @@ def test_a_users_checkpoint_is_read_never_written(tmp_path):
     before = (tmp_path / "vit.pth").read_bytes()
     m, printed = run_train(tmp_path / "run", f"--vit_ckpt={tmp_path / 'vit.pth'}", "--vit_heads=2", "--epochs=1")
     assert (tmp_path / "vit.pth").read_bytes() == before
-    assert m["checkpoint_sha256"] == {"vit_ckpt": hashlib.sha256(before).hexdigest()}  # the content, in metrics.json
+    assert m["identity"]["weights"]["ViT"] == hashlib.sha256(before).hexdigest()  # the content, in metrics.json
     assert "AST" in printed and "ViT and AST" not in printed  # stage 0 pre-trained only the missing backbone
     assert not list((tmp_path / "run" / "backbones").glob("vit_*"))
 
@@ -2106,13 +2138,13 @@ def test_a_users_checkpoint_is_read_never_written(tmp_path):
 def test_stage0_gives_each_backbone_its_own_epochs(tmp_path, monkeypatch):
     seen, real = {}, train.pretrain
 
-    def spy(enc, head, x, y, path, prefix, epochs, cfg, progress):
+    def spy(enc, head, x, y, path, prefix, epochs, cfg, progress, stop):
         name, seen["total"] = type(enc).__name__, progress.total
         seen[name] = 0
 
         def step(*a, **k):
             seen[name] += 1
-        return real(enc, head, x, y, path, prefix, epochs, cfg, step)
+        return real(enc, head, x, y, path, prefix, epochs, cfg, step, stop)
     monkeypatch.setattr(train, "pretrain", spy)
     cfg = train.parse_config(TINY + ["--vit_epochs=3", "--ast_epochs=2", "--pretrain_samples=100",
                                      f"--out_dir={tmp_path}", f"--cache_dir={tmp_path}"])
@@ -2143,7 +2175,7 @@ def test_flags_are_checked_before_any_work(tmp_path, capsys):
         assert phrase in helped, phrase
     assert all(len(line.split(None, 1)) == 2 for line in helped.splitlines() if line.startswith("  --"))
     for bad, says in (("--out_dir=", "'' is not a writable folder"), ("--data=vae", "data must be one of synthetic"),
-                      (f"--vit_ckpt={tmp_path}", f"checkpoint {tmp_path} is a folder: give a file")):
+                      (f"--vit_ckpt={tmp_path}", f"--vit_ckpt={tmp_path} is a folder: give a file")):
         with pytest.raises(SystemExit, match=re.escape(says)):
             train.parse_config([f"--out_dir={tmp_path / 'run'}", f"--cache_dir={tmp_path / 'run'}", bad])
 
@@ -2153,10 +2185,12 @@ def test_flags_are_checked_before_any_work(tmp_path, capsys):
 def test_run_dir_with_any_earlier_output_is_never_cleared(tmp_path, left):
     (tmp_path / left).write_text("an earlier run's")
     for extra in ([], ["--resume"]):  # nothing to resume from: still not cleared
-        with pytest.raises(SystemExit, match=f"holds an earlier run \\({left}\\): pass --overwrite=true"):
-            train.parse_config(args(tmp_path, *extra))
+        with pytest.raises(ValueError, match=f"holds an earlier run \\({left}\\): pass --overwrite=true"):
+            start(tmp_path, *extra)
     assert (tmp_path / left).read_text() == "an earlier run's"
-    train.parse_config(args(tmp_path, "--overwrite"))  # on request
+    assert sorted(p.name for p in tmp_path.iterdir()) == [left]  # the refused run left no lock behind
+    with start(tmp_path, "--overwrite"):  # on request
+        pass
 
 
 @pytest.mark.run_dir
@@ -2167,14 +2201,18 @@ def test_run_dir_lock_refuses_while_another_process_holds_it_and_not_after(tmp_p
                                str(tmp_path / "run.lock")], stdout=subprocess.PIPE, text=True)
     try:
         holder.stdout.readline()  # it holds the lock now
-        with pytest.raises(SystemExit, match="in use by another run"):
-            train.parse_config(args(tmp_path))
+        with pytest.raises(ValueError, match="in use by another run"):
+            start(tmp_path)
+        assert (tmp_path / "run.lock").exists()  # not the refused run's to remove
     finally:
         holder.kill()
         holder.wait()
         holder.stdout.close()
-    train.parse_config(args(tmp_path))  # killed: the OS dropped its lock, nothing stale is left
-    train.parse_config(args(tmp_path))  # this process holds it now, and may parse again
+    with start(tmp_path):  # killed: the OS dropped its lock, nothing stale is left
+        with pytest.raises(ValueError, match="in use by another run"):
+            start(tmp_path)  # this process holds it now
+    with start(tmp_path):
+        pass
 
 
 @pytest.mark.run_dir
@@ -2206,13 +2244,13 @@ def test_stage0_reads_the_users_checkpoints_first_and_only_for_the_modalities_us
     torch.save(timm_state_dict(ast, "module.v."), tmp_path / "ast.pth")
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
     wrong = train.parse_config(args(tmp_path, f"--ast_ckpt={tmp_path / 'vit.pth'}", "--ast_heads=2"))
-    with pytest.raises(ValueError, match="use load_vit"), contextlib.redirect_stdout(io.StringIO()):
-        train.backbones(wrong)  # a ViT given as the AST: refused before stage 0 trains the missing ViT
+    with pytest.raises(ValueError, match="--ast_ckpt=.*use load_vit"), contextlib.redirect_stdout(io.StringIO()):
+        train.user_backbones(wrong)  # a ViT given as the AST: refused before any data or stage-0 work
     assert trained == []
     with pytest.raises(SystemExit, match="--vit_ckpt is for a modality that --modalities=a does not use: drop it"):
         train.parse_config(args(tmp_path, "--modalities=a", f"--vit_ckpt={tmp_path / 'garbage.pth'}"))
     audio = train.parse_config(args(tmp_path, "--modalities=a", f"--ast_ckpt={tmp_path / 'ast.pth'}", "--ast_heads=2"))
-    got_vit, got_ast = train.backbones(audio)  # the ViT is not used: none is read or trained
+    got_vit, got_ast = train.backbones(audio, None, train.user_backbones(audio))  # no ViT read or trained
     assert got_vit is None and trained == [] and torch.equal(got_ast.pos_embed, ast.pos_embed)
     with contextlib.redirect_stdout(io.StringIO()):
         train.backbones(train.parse_config(args(tmp_path / "v", "--modalities=v")))
@@ -2226,7 +2264,8 @@ def test_resume_to_more_epochs_drops_the_stale_results_so_an_interrupted_one_can
     def interrupted(*a):
         raise KeyboardInterrupt
     monkeypatch.setattr(train, "final_report", interrupted)  # stopped after its last epoch, before its results
-    with pytest.raises(KeyboardInterrupt), contextlib.redirect_stdout(io.StringIO()):
+    with pytest.raises(SystemExit, match="interrupted: .*keeps epoch 2 of 2"), \
+            contextlib.redirect_stdout(io.StringIO()):
         train.main(train.parse_config(args(tmp_path, "--epochs=2", "--resume")))
     assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "report.html").exists()  # 1 epoch's: stale
     monkeypatch.undo()
@@ -2240,33 +2279,50 @@ def test_resume_refuses_another_world_size_fewer_epochs_or_a_changed_checkpoint(
     vit = ViT(image_size=16, patch_size=8, dim=16, depth=2, heads=2, mlp_dim=32)
     torch.save(timm_state_dict(vit), tmp_path / "vit.pth")
     run_train(tmp_path / "run", f"--vit_ckpt={tmp_path / 'vit.pth'}", "--vit_heads=2")
-    resume = args(tmp_path / "run", f"--vit_ckpt={tmp_path / 'vit.pth'}", "--vit_heads=2", "--resume")
+    resume = [f"--vit_ckpt={tmp_path / 'vit.pth'}", "--vit_heads=2", "--resume"]
     files = {f: f.read_bytes() for f in (tmp_path / "run").iterdir() if f.is_file()}
-    for epochs in ("1", "2"):  # fewer epochs, or a finished run resumed as it is (it would only rewrite its results)
-        with pytest.raises(SystemExit, match="holds 2 finished epochs: resume with --epochs=3 or more"):
-            train.parse_config(resume + [f"--epochs={epochs}"])
-    assert files == {f: f.read_bytes() for f in (tmp_path / "run").iterdir() if f.is_file()}
-    (tmp_path / "run" / "metrics.json").rename(tmp_path / "metrics.json")  # stopped after its last epoch, untested:
-    assert train.parse_config(resume + ["--epochs=2"]).resume  # resuming it writes its results
+
+    def refused(expect, *extra):  # refused with one line, and every file of the run as it was
+        with pytest.raises(SystemExit, match=expect):
+            run_train(tmp_path / "run", *resume, *extra)
+        assert files == {f: f.read_bytes() for f in (tmp_path / "run").iterdir() if f.is_file()}, expect
+    for epochs in ("1", "2"):  # fewer epochs, or a finished run resumed as it is (it would only rewrite it)
+        refused("holds 2 finished epochs and their results: resume with --epochs=3 or more", f"--epochs={epochs}")
+    (tmp_path / "run" / "metrics.json").rename(tmp_path / "metrics.json")  # stopped after its last epoch:
+    with start(tmp_path / "run", *resume, "--epochs=2") as run:  # resuming it writes its results
+        assert run.ck["epoch"] == 2
     (tmp_path / "metrics.json").rename(tmp_path / "run" / "metrics.json")
     monkeypatch.setattr(train, "WORLD", 3)
-    with pytest.raises(SystemExit, match="world_size=1 there, 3 now"):
-        train.parse_config(resume + ["--epochs=3"])
+    refused("world_size=1 there, 3 now", "--epochs=3")
     monkeypatch.setattr(train, "WORLD", 1)
-    train.parse_config(resume + ["--epochs=3"])  # unchanged: resumes
-    real = train.datasets
-    def one_clip_less(cfg):  # as when more or fewer real AVE videos were prepared since the checkpoint
-        sets, n = real(cfg)
-        return dict(sets, train=torch.utils.data.Subset(sets["train"], range(7))), n
-    monkeypatch.setattr(train, "datasets", one_clip_less)
-    with pytest.raises(SystemExit, match=r"trained on \{'train': 8, 'val': 4, 'test': 4\} clips per split, the data "
-                                         r"now has \{'train': 7,"), contextlib.redirect_stdout(io.StringIO()):
-        train.main(train.parse_config(resume + ["--epochs=3"]))
+    real = data.synthetic_splits
+
+    def changed(how):  # the data since the checkpoint: fewer clips, other labels
+        def splits(*a, **k):
+            sets = real(*a, **k)
+            if how == "fewer":
+                sets["train"] = {key: v[:7] for key, v in sets["train"].items()}
+            else:
+                sets["val"]["labels"] = sets["val"]["labels"].roll(1, 0)
+            return sets
+        return splits
+    for how, expect in (("fewer", r"data\.train\.clips=8 there, 7 now"), ("labels", r"data\.val\.sha256=")):
+        monkeypatch.setattr(data, "synthetic_splits", changed(how))
+        refused(expect, "--epochs=3")
+    monkeypatch.setattr(data, "synthetic_splits", real)
+    monkeypatch.setattr(data, "CLASS_SHAPES", data.CLASS_SHAPES[::-1])  # the classes in another order
+    refused(r"data\.classes=\['square \+ sine'", "--epochs=3")
+    monkeypatch.undo()
+    stage0 = next((tmp_path / "run" / "backbones").glob("ast_*"))
+    kept = stage0.read_bytes()
+    torch.save({"module.v.x": torch.zeros(1)}, stage0)  # another stage-0 AST in --cache_dir
+    refused(r"weights\.AST=", "--epochs=3")
+    stage0.write_bytes(kept)
     shutil.copy(tmp_path / "vit.pth", tmp_path / "moved.pth")
     torch.save(timm_state_dict(randomize(vit)), tmp_path / "vit.pth")  # other weights at the same path
-    with pytest.raises(SystemExit, match="checkpoint_sha256="):
-        train.parse_config(resume + ["--epochs=3"])
-    assert train.parse_config(resume + ["--epochs=3", f"--vit_ckpt={tmp_path / 'moved.pth'}"]).resume  # same bytes
+    refused(r"weights\.ViT=", "--epochs=3")
+    m, _ = run_train(tmp_path / "run", *resume, "--epochs=3", f"--vit_ckpt={tmp_path / 'moved.pth'}")
+    assert len(m["history"]) == 3  # the same bytes at another path: resumed
 
 
 @pytest.mark.run_dir
@@ -2306,8 +2362,17 @@ def test_processes_writing_one_cache_file_at_once_never_collide(tmp_path):
 @pytest.mark.run_dir
 def test_probe_and_bench_leave_the_run_folder_alone(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"a run's")
-    cfg = train.parse_config(args(tmp_path, "--resume"), run=False)  # no --overwrite to blame, nothing cleared
-    assert cfg.resume and (tmp_path / "ckpt.pt").read_bytes() == b"a run's" and not (tmp_path / "run.lock").exists()
+    for tool in ("probe", "bench"):
+        with train.Run(train.parse_config(args(tmp_path), tool), tool):
+            pass
+        with pytest.raises(SystemExit, match=f"--{tool} takes no --resume"):
+            train.parse_config(args(tmp_path, "--resume"), tool)
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"a run's"
+    with pytest.raises(SystemExit, match="--bench no --mode"):
+        train.parse_config(args(tmp_path, "--mode=avmoe"), "bench")
+    (tmp_path / "probe_seed0.json").write_text("an earlier probe")
+    with pytest.raises(ValueError, match="holds an earlier probe \\(probe_seed0.json\\): pass --overwrite"):
+        train.Run(train.parse_config(args(tmp_path), "probe"), "probe")
 
 
 @pytest.mark.run_dir
@@ -2334,7 +2399,7 @@ def test_resume_refuses_a_checkpoint_with_nan_weights(tmp_path):
     next(iter(ck["best"].values())).view(-1)[0] = float("nan")
     torch.save(ck, tmp_path / "ckpt.pt")
     metrics = (tmp_path / "metrics.json").read_text()
-    with pytest.raises(SystemExit, match="ckpt.pt is unreadable .*NaN or Inf weights.*--overwrite=true"):
+    with pytest.raises(SystemExit, match="ckpt.pt holds NaN or Inf weights.*--overwrite=true"):
         run_train(tmp_path, "--epochs=2", "--resume")
     assert (tmp_path / "metrics.json").read_text() == metrics  # the finished run's results stand
 
@@ -2360,12 +2425,22 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a)
     monkeypatch.setattr(train, "train_epoch", interrupted)
-    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit, match="ckpt.pt holds the last finished "
-                                                                  "epoch: rerun the same command with --resume=true"):
-        train.interruptible(train.parse_config(args(tmp_path / "a")))
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as e:
+        train.main(train.parse_config(args(tmp_path / "a")))
+    said = re.fullmatch(r"interrupted: (.*ckpt.pt) keeps epoch 1 of 2: continue with (python train.py .*)",
+                        e.value.code)
+    assert said and "--resume=true" in said[2], e.value.code
+    assert torch.load(said[1], weights_only=True)["epoch"] == 1
+    m, _ = run_train(tmp_path / "a", *shlex.split(said[2])[2:])  # the command it gave finishes the run
+    assert [h["epoch"] for h in m["history"]] == [1, 2]
     monkeypatch.setattr(train, "train_epoch", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit, match="no epoch had finished"):
-        train.interruptible(train.parse_config(args(tmp_path / "b")))
+        train.main(train.parse_config(args(tmp_path / "b")))
+    before = {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir() if f.is_file()}
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as e:  # before its first epoch
+        train.main(train.parse_config(args(tmp_path / "a", "--overwrite")))
+    assert e.value.code == f"interrupted: the earlier run in {tmp_path / 'a'} is untouched"
+    assert before == {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir() if f.is_file()}
 
 
 @pytest.mark.report
@@ -2381,7 +2456,8 @@ def test_report_command_can_be_pasted_into_a_shell(tmp_path):
 def test_a_new_run_never_replaces_a_finished_one(tmp_path):
     run_train(tmp_path, "--epochs=1")
     before = (tmp_path / "ckpt.pt").read_bytes()
-    with pytest.raises(SystemExit, match="holds an earlier run .* pass --resume=true to continue it, pass --overwrite"):
+    with pytest.raises(SystemExit, match="holds an earlier run .* pass --resume=true to continue it, pass "
+                                         "--overwrite"):
         run_train(tmp_path, "--epochs=1", "--lr=0.01")
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     run_train(tmp_path, "--mode=frozen", "--overwrite")  # replaced on request: the outputs are this run's only

@@ -8,11 +8,11 @@
     torchrun --nproc_per_node=2 train.py            data parallel (gloo on CPU, nccl on GPU)
     python train.py --bench                         parameters, activation memory and step time: AVMoE vs MoLT
     python train.py --probe                         layer-wise linear probe of the frozen backbones
-    python train.py --summary out/s0 out/s1 ...     mean +- std of the runs' metrics.json
+    python train.py --summary out/s0 out/s1 ...     mean +- std over the seeds of one setting
 
-Stage 0 pre-trains small backbones (unless --vit_ckpt/--ast_ckpt are given); stage 1 freezes them and trains the
-adapters, selects the epoch on val and reports on test. Each run writes to its own --out_dir; the generated data and
-stage-0 backbones are cached in --cache_dir and shared by runs.
+Stage 0 pre-trains small backbones (unless --vit_ckpt/--ast_ckpt are given); stage 1 freezes them and trains
+the adapters, selects the epoch on val and reports on test. Each run writes to its own --out_dir; the generated
+data and stage-0 backbones are cached in --cache_dir and shared by runs.
 """
 import base64
 import contextlib
@@ -23,24 +23,27 @@ import inspect
 import json
 import math
 import os
-import pathlib
 import re
 import shlex
+import shutil
+import signal
 import struct
 import sys
-import tempfile
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from model import AST, CHOICES, AVConfig, AVModel, ViT, check_config, load_ast, load_vit, param_counts, timm_state_dict
+from model import (AST, CHOICES, AVConfig, AVModel, ViT, check_config, load_ast, load_vit, param_counts,
+                   timm_state_dict)
 
 
 @dataclasses.dataclass
@@ -69,101 +72,93 @@ class Config(AVConfig, data.SynthConfig):
     lambda_orth: float = 0.1  # weight of MoLT's orthogonality loss
     lambda_balance: float = 0.01  # weight of the routers' load-balance loss
     modality_dropout: float = 0.0  # training: remove a segment's audio, or its frames, with this probability each
-    cache_features: bool = True  # MoLT / frozen: compute the frozen backbone states once (real AVE: fp16 files)
+    cache_features: bool = True  # MoLT / frozen: compute the frozen backbone states once per run
     out_dir: str = "out"  # this run's checkpoint, log, metrics and report
     cache_dir: str = "out"  # generated data and stage-0 backbones, shared by runs
     resume: bool = False  # continue the run in out_dir from its ckpt.pt
-    overwrite: bool = False  # start afresh in an out_dir that holds another run
+    overwrite: bool = False  # start afresh in an out_dir that holds another run (or --probe/--bench result)
     device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, mps or cpu
     dist_timeout: int = 600  # torchrun: seconds a process waits for the others before it stops with an error
 
 
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 STREAMS = {"a": "audio", "v": "visual"}
+# Each backbone's modality, checkpoint flag, heads flag and stage-0 file stem: spelled here once.
+BACKBONES = {"ViT": ("v", "vit_ckpt", "vit_heads", "vit_timm"), "AST": ("a", "ast_ckpt", "ast_heads", "ast_repo")}
 ROLES = {0: "event", 1: "heard only", 2: "seen only", -1: "-"}  # the synthetic generator's runs (data.make_clip)
 PRETRAIN_BATCH = 64  # stage-0 samples per step
-RUN_FILES = ("ckpt.pt", "log.csv", "metrics.json", "report.html")  # what a run writes in out_dir
-LOCKS = {}  # the run folders this process holds: path of run.lock -> its open file
 
 
 # ----------------------------------------------------------------------------- training and evaluation
 
 
 def main(cfg):
-    t_start, seconds = time.time(), {}
-    device = setup(cfg)
-    with phase("data", seconds):
-        sets, cfg.num_classes = datasets(cfg)
-    with phase("stage 0", seconds):
-        vit, ast = backbones(cfg)
-    torch.manual_seed(cfg.seed)
-    model = AVModel(cfg, vit, ast).to(device)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
-    counts = param_counts(model)
-    log(f"{cfg.mode} ({cfg.modalities}): trainable {counts['adapters']:,} adapter + {counts['head']:,} head "
-        f"parameters of {counts['total']:,} in all")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, cfg.lr_step, gamma=0.35)
-    run = start_or_resume(cfg, model, opt, sched, sets)
-    for k, v in run["seconds"].items():  # a resumed run's times count the earlier processes too
-        seconds[k] = round(seconds.get(k, 0) + v, 1)
-    run["seconds"], t_start = seconds, t_start - run["elapsed"]
+    with Run(cfg) as run:  # the run folder: locked, and everything that can refuse the run decided first
+        device = setup(cfg)
+        given = user_backbones(cfg, run)  # the user's checkpoints, read before any data work
+        with run.phase("data"):
+            sets = datasets(cfg, run)
+        with run.phase("stage 0"):
+            vit, ast = backbones(cfg, run, given)  # frozen from here on
+        torch.manual_seed(cfg.seed)
+        model = AVModel(cfg, vit, ast).to(device)
+        ddp = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
+        counts = param_counts(model)
+        log(f"{cfg.mode} ({cfg.modalities}): trainable {counts['adapters']:,} adapter + "
+            f"{counts['head']:,} head parameters of {counts['total']:,} in all")
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.StepLR(opt, cfg.lr_step, gamma=0.35)
+        run.restore(model, opt, sched)  # --resume: where the checkpoint left off
+        with run.phase("feature cache"):
+            caches, items, loaders = inputs(cfg, model, sets)
+        for epoch in range(run.epoch, cfg.epochs):
+            with run.phase("training"):
+                loss = train_epoch(ddp, items["train"], opt, cfg, device, caches["train"], epoch)
+                sched.step()
+            if RANK == 0:
+                with run.phase("validation"):
+                    val_acc = evaluate(model, loaders["val"], device, caches["val"])["acc"]
+                run.end_epoch(model, opt, sched, loss, val_acc)  # keeps the best epoch on val, saves
+        if RANK == 0:
+            model.load_state_dict(run.best, strict=False)  # selected on val, never on test
+            with run.phase("test and report"):
+                final_report(cfg, model, sets["test"], loaders["test"], device, caches["test"], run)
+
+
+def inputs(cfg, model, sets):
+    """What each split's batches hold -> feature caches, datasets, val/test loaders. With the feature cache
+    (MoLT, frozen) a batch is (clip indices, labels), never frames and fbanks: run_batch then gives the model
+    the cached states of those clips (forward's states=), and the backbones never run again."""
     caching = cfg.cache_features and cfg.mode != "avmoe"
-    with phase("feature cache", seconds):  # only rank 0 evaluates, so only it caches val and test
-        caches = {s: data.FeatureCache(model, sets[s], None if cfg.data == "synthetic" else
-                                       os.path.join(cfg.out_dir, f"features_rank{RANK}_{s}"), show=RANK == 0)
-                  if caching and (s == "train" or RANK == 0) else None for s in sets}
-    # With the feature cache, a batch is (clip indices, labels), never frames and fbanks: run_batch then gives the
-    # model the cached states of those clips (forward's states=), and the backbones never run again.
-    items = {s: torch.utils.data.TensorDataset(torch.arange(len(ds)), torch.stack(list(ds.labels))) if caching else ds
-             for s, ds in sets.items()}
+    big = cfg.data == "ave"  # real AVE: fp16 files in out_dir, removed when the run ends
+    caches = {s: data.FeatureCache(model, ds, os.path.join(cfg.out_dir, f"features_rank{RANK}_{s}") if big
+                                   else None, show=RANK == 0)
+              if caching and (s == "train" or RANK == 0) else None  # only rank 0 evaluates
+              for s, ds in sets.items()}
+    items = {s: torch.utils.data.TensorDataset(torch.arange(len(ds)), torch.stack(list(ds.labels)))
+             if caching else ds for s, ds in sets.items()}
     loaders = {s: torch.utils.data.DataLoader(items[s], 2 * cfg.batch_size, generator=torch.Generator())
                for s in ("val", "test")}  # their own RNG: evaluating draws no random number
-    for epoch in range(run["epoch"], cfg.epochs):
-        t0 = time.time()
-        with phase("training", seconds):
-            loss = train_epoch(ddp, items["train"], opt, cfg, device, caches["train"], epoch)
-        sched.step()
-        if RANK == 0:
-            with phase("validation", seconds):
-                val_acc = evaluate(model, loaders["val"], device, caches["val"])["acc"]
-            if val_acc > run["best_val"]:  # model selection on val, never on test
-                run["best_val"], run["best"] = val_acc, trainable_state(model)
-            run["history"].append({"epoch": epoch + 1, "train_loss": round(loss, 4), "val_acc": round(val_acc, 4),
-                                   "seconds": round(time.time() - t0, 2)})
-            print(f"\repoch {epoch + 1}/{cfg.epochs}: loss {loss:.3f}  val acc {val_acc:.3f}  "
-                  f"{time.time() - t0:.1f} s  ETA {(time.time() - t0) * (cfg.epochs - epoch - 1):.0f} s", flush=True)
-            run.update(epoch=epoch + 1, elapsed=time.time() - t_start)
-            data.write_atomic(os.path.join(cfg.out_dir, "ckpt.pt"), {
-                **run, "model": trainable_state(model), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "config": dataclasses.asdict(cfg),
-                "rng": torch.get_rng_state(),  # evaluation draws none: a resumed run continues from here
-                **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})})
-            write_log(cfg, run["history"])
-    if RANK == 0:
-        model.load_state_dict(run["best"], strict=False)
-        final_report(cfg, model, sets["test"], loaders["test"], device, caches["test"], run, t_start)
-    if WORLD > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    return caches, items, loaders
 
 
 def train_epoch(ddp, train, opt, cfg, device, cache, epoch):
-    """One pass over the training clips in an order fixed by seed and epoch -> mean loss; stops on a non-finite loss."""
+    """One pass over the training clips in an order fixed by seed and epoch -> mean loss."""
     ddp.train()
     sampler = torch.utils.data.DistributedSampler(train, seed=cfg.seed) if WORLD > 1 else None
     if sampler is not None:
         sampler.set_epoch(epoch)
     g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # the same order after a resume
-    loader = torch.utils.data.DataLoader(train, cfg.batch_size, sampler=sampler, shuffle=sampler is None, generator=g)
-    total, progress = 0.0, data.Progress(f"  epoch {epoch + 1}", len(loader), show=RANK == 0, keep=False)
+    loader = torch.utils.data.DataLoader(train, cfg.batch_size, sampler=sampler,
+                                         shuffle=sampler is None, generator=g)
+    total = 0.0
+    progress = data.Progress(f"  epoch {epoch + 1}", len(loader), show=RANK == 0, keep=False)
     for step, batch in enumerate(loader):
         logits, aux, labels = run_batch(ddp, batch, device, cache, modality_dropout=cfg.modality_dropout)
         loss = loss_fn(logits, labels, aux, cfg)
         if not torch.isfinite(loss):
-            kept = "still holds the last good epoch" if epoch > 0 else "was not written: no epoch finished"
-            sys.exit(f"[rank {RANK}] loss is {loss.item()} at epoch {epoch + 1} step {step}: stopping; "
-                     f"{cfg.out_dir}/ckpt.pt {kept} (rerun with --overwrite=true and a lower --lr)")
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()  # under DDP the gradients are averaged over the processes here
         opt.step()
@@ -172,9 +167,9 @@ def train_epoch(ddp, train, opt, cfg, device, cache, epoch):
 
 
 def run_batch(model, batch, device, cache=None, remove=None, modality_dropout=0.0):
-    """One forward pass (model may be wrapped in DDP) over (frames, fbank, labels), or with a cache over (clip index,
-    labels). remove="a" / "v" removes the audio / the frames of every segment; modality_dropout removes each with
-    that probability per segment, never both."""
+    """One forward pass (model may be wrapped in DDP) over (frames, fbank, labels), or with a cache over
+    (clip index, labels). remove="a" / "v" removes the audio / the frames of every segment; modality_dropout
+    removes each with that probability per segment, never both."""
     labels = batch[-1]
     B, S = labels.shape
     removed = {m: torch.full((B, S), remove == m) for m in "av"}  # (B, S) per modality
@@ -183,7 +178,8 @@ def run_batch(model, batch, device, cache=None, remove=None, modality_dropout=0.
         removed["a"] = removed["a"] | (u < modality_dropout)
         removed["v"] = removed["v"] | ((u >= modality_dropout) & (u < 2 * modality_dropout))
     if cache is not None:
-        logits, aux = model(None, None, states=cache.get(batch[0], removed, device), batch_shape=(B, S))
+        states = cache.get(batch[0], removed, device)
+        logits, aux = model(None, None, states=states, batch_shape=(B, S))
     else:
         frames, fbank = data.remove_inputs(*batch[:2], removed)
         logits, aux = model(frames, fbank)  # on the model's device: AVModel.inputs
@@ -198,7 +194,7 @@ def loss_fn(logits, labels, aux, cfg):
 
 @torch.no_grad()
 def evaluate(model, loader, device, cache=None, remove=None):
-    """Segment accuracy, confusion, router weights (mean, top-1 share), layer weights, token redundancy (L_orth)."""
+    """Segment accuracy, confusion, router weights (mean, top-1 share), layer weights, token redundancy."""
     model.eval()
     n = model.cfg.num_classes + 1
     confusion = torch.zeros(n, n, dtype=torch.long)
@@ -217,53 +213,61 @@ def evaluate(model, loader, device, cache=None, remove=None):
         for m, a in aux["alpha"].items():
             alpha[m] = alpha.get(m, 0) + a.sum(0).cpu()
     total = confusion.sum().item()
-    return {"acc": confusion.diag().sum().item() / total, "orth": orth / total, "confusion": confusion.tolist(),
-            "pred": torch.cat(preds),  # (clips, S)
+    return {"acc": confusion.diag().sum().item() / total, "orth": orth / total,
+            "confusion": confusion.tolist(), "pred": torch.cat(preds),  # (clips, S)
             "router": {m: {"positions": model.router_positions(m), "mean": (r[0] / total).tolist(),
                            "top1": (r[1] / total).tolist()} for m, r in router.items()},
             "alpha": {m: {"layers": [i + 1 for i in model.layers[m]], "alpha": (a / total).tolist()}
                       for m, a in alpha.items()}}
 
 
-def final_report(cfg, model, ds, loader, device, cache, run, t_start):
-    """Test accuracy as is, with the audio removed and with the frames removed; router and layer weights; the files."""
+def final_report(cfg, model, ds, loader, device, cache, run):
+    """Test accuracy as is, with the audio removed and with the frames removed; router and layer weights.
+    A number that means nothing for this run is None (null): removing one of two inputs needs both, and
+    token redundancy is MoLT's."""
     test = evaluate(model, loader, device, cache)
-    audio_removed = evaluate(model, loader, device, cache, remove="a")
-    frames_removed = evaluate(model, loader, device, cache, remove="v")
+    both = len(model.mods) == 2
+    audio_removed = evaluate(model, loader, device, cache, remove="a") if both else None
+    frames_removed = evaluate(model, loader, device, cache, remove="v") if both else None
     counts = param_counts(model)
-    metrics = {"test_acc": test["acc"], "val_acc": run["best_val"], "test_acc_audio_removed": audio_removed["acc"],
-               "test_acc_frames_removed": frames_removed["acc"], "head_params": counts["head"],
-               "trainable_params": counts["adapters"] + counts["head"], "trainable_adapter_params": counts["adapters"],
-               "total_params": counts["total"], "mode": cfg.mode, "modalities": cfg.modalities, "world_size": WORLD,
-               "checkpoint_sha256": run["checkpoint_sha256"], "clips": run["clips"],  # what settings do not say
-               "router_weights": {"normal": test["router"], "audio_removed": audio_removed["router"]},
-               "layer_weights": test["alpha"], "token_redundancy": test["orth"], "confusion": test["confusion"],
-               "history": run["history"], "config": dataclasses.asdict(cfg), "seconds": round(time.time() - t_start, 1)}
-    rest = max(0.0, round(time.time() - t_start - sum(run["seconds"].values()), 1))  # the test, and setting up
-    metrics["phase_seconds"] = dict(run["seconds"], **{"test and report": rest})
-    both = len(model.mods) == 2  # removing one of two inputs only means something with both
-    write_report(os.path.join(cfg.out_dir, "report.html"), cfg, model, ds, metrics, test,
-                 audio_removed if both else None)
-    data.write_atomic(os.path.join(cfg.out_dir, "metrics.json"), json.dumps(metrics, indent=1))  # last: finished
-    print(f"test acc {test['acc']:.3f} (val {run['best_val']:.3f}); audio removed {audio_removed['acc']:.3f}; "
-          f"frames removed {frames_removed['acc']:.3f}; the rest in {cfg.out_dir}/report.html")
-    print("seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["phase_seconds"].items()) +
-          f"; {metrics['seconds']:.0f} in all")
+    metrics = {
+        "test_acc": test["acc"], "val_acc": run.best_val,
+        "test_acc_audio_removed": audio_removed and audio_removed["acc"],
+        "test_acc_frames_removed": frames_removed and frames_removed["acc"],
+        "head_params": counts["head"], "trainable_params": counts["adapters"] + counts["head"],
+        "trainable_adapter_params": counts["adapters"], "total_params": counts["total"],
+        "mode": cfg.mode, "modalities": cfg.modalities, "world_size": WORLD,
+        "router_weights": {"normal": test["router"], "audio_removed": audio_removed["router"] if both else {}},
+        "layer_weights": test["alpha"], "token_redundancy": test["orth"] if cfg.mode == "molt" else None,
+        "confusion": test["confusion"], "history": run.history, "config": dataclasses.asdict(cfg)}
+    run.finish(metrics, lambda path: write_report(path, cfg, model, ds, metrics, test, audio_removed))
+    print(f"test acc {test['acc']:.3f} (val {run.best_val:.3f}); audio removed "
+          f"{percent(metrics['test_acc_audio_removed'])}; frames removed "
+          f"{percent(metrics['test_acc_frames_removed'])}; the rest in {cfg.out_dir}/report.html")
+    print("seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["phase_seconds"].items())
+          + f"; {metrics['seconds']:.0f} in all")
 
 
-# ----------------------------------------------------------------------------- stage 0, the data and the feature cache
+def percent(x):
+    return "-" if x is None else f"{x:.3f}"
 
 
-def pretrain(enc, head, x, y, path, prefix, epochs, cfg, progress):
-    """Supervised pre-training of one backbone on single frames or 1 s fbanks (shape / timbre, never the AV task)
-    for epochs passes in batches of PRETRAIN_BATCH, saved in the timm layout (prefix "module.v.": the AST repo's)."""
-    name, steps = type(enc).__name__, epochs * math.ceil(len(x) / PRETRAIN_BATCH)
+# ----------------------------------------------------------------------------- the backbones and the data
+
+
+def pretrain(enc, head, x, y, path, prefix, epochs, cfg, progress, stop):
+    """Supervised pre-training of one backbone on single frames or 1 s fbanks (shape / timbre, never the AV
+    task) for epochs passes in batches of PRETRAIN_BATCH, saved in the timm layout (prefix "module.v.": the
+    AST repo's). Returns early, saving nothing, once stop is set (Ctrl-C in the main thread)."""
+    steps = epochs * math.ceil(len(x) / PRETRAIN_BATCH)
     opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=2e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)  # a ViT needs warm-up
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)  # warm-up
     g = torch.Generator().manual_seed(cfg.seed)
     for epoch in range(epochs):
         correct = 0
         for idx in torch.randperm(len(x), generator=g).split(PRETRAIN_BATCH):
+            if stop.is_set():
+                return
             logits = head(enc.pool(enc.forward_features(x[idx])))
             loss = F.cross_entropy(logits, y[idx])
             opt.zero_grad()
@@ -272,96 +276,421 @@ def pretrain(enc, head, x, y, path, prefix, epochs, cfg, progress):
             sched.step()
             correct += (logits.argmax(-1) == y[idx]).sum().item()
             progress()
-    log(f"  stage 0 {name}: train acc {correct / len(x):.3f} in the last epoch")
+    log(f"  stage 0 {type(enc).__name__}: train acc {correct / len(x):.3f} in the last epoch")
     data.write_atomic(path, timm_state_dict(enc, prefix))
 
 
-def backbones(cfg):
-    """The frozen ViT and AST of the modalities used: the user's files first (before stage 0 trains), else cached."""
+def stage0(cfg, todo, paths):
+    """Pre-trains the backbones named in todo at once, a thread and a core each, and caches them at paths."""
+    log(f"stage 0: pre-training small backbones ({' and '.join(todo)}: shapes for the ViT, timbres for "
+        "the AST)")
+    frames, fbanks, shape, timbre = data.generate_pretraining(cfg.seed + 7, cfg.pretrain_samples,
+                                                              cfg.image_size, cfg.num_mel_bins, cfg.workers)
+    os.makedirs(os.path.join(cfg.cache_dir, "backbones"), exist_ok=True)
+    epochs = {"ViT": cfg.vit_epochs, "AST": cfg.ast_epochs}
+    jobs = []  # built here, in order: weight init draws from the global RNG, which threads would interleave
+    if "ViT" in todo:
+        torch.manual_seed(cfg.seed)
+        vit = ViT(cfg.image_size, 8, cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim)
+        jobs.append((vit, nn.Linear(cfg.dim, len(data.SHAPES) + 1), frames, shape, paths["ViT"], "",
+                     epochs["ViT"]))
+    if "AST" in todo:
+        torch.manual_seed(cfg.seed + 1)
+        ast = AST(cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride, cfg.dim, cfg.depth,
+                  cfg.heads, 4 * cfg.dim)
+        jobs.append((ast, nn.Linear(cfg.dim, len(data.TIMBRES) + 1), fbanks, timbre, paths["AST"],
+                     "module.v.", epochs["AST"]))
+    steps = sum(epochs[name] for name in todo) * math.ceil(cfg.pretrain_samples / PRETRAIN_BATCH)
+    progress = data.Progress(f"stage 0: pre-training the {' and '.join(todo)} (steps)", steps)
+    stop = threading.Event()
+    with data.single_thread(), ThreadPoolExecutor(2) as pool:  # small models gain little from two cores
+        try:
+            list(pool.map(lambda job: pretrain(*job, cfg, progress, stop), jobs))
+        except BaseException:  # Ctrl-C: the threads stop at their next step instead of training on
+            stop.set()
+            raise
+
+
+def user_backbones(cfg, run=None):
+    """The user's --vit_ckpt / --ast_ckpt of the modalities used, read and checked before any data work, and
+    their content recorded in the run's identity -> {name: backbone}."""
+    given = {name: getattr(cfg, flag) for name, (m, flag, _, _) in BACKBONES.items()
+             if m in cfg.modalities and getattr(cfg, flag)}
+    if run:
+        run.check(weights={name: sha256(path) for name, path in given.items()})
+    return {name: load_backbone(name, path, cfg) for name, path in given.items()}
+
+
+def backbones(cfg, run=None, loaded=None):
+    """The frozen ViT and AST of the modalities used: the user's (loaded), else stage 0's, trained once and
+    cached in cache_dir; the cached files' content joins the run's identity -> (ViT or None, AST or None)."""
     key = f"s{cfg.seed}_d{cfg.dim}x{cfg.depth}h{cfg.heads}_{cfg.image_size}px_{cfg.num_mel_bins}mel_" \
-          f"f{cfg.fstride}t{cfg.tstride}_{cfg.pretrain_samples}x{cfg.vit_epochs}-{cfg.ast_epochs}_{data.GENERATOR}"
-    used = [name for name, m in (("ViT", "v"), ("AST", "a")) if m in cfg.modalities]
-    given = {"ViT": cfg.vit_ckpt, "AST": cfg.ast_ckpt}
-    paths = {name: given[name] or os.path.join(cfg.cache_dir, "backbones", f"{stem}_{key}.pth")
-             for name, stem in (("ViT", "vit_timm"), ("AST", "ast_repo"))}
-    loaded = {name: load_backbone(name, paths[name], cfg) for name in used if given[name]}
-    todo = [name for name in used if not given[name] and not os.path.exists(paths[name])]
+          f"f{cfg.fstride}t{cfg.tstride}_{cfg.pretrain_samples}x{cfg.vit_epochs}-{cfg.ast_epochs}_" \
+          f"{data.GENERATOR}"
+    paths = {name: os.path.join(cfg.cache_dir, "backbones", f"{stem}_{key}.pth")
+             for name, (m, _, _, stem) in BACKBONES.items() if m in cfg.modalities and name not in (loaded or {})}
+    todo = [name for name, path in paths.items() if not os.path.exists(path)]
     if RANK == 0 and todo:
-        log(f"stage 0: pre-training small backbones ({' and '.join(todo)}: shapes for the ViT, timbres for the AST)")
-        frames, fbanks, shape, timbre = data.generate_pretraining(cfg.seed + 7, cfg.pretrain_samples,
-                                                                  cfg.image_size, cfg.num_mel_bins, cfg.workers)
-        os.makedirs(os.path.join(cfg.cache_dir, "backbones"), exist_ok=True)
-        epochs = {"ViT": cfg.vit_epochs, "AST": cfg.ast_epochs}
-        jobs = []  # built here, in order: weight init draws from the global RNG, which threads would interleave
-        if "ViT" in todo:
-            torch.manual_seed(cfg.seed)
-            jobs.append((ViT(cfg.image_size, 8, cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim),
-                         nn.Linear(cfg.dim, len(data.SHAPES) + 1), frames, shape, paths["ViT"], "", epochs["ViT"]))
-        if "AST" in todo:
-            torch.manual_seed(cfg.seed + 1)
-            jobs.append((AST(cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride, cfg.dim, cfg.depth,
-                             cfg.heads, 4 * cfg.dim), nn.Linear(cfg.dim, len(data.TIMBRES) + 1), fbanks, timbre,
-                         paths["AST"], "module.v.", epochs["AST"]))
-        steps = sum(epochs[name] for name in todo) * math.ceil(cfg.pretrain_samples / PRETRAIN_BATCH)
-        progress = data.Progress(f"stage 0: pre-training the {' and '.join(todo)} (steps)", steps)
-        with data.single_thread(), ThreadPoolExecutor(2) as pool:  # one core each: small models gain little from two
-            list(pool.map(lambda job: pretrain(*job, cfg, progress), jobs))
+        stage0(cfg, todo, paths)
     if WORLD > 1:
         dist.barrier()
-    loaded.update({name: load_backbone(name, paths[name], cfg) for name in used if name not in loaded})
+    if run:
+        run.check(weights={name: sha256(path) for name, path in paths.items()})
+    loaded = {**(loaded or {}), **{name: load_backbone(name, path, cfg) for name, path in paths.items()}}
     return loaded.get("ViT"), loaded.get("AST")
 
 
 def load_backbone(name, path, cfg):
-    """The ViT or AST at path. Heads cannot be read from weights: ours are known, a user's default to D // 64 unless
-    given. A stage-0 cache file that cannot be read is ours, broken: say so, not a user's advice."""
-    given = path in (cfg.vit_ckpt, cfg.ast_ckpt)
-    heads = (cfg.vit_heads if name == "ViT" else cfg.ast_heads) or (None if given else cfg.heads)
+    """The ViT or AST at path. Heads cannot be read from weights: ours are known, a user's are given or
+    guessed. A stage-0 cache file that cannot be read is ours, broken: say so, not a user's advice."""
+    _, flag, heads_flag, _ = BACKBONES[name]
+    given = path == getattr(cfg, flag)
+    heads = getattr(cfg, heads_flag) or None if given else cfg.heads
     try:
         if name == "ViT":
-            return load_vit(path, image_size=cfg.image_size, num_heads=heads)
-        return load_ast(path, cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride, num_heads=heads)
+            enc = load_vit(path, image_size=cfg.image_size, num_heads=heads)
+        else:
+            enc = load_ast(path, cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride,
+                           num_heads=heads)
     except ValueError as e:
         if given:
-            raise
-        raise ValueError(f"the stage-0 cache file {path} is broken ({e}): delete it and rerun, which trains it "
-                         "again") from None
+            raise ValueError(f"--{flag}={path}: {e}") from None
+        raise ValueError(f"the stage-0 cache file {path} is broken ({e}): delete it and rerun, which trains "
+                         "it again") from None
+    if cfg.reduction > enc.dim:
+        raise ValueError(f"--reduction={cfg.reduction} is more than the {name}'s width {enc.dim}: the "
+                         "bottleneck D / reduction would be empty")
+    if cfg.mode == "molt" and cfg.late_layers > len(enc.blocks):
+        raise ValueError(f"--late_layers={cfg.late_layers} is more than the {name}'s {len(enc.blocks)} "
+                         "layers")
+    return enc
 
 
-def datasets(cfg):
-    """{split: dataset} and the number of event classes."""
+def datasets(cfg, run=None):
+    """{split: dataset}; the data joins the run's identity: class names in order, and per split the clips
+    and a digest of their ids and labels (real AVE: also the size the frames were prepared at)."""
     if cfg.data == "synthetic":
         cache = os.path.join(cfg.cache_dir, "data")
-        splits = data.synthetic_splits(cfg, cache, cfg.workers) if RANK == 0 else None  # one process generates
+        splits = data.synthetic_splits(cfg, cache, cfg.workers) if RANK == 0 else None  # one process draws
         if WORLD > 1:
             dist.barrier()
         splits = splits or data.synthetic_splits(cfg, cache)  # the others read its cache
-        return {name: data.SyntheticAVE(s, cfg.num_classes) for name, s in splits.items()}, cfg.num_classes
-    sets = {s: data.AVEDataset(cfg.prepared_dir, cfg.data_root, s, cfg.image_size, cfg.num_mel_bins)
-            for s in ("train", "val", "test")}
-    return sets, sets["train"].num_classes
+        sets = {name: data.SyntheticAVE(s, cfg.num_classes) for name, s in splits.items()}
+    else:
+        sets = {s: data.AVEDataset(cfg.prepared_dir, cfg.data_root, s, cfg.image_size, cfg.num_mel_bins)
+                for s in ("train", "val", "test")}
+        cfg.num_classes = sets["train"].num_classes
+    record = {"classes": sets["train"].class_names}
+    for s, ds in sets.items():
+        ids = [os.path.basename(f) for f in getattr(ds, "files", [])]  # synthetic: the clips' order
+        digest = hashlib.sha256(json.dumps(ids).encode() + torch.stack(list(ds.labels)).numpy().tobytes())
+        record[s] = {"clips": len(ds), "sha256": digest.hexdigest()}
+    if cfg.data == "ave":
+        with np.load(sets["train"].files[0]) as f:
+            record["prepared_px"] = f["frames"].shape[1]
+    if run:
+        run.check(data=record)
+    return sets
 
 
-# ----------------------------------------------------------------------------- settings, the run folder and checkpoints
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-BOOLS = {"": True, "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
-SUMMARY_KEYS = ("test_acc", "test_acc_audio_removed", "test_acc_frames_removed", "val_acc", "token_redundancy",
-                "seconds")
-RESUME_MAY_DIFFER = {"epochs", "out_dir", "cache_dir", "device", "resume", "overwrite", "workers", "dist_timeout",
-                     "vit_ckpt", "ast_ckpt"}  # a checkpoint may move: its content is compared (run_identity)
+# ----------------------------------------------------------------------------- the run's record
+
+
+MAY_DIFFER = {"epochs", "out_dir", "cache_dir", "device", "resume", "overwrite", "workers", "dist_timeout",
+              "vit_ckpt", "ast_ckpt", "data_root", "prepared_dir"}  # paths: their content is compared
+
+
+class Run:
+    """One run's record in out_dir: the folder and its lock, the run's identity, resume, the per-epoch
+    checkpoint and log.csv, the phase times and the final files; tool="probe" / "bench" writes one result file.
+
+    The identity is what makes two runs the same experiment: the settings (but MAY_DIFFER), the number of
+    processes, the content of every weight file the run starts from and the data it trains on. --resume
+    compares all of it with the checkpoint's, part by part as each becomes known, before any earlier file is
+    touched; --overwrite removes the earlier run's files only once this run has written its first checkpoint.
+    A refused run leaves the folder as it found it."""
+
+    def __init__(self, cfg, tool=None):
+        self.cfg, self.tool, self.t0, self.seconds = cfg, tool, time.time(), {}
+        self.path = os.path.join(cfg.out_dir, f"{tool}_seed{cfg.seed}.json" if tool else "ckpt.pt")
+        self.epoch, self.best_val, self.best, self.history, self.busy = 0, -1.0, None, [], 0.0
+        self.saved, self.ck, self.created, self.lock, self.handlers = False, None, [], None, {}
+        self.identity = {"kind": tool or "train", "world_size": WORLD, "settings": settings(cfg)}
+        outputs = [self.path] if tool else [os.path.join(cfg.out_dir, f) for f in RUN_FILES]
+        self.earlier = [p for p in outputs if os.path.lexists(p)]
+        try:
+            folders = [p for p in self.earlier if os.path.isdir(p)]
+            if folders:
+                raise ValueError(f"{folders[0]} is a folder, not a run's file: move it away or choose "
+                                 "another --out_dir")
+            self.take_folder()
+            if self.earlier and not cfg.overwrite and not (cfg.resume and self.path in self.earlier):
+                resume = "pass --resume=true to continue it, " if self.path in self.earlier and not tool else ""
+                raise ValueError(f"{cfg.out_dir} holds an earlier {tool or 'run'} ("
+                                 f"{', '.join(map(os.path.basename, self.earlier))}): {resume}pass "
+                                 "--overwrite=true to replace it, or choose another --out_dir")
+            if cfg.resume and self.path in self.earlier:
+                self.ck = read_checkpoint(self.path)
+                self.check(**{k: v for k, v in self.identity.items() if k != "kind"})
+                finished = os.path.join(cfg.out_dir, "metrics.json") in self.earlier
+                if cfg.epochs < self.ck["epoch"] + finished:  # as many: it would only rewrite the results
+                    raise ValueError(f"{self.path} holds {self.ck['epoch']} finished epochs"
+                                     f"{' and their results' if finished else ''}: resume with "
+                                     f"--epochs={self.ck['epoch'] + finished} or more")
+            elif cfg.resume:
+                log(f"--resume: no {self.path} yet, starting from scratch")
+        except BaseException:
+            self.release()
+            raise
+
+    def take_folder(self):
+        """Creates out_dir if needed and takes its lock (rank 0; POSIX flock, dropped when the process ends,
+        even a crashed one)."""
+        if not os.path.isdir(self.cfg.out_dir):
+            self.created.append(self.cfg.out_dir)
+        os.makedirs(self.cfg.out_dir, exist_ok=True)
+        lock = os.path.join(self.cfg.out_dir, "run.lock")
+        if RANK or os.name != "posix":
+            return
+        import fcntl  # POSIX only
+        if not os.path.exists(lock):
+            self.created.insert(0, lock)
+        self.lock = open(lock, "a")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ValueError(f"{self.cfg.out_dir} is in use by another run: wait for it to end, or use "
+                             "another --out_dir") from None
+
+    def check(self, **parts):
+        """Adds parts to the run's identity; on --resume each must equal the checkpoint's."""
+        for part, record in parts.items():
+            known = self.identity.setdefault(part, {}) if isinstance(record, dict) else None
+            if known is None:
+                self.identity[part] = record
+            else:
+                known.update(record)
+            if self.ck is not None:
+                old = self.ck["identity"].get(part, {})
+                old = {k: old.get(k) for k in record} if isinstance(record, dict) else old
+                diff = [f"{k}={a} there, {b} now" for k, a, b in differences({part: old}, {part: record})]
+                if diff:
+                    raise ValueError(f"--resume: {self.path} is from another run: {'; '.join(diff[:3])} "
+                                     f"(only {', '.join(sorted(MAY_DIFFER - {'resume', 'overwrite'}))} may "
+                                     "change on --resume; or start afresh with --overwrite=true)")
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        """Adds the wall time of a block to this phase's seconds (metrics.json's phase_seconds)."""
+        t = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0) + time.time() - t
+
+    def restore(self, model, opt, sched):
+        """Starts afresh, or on --resume restores what the checkpoint holds; checks the disk has room for
+        the checkpoints first."""
+        state = trainable_state(model)
+        need = 5 * 4 * sum(t.numel() for t in state.values()) + 2 ** 20  # weights, best, Adam's two moments
+        free = shutil.disk_usage(self.cfg.out_dir).free
+        if RANK == 0 and free < 2 * need:  # the new checkpoint is written beside the old one
+            raise ValueError(f"{self.cfg.out_dir} has {free / 1e6:.0f} MB free, the checkpoints need about "
+                             f"{2 * need / 1e6:.0f} MB: free some space or choose another --out_dir")
+        ck, self.best = self.ck, state
+        if ck is None:
+            return
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        if {k: tuple(v.shape) for k, v in ck["model"].items()} != shapes:
+            raise ValueError(f"--resume: {self.path} holds other trainable tensors than this model: start "
+                             "afresh with --overwrite=true")
+        model.load_state_dict(ck["model"], strict=False)  # the trainable part; the backbones are frozen
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["rng"])
+        if "cuda_rng" in ck and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["cuda_rng"])
+        self.epoch, self.best_val, self.best, self.history = ck["epoch"], ck["best_val"], ck["best"], ck["history"]
+        for k, v in ck["seconds"].items():  # a resumed run's times count the earlier processes too
+            self.seconds[k] = self.seconds.get(k, 0) + v
+        self.t0 -= ck["elapsed"]
+        self.busy, self.ck = self.seconds.get("training", 0) + self.seconds.get("validation", 0), None
+        log(f"resumed from {self.path} after epoch {self.epoch}")
+
+    def end_epoch(self, model, opt, sched, loss, val_acc):
+        """Keeps the weights if val accuracy is the best so far, then saves the checkpoint and log.csv."""
+        busy = self.seconds.get("training", 0) + self.seconds.get("validation", 0)
+        t, self.busy = busy - self.busy, busy  # this epoch's training and validation
+        if val_acc > self.best_val:  # model selection on val, never on test
+            self.best_val, self.best = val_acc, trainable_state(model)
+        self.epoch += 1
+        self.history.append({"epoch": self.epoch, "train_loss": round(loss, 4), "val_acc": round(val_acc, 4),
+                             "seconds": round(t, 2)})
+        left = self.cfg.epochs - self.epoch
+        print(f"\repoch {self.epoch}/{self.cfg.epochs}: loss {loss:.3f}  val acc {val_acc:.3f}  "
+              f"{t:.1f} s  ETA {t * left:.0f} s", flush=True)
+        with self.phase("checkpoints"):
+            self.save({"identity": self.identity, "epoch": self.epoch, "best_val": self.best_val,
+                       "best": self.best, "history": self.history, "seconds": self.seconds,
+                       "elapsed": time.time() - self.t0, "model": trainable_state(model),
+                       "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                       "config": dataclasses.asdict(self.cfg), "rng": torch.get_rng_state(),
+                       **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})})
+            columns = ("epoch", "train_loss", "val_acc", "seconds")
+            rows = [columns] + [[h[k] for k in columns] for h in self.history]
+            text = "".join(",".join(map(str, r)) + "\r\n" for r in rows)
+            data.write_atomic(os.path.join(self.cfg.out_dir, "log.csv"), text)
+
+    def save(self, checkpoint):
+        """The checkpoint, atomically; the first one of this process also removes what it makes stale: the
+        earlier run's files (--overwrite) or the results of a run resumed to more epochs."""
+        data.write_atomic(self.path, checkpoint)
+        if not self.saved:
+            stale = RUN_FILES[1:] if self.cfg.overwrite else ("metrics.json", "report.html")
+            for name in stale:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.cfg.out_dir, name))
+            self.saved = True
+
+    def finish(self, results, write_page=None):
+        """The final files: report.html (write_page(path)), then metrics.json, whose presence marks a
+        finished run; or a tool's result file. Both record the run's identity and times."""
+        seconds = time.time() - self.t0
+        phases = {k: round(v, 1) for k, v in self.seconds.items()}
+        rest = max(0.0, seconds - sum(self.seconds.values()))  # the test, the report and setting up
+        results.update(identity=self.identity, seconds=round(seconds, 1),
+                       phase_seconds=dict(phases, **{"test and report": round(rest, 1)}))
+        if write_page:
+            write_page(os.path.join(self.cfg.out_dir, "report.html"))
+        data.write_atomic(os.path.join(self.cfg.out_dir, "metrics.json") if not self.tool else self.path,
+                          json.dumps(results, indent=1))
+
+    def kept(self):
+        """What the run folder holds for a rerun, in words (for Ctrl-C and a diverging loss)."""
+        if self.epoch and (self.saved or self.cfg.resume):
+            again = command(dataclasses.replace(self.cfg, resume=True, overwrite=False))
+            return f"{self.path} keeps epoch {self.epoch} of {self.cfg.epochs}: continue with {again}"
+        if self.cfg.overwrite and self.earlier:
+            return f"the earlier run in {self.cfg.out_dir} is untouched"
+        return "no epoch had finished, nothing to resume"
+
+    def release(self):
+        """Removes what a refused run created itself (the lock, an empty out_dir) and drops the lock."""
+        if self.lock:
+            self.lock.close()
+        for path in self.created if not self.saved else []:
+            with contextlib.suppress(OSError):
+                os.rmdir(path) if os.path.isdir(path) else os.remove(path)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.handlers = {s: signal.signal(s, interrupt) for s in SIGNALS}
+        return self
+
+    def __exit__(self, kind, error, tb):
+        for s, handler in self.handlers.items():
+            signal.signal(s, handler)
+        if kind is not None:
+            self.release()  # a run stopped before its first checkpoint leaves the folder as it found it
+        elif self.lock:
+            self.lock.close()
+        if kind is KeyboardInterrupt:
+            raise SystemExit(f"interrupted: {self.kept()}") from None
+        if kind is FloatingPointError:
+            raise SystemExit(f"error: {error}: stopping; {self.kept()} (or rerun with --overwrite=true and a "
+                             "lower --lr)") from None
+
+
+RUN_FILES = ("ckpt.pt", "log.csv", "metrics.json", "report.html")  # what a run writes in out_dir
+SIGNALS = [getattr(signal, s) for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s)]
+
+
+def interrupt(signum, frame):
+    """SIGTERM and SIGHUP (a closed terminal or ssh connection) act as Ctrl-C."""
+    raise KeyboardInterrupt
+
+
+def settings(cfg):
+    """The settings that make a run what it is (real AVE: the classes come from the data)."""
+    found = {"num_classes"} if cfg.data == "ave" else set()
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in MAY_DIFFER | found}
+
+
+def differences(old, new, free=()):
+    """Where two identities differ: [(key, old value, new value)], nested keys joined by dots, values
+    shortened for a message."""
+    old, new = flat(old), flat(new)
+    return [(k, short(old.get(k)), short(new.get(k))) for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k) and k not in free]
+
+
+def flat(record, prefix=""):
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    out = {}
+    for k, v in record.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {prefix + k: v})
+    return out
+
+
+def short(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def read_checkpoint(path):
+    """train.py's checkpoint, or ValueError saying why not (truncated, empty, foreign, unsafe, older)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # nothing of a bad file is used
+        reason = str(e).splitlines()[0][:200] if str(e) else "no detail"
+        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {reason}): delete it or run with "
+                         "--overwrite=true instead of --resume") from None
+    if not isinstance(ck, dict) or not {"config", "epoch", "model", "optimizer", "best"} <= set(ck):
+        raise ValueError(f"{path} was not written by train.py: run with --overwrite=true instead of --resume")
+    if "identity" not in ck:
+        raise ValueError(f"{path} was written by an earlier version of train.py, which recorded no run "
+                         "identity: start afresh with --overwrite=true")
+    if not all(t.isfinite().all() for t in [*ck["model"].values(), *ck["best"].values()]):
+        raise ValueError(f"{path} holds NaN or Inf weights: run with --overwrite=true instead of --resume")
+    return ck
+
+
+def trainable_state(model):
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def log(*args):
+    if RANK == 0:
+        print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 RUN_CHOICES = {"data": ("synthetic", "ave"), "device": ("auto", "cuda", "mps", "cpu")}
 AT_LEAST_ONE = ("num_classes", "train_clips", "val_clips", "test_clips", "workers", "dim", "depth", "heads",
-                "pretrain_samples", "vit_epochs", "ast_epochs", "epochs", "batch_size", "lr_step", "dist_timeout",
-                "fstride", "tstride")
+                "pretrain_samples", "vit_epochs", "ast_epochs", "epochs", "batch_size", "lr_step",
+                "dist_timeout", "fstride", "tstride", "image_size")
 AT_LEAST_ZERO = ("lr", "weight_decay", "lambda_orth", "lambda_balance", "modality_dropout")  # and lr above 0
+PATHS = ("data_root", "prepared_dir", "vit_ckpt", "ast_ckpt", "out_dir", "cache_dir")  # ~ expanded
 
 
 def setup(cfg):
     """Device and, under torchrun, the process group; -> device."""
     if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" and WORLD > 1 else cfg.device
+        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() \
+            else "cpu"
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" and WORLD > 1 \
+        else cfg.device
     if device.startswith("cuda:"):
         torch.cuda.set_device(device)
     if WORLD > 1:  # a rank that waits longer than dist_timeout for the others stops with an error
@@ -382,25 +711,40 @@ def print_help(cfg):
         print(f"  {f'--{f.name}={getattr(cfg, f.name)}':<26} {notes.get(f.name, '')}")
 
 
-def parse_config(argv, run=True):
-    """--key=value flags -> Config; a bad flag stops with one line before any work. run=False (--probe, --bench):
-    out_dir need not be free, since they write neither a checkpoint nor a report."""
-    cfg = Config()
-    for arg in argv:
+def parse_config(argv, tool=None):
+    """--key=value or --key value flags -> Config, checked; a bad flag stops with one line before any work.
+    tool: "probe" or "bench", which take no --resume and compare both modes."""
+    cfg, types, given = Config(), {f.name: f.type for f in dataclasses.fields(Config)}, set()
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
         if arg in ("-h", "--help"):
             print_help(cfg)
             sys.exit(0)
-        key, _, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not hasattr(cfg, key):
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in types:
             sys.exit(f"unknown argument {arg}: see python train.py --help")
-        kind = type(getattr(cfg, key))
+        kind = types[key]
+        if not eq and args and not args[0].startswith("--") and (kind is not bool or args[0] in BOOLS):
+            value = args.pop(0)  # --key value
+        elif not eq and kind is bool:
+            value = "true"  # a bare --resume
         try:
-            setattr(cfg, key, BOOLS[value.lower()] if kind is bool else kind(value))
-        except (KeyError, ValueError):
+            value = BOOLS[value.lower()] if kind is bool else kind(value)
+            if kind is str:
+                value.encode("utf-8")  # a name that is not UTF-8 could not be written in the report
+        except (KeyError, ValueError, UnicodeError):
             sys.exit(f"--{key}={value}: expected a value of type {kind.__name__}")
+        setattr(cfg, key, os.path.expanduser(value) if key in PATHS else value)
+        given.add(key)
     try:
+        if tool and "resume" in given or tool == "bench" and "mode" in given:
+            raise ValueError(f"--{tool} takes no --resume, and --bench no --mode (it compares AVMoE and "
+                             "MoLT): drop it")
+        if cfg.data == "ave" and cfg.vit_ckpt and "image_size" not in given and os.path.isfile(cfg.vit_ckpt):
+            vit = load_vit(cfg.vit_ckpt, num_heads=cfg.vit_heads or None)  # at its own size
+            cfg.image_size = vit.grid[0] * vit.patch_embed.stride[0]
         check(cfg)
-        check_run_dir(cfg, run)
     except ValueError as e:
         sys.exit(f"error: {e}")
     return cfg
@@ -410,166 +754,62 @@ def check(cfg):
     """Every setting that can be checked before any work; ValueError names the flag and what to do."""
     check_config(cfg, CHOICES | RUN_CHOICES)
     for key in AT_LEAST_ONE:
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"--{key} must be at least 1, not {getattr(cfg, key)}")
+        if not 1 <= getattr(cfg, key) <= 10 ** 9:  # a bound that keeps timedelta and sizes finite
+            raise ValueError(f"--{key} must be at least 1 (and at most 10 ** 9), not {getattr(cfg, key)}")
     for key in AT_LEAST_ZERO:
         if not 0 <= getattr(cfg, key) < math.inf or (key == "lr" and cfg.lr == 0):
             raise ValueError(f"--{key}={getattr(cfg, key)} must be {'positive' if key == 'lr' else 'at least 0'}")
     if not 0 <= cfg.seed < 2 ** 32:
         raise ValueError(f"--seed={cfg.seed}: a seed is between 0 and {2 ** 32 - 1}")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: pick one")
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(cfg.device, True):
-        raise ValueError(f"--device={cfg.device}: this machine has no {cfg.device} device; use --device=cpu or auto")
+        raise ValueError(f"--device={cfg.device}: this machine has no {cfg.device} device; use --device=cpu or "
+                         "auto")
     if cfg.modality_dropout > 0.5:
         raise ValueError("--modality_dropout must be at most 0.5 (audio and frames are never removed together)")
-    if cfg.num_mel_bins < 16 or (not cfg.vit_ckpt and (cfg.image_size < 8 or cfg.image_size % 8)):
-        raise ValueError("--num_mel_bins must be at least the AST's 16 x 16 patch, and --image_size a multiple of "
-                         f"the stage-0 ViT's 8 px patch (got {cfg.num_mel_bins} and {cfg.image_size})")
-    if cfg.dim % cfg.heads or cfg.num_classes < 2:
-        raise ValueError(f"--dim={cfg.dim} must be divisible by --heads={cfg.heads}, and --num_classes at least 2")
+    if cfg.num_mel_bins < 16 or (not cfg.vit_ckpt and cfg.image_size % 8):
+        raise ValueError("--num_mel_bins must be at least the AST's 16 x 16 patch, and --image_size a multiple "
+                         f"of the stage-0 ViT's 8 px patch (got {cfg.num_mel_bins} and {cfg.image_size})")
+    if cfg.dim % cfg.heads or cfg.num_classes < 2 or cfg.reduction > cfg.dim:
+        raise ValueError(f"--dim={cfg.dim} must be divisible by --heads={cfg.heads} and at least --reduction="
+                         f"{cfg.reduction}, and --num_classes at least 2")
     if cfg.data == "synthetic" and cfg.num_classes > len(data.CLASS_SHAPES):
-        raise ValueError(f"--num_classes: the synthetic AVE has at most {len(data.CLASS_SHAPES)} classes (shapes)")
-    stage0 = any(m in cfg.modalities and not ckpt for m, ckpt in (("v", cfg.vit_ckpt), ("a", cfg.ast_ckpt)))
+        raise ValueError(f"--num_classes: the synthetic AVE has at most {len(data.CLASS_SHAPES)} classes")
+    stage0 = [name for name, (m, flag, _, _) in BACKBONES.items() if m in cfg.modalities and not getattr(cfg, flag)]
     if stage0 and cfg.mode == "molt" and cfg.late_layers > cfg.depth:
         raise ValueError(f"--late_layers={cfg.late_layers} is more than the stage-0 backbones' {cfg.depth} layers")
-    for m, flag, path in (("v", "vit_ckpt", cfg.vit_ckpt), ("a", "ast_ckpt", cfg.ast_ckpt)):
+    for name, (m, flag, _, _) in BACKBONES.items():
+        path = getattr(cfg, flag)
         if path and m not in cfg.modalities:
             raise ValueError(f"--{flag} is for a modality that --modalities={cfg.modalities} does not use: drop it")
         if path and not os.path.isfile(path):
-            raise ValueError(f"checkpoint {path} {'is a folder' if os.path.isdir(path) else 'not found'}: give a file")
+            raise ValueError(f"--{flag}={path} {'is a folder' if os.path.isdir(path) else 'not found'}: give a file")
     if cfg.data == "synthetic" and (cfg.data_root or cfg.prepared_dir):
         raise ValueError("--data_root and --prepared_dir are for real AVE: add --data=ave")
     if cfg.data == "ave" and not (os.path.isdir(cfg.data_root) and os.path.isdir(cfg.prepared_dir)):
         raise ValueError("--data=ave needs --data_root=DIR (Annotations.txt, split files) and --prepared_dir=DIR "
                          "(made by: python data.py --prepare_ave DIR --out PREPARED), both existing folders")
+    check_memory(cfg)
+    for folder in (cfg.out_dir, cfg.cache_dir):
+        existing = os.path.abspath(folder)
+        while not os.path.exists(existing):  # the folder, or where it would be created
+            existing = os.path.dirname(existing)
+        if not folder or not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"{folder!r} is not a writable folder: see --out_dir/--cache_dir")
 
 
-def check_run_dir(cfg, run=True):
-    """Writable folders; a run's out_dir is its alone, never cleared without --overwrite, resumed only as it was."""
-    cache = [os.path.join(cfg.cache_dir, sub) for sub in ("data", "backbones")]
-    for folder in [cfg.out_dir, cfg.cache_dir] + [c for c in cache if os.path.isdir(c)]:
-        try:
-            os.makedirs(folder, exist_ok=True)
-            tempfile.TemporaryFile(dir=folder).close()
-        except OSError as e:
-            raise ValueError(f"{folder!r} is not a writable folder ({e.strerror}): see --out_dir/--cache_dir") from None
-    if not run:
-        return
-    if cfg.resume and cfg.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other: pick one")
-    lock_run_dir(cfg.out_dir)
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, name))]
-    if earlier and not cfg.overwrite and not (cfg.resume and "ckpt.pt" in earlier):
-        resume = "pass --resume=true to continue it, " if "ckpt.pt" in earlier else ""
-        raise ValueError(f"{cfg.out_dir} holds an earlier run ({', '.join(earlier)}): {resume}pass --overwrite=true "
-                         "to replace it, or choose another --out_dir")
-    if not (cfg.resume and "ckpt.pt" in earlier):
-        return
-    ck = read_checkpoint(path)
-    may_differ = RESUME_MAY_DIFFER | ({"num_classes"} if cfg.data == "ave" else set())  # ave: known from data
-    diff = {k: (v, getattr(cfg, k, None)) for k, v in ck["config"].items()
-            if k not in may_differ and getattr(cfg, k, None) != v}
-    diff.update({k: (ck.get(k), v) for k, v in run_identity(cfg).items() if ck.get(k) != v})
-    if diff:
-        raise ValueError(f"{path} is from another configuration: " + ", ".join(
-            f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items()) +
-            f" (only {', '.join(sorted(RESUME_MAY_DIFFER - {'resume', 'overwrite'}))} may change on --resume)")
-    need = ck["epoch"] + ("metrics.json" in earlier)  # a finished run: resuming it as it is would only rewrite it
-    if cfg.epochs < need:
-        raise ValueError(f"{path} holds {ck['epoch']} finished epochs: resume with --epochs={need} or more")
-
-
-def run_identity(cfg):
-    """Beyond the settings: the number of processes (the effective batch), the checkpoint files' content."""
-    digests = {flag: hashlib.sha256(pathlib.Path(getattr(cfg, flag)).read_bytes()).hexdigest()
-               for flag in ("vit_ckpt", "ast_ckpt") if getattr(cfg, flag)}
-    return {"world_size": WORLD, "checkpoint_sha256": digests}
-
-
-def lock_run_dir(out_dir):
-    """A flock on out_dir/run.lock that ends with the process, even a crashed one; rank 0 holds it; POSIX only."""
-    path = os.path.realpath(os.path.join(out_dir, "run.lock"))
-    if RANK or os.name != "posix" or path in LOCKS:
-        return
-    import fcntl  # POSIX only
-    f = open(path, "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise ValueError(f"{out_dir} is in use by another run: wait for it to end, or use another --out_dir") from None
-    LOCKS[path] = f  # held until this process exits
-
-
-def start_or_resume(cfg, model, opt, sched, sets):
-    """Clears an earlier run's outputs, or on --resume the results that training on makes stale, and restores what
-    the checkpoint holds -> progress: epochs done, best val acc and its weights, history, phase and wall seconds."""
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    clips = {s: len(ds) for s, ds in sets.items()}  # real AVE: the clips prepared so far
-    resuming = cfg.resume and os.path.exists(path)
-    for name in ("metrics.json", "report.html") if resuming else RUN_FILES:  # every rank: nothing is written yet
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(cfg.out_dir, name))
-    if not resuming:
-        if cfg.resume:
-            log(f"--resume: no {path} yet, starting from scratch")
-        return {"epoch": 0, "best_val": -1.0, "best": trainable_state(model), "history": [], "seconds": {},
-                "elapsed": 0.0, "clips": clips, **run_identity(cfg)}
-    ck = read_checkpoint(path)  # its settings were compared with these in check_run_dir
-    if ck.get("clips", clips) != clips:
-        sys.exit(f"{path} was trained on {ck['clips']} clips per split, the data now has {clips}: prepare or remove "
-                 "videos back to that state, or rerun with --overwrite=true to start afresh")
-    if set(ck["model"]) != {n for n, p in model.named_parameters() if p.requires_grad}:
-        sys.exit(f"{path} holds other trainable tensors than this model: was it written by another version?")
-    model.load_state_dict(ck["model"], strict=False)  # the trainable part only; the backbones come from stage 0
-    opt.load_state_dict(ck["optimizer"])
-    sched.load_state_dict(ck["scheduler"])
-    torch.set_rng_state(ck["rng"])
-    if "cuda_rng" in ck and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ck["cuda_rng"])
-    if RANK == 0:
-        write_log(cfg, ck["history"])  # drops epochs logged after the checkpoint
-    log(f"resumed from {path} after epoch {ck['epoch']}")
-    kept = ("epoch", "best_val", "best", "history", "seconds", "elapsed", "world_size", "checkpoint_sha256")
-    return {**{k: ck[k] for k in kept}, "clips": clips}  # run_identity: found equal in check_run_dir, not hashed again
-
-
-def read_checkpoint(path):
-    """train.py's checkpoint, or ValueError saying why not (truncated, empty, foreign, unsafe)."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        assert {"config", "epoch", "history", "model", "optimizer", "best"} <= set(ck), "not written by train.py"
-        assert all(t.isfinite().all() for t in [*ck["model"].values(), *ck["best"].values()]), "NaN or Inf weights"
-        return ck
-    except Exception as e:  # nothing of a bad file is used
-        reason = str(e).splitlines()[0][:200] if str(e) else "no detail"
-        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {reason}): delete it or run with "
-                         "--overwrite=true instead of --resume") from None
-
-
-def trainable_state(model):
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def write_log(cfg, history):
-    """log.csv: this run's epochs, rewritten whole from the checkpoint's history (so it never repeats or mixes)."""
-    columns = ("epoch", "train_loss", "val_acc", "seconds")
-    rows = [columns] + [[h[k] for k in columns] for h in history]
-    data.write_atomic(os.path.join(cfg.out_dir, "log.csv"), "".join(",".join(map(str, r)) + "\r\n" for r in rows))
-
-
-def log(*args):
-    if RANK == 0:
-        print(*args, flush=True)
-
-
-@contextlib.contextmanager
-def phase(name, seconds):
-    """Adds the wall time of a block to seconds[name] (metrics.json's phase_seconds)."""
-    t0 = time.time()
-    yield
-    seconds[name] = round(seconds.get(name, 0) + time.time() - t0, 1)
+def check_memory(cfg):
+    """The sizes that obviously cannot fit: the synthetic set and the stage-0 samples held in memory."""
+    segment = 3 * cfg.image_size ** 2 + 2 * data.FRAMES_PER_SEGMENT * cfg.num_mel_bins  # uint8 + fp16
+    clips = cfg.train_clips + cfg.val_clips + cfg.test_clips if cfg.data == "synthetic" else 0
+    need = 2 * clips * data.SECONDS * segment + 2 * cfg.pretrain_samples * 4 * segment  # stored, then used
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf
+    if need > total:
+        raise ValueError(f"the synthetic data would need about {need / 1e9:.0f} GB of memory, this machine has "
+                         f"{total / 1e9:.0f} GB: lower --train_clips/--val_clips/--test_clips, "
+                         "--pretrain_samples, --image_size or --num_mel_bins")
 
 
 # ----------------------------------------------------------------------------- --probe, --summary and --bench
@@ -582,32 +822,38 @@ def layer_features(enc, x):
 
 
 def probe(cfg, max_clips=1000):
-    """Where the evidence lives: for each layer of each frozen backbone, the test accuracy of a linear classifier
-    (ridge regression onto one-hot targets) on the layer's token-averaged states of single segments, for the class
-    that segment's own modality carries (synthetic: the class heard / seen, or none; real AVE: the segment label)."""
-    sets, cfg.num_classes = datasets(cfg)
-    table = {}
-    for m, enc in zip("va", backbones(dataclasses.replace(cfg, modalities="av"))):  # both, whatever the run uses
-        xy = []
-        for split in ("train", "test"):
-            ds = torch.utils.data.Subset(sets[split], range(min(max_clips, len(sets[split]))))
-            x = torch.cat([layer_features(enc, (frames if m == "v" else fbank).flatten(0, 1))
-                           for frames, fbank, _ in torch.utils.data.DataLoader(ds, 32)])  # (N*S, L, D)
-            record = getattr(sets[split], "split", None)
-            y = record["audible" if m == "a" else "visible"] if record else torch.stack(list(sets[split].labels))
-            xy.append((x, torch.where(y[:len(ds)] < 0, cfg.num_classes, y[:len(ds)]).flatten()))  # none: last class
-        table[STREAMS[m]] = ridge_probe(*xy[0], *xy[1])
-        print(f"{STREAMS[m]:6} linear probe accuracy by layer: " +
-              "  ".join(f"{i + 1}: {a:.3f}" for i, a in enumerate(table[STREAMS[m]])))
-    data.write_atomic(os.path.join(cfg.out_dir, "probe.json"), json.dumps(table, indent=1))
+    """Where the evidence lives: for each layer of each frozen backbone, the test accuracy of a linear
+    classifier (ridge regression onto one-hot targets) on the layer's token-averaged states of single
+    segments, for the class that segment's own modality carries (synthetic: the class heard / seen, or none;
+    real AVE: the segment label). Written to out_dir/probe_seed{seed}.json with the run's identity."""
+    with Run(cfg, "probe") as run:
+        sets = datasets(cfg, run)
+        both = dataclasses.replace(cfg, modalities="av")  # both backbones, whatever the run uses
+        table = {}
+        for m, enc in zip("va", backbones(both, run, user_backbones(both, run))):
+            xy = []
+            for split in ("train", "test"):
+                ds = torch.utils.data.Subset(sets[split], range(min(max_clips, len(sets[split]))))
+                x = torch.cat([layer_features(enc, (frames if m == "v" else fbank).flatten(0, 1))
+                               for frames, fbank, _ in torch.utils.data.DataLoader(ds, 32)])  # (N*S, L, D)
+                record = getattr(sets[split], "split", None)
+                y = record["audible" if m == "a" else "visible"] if record \
+                    else torch.stack(list(sets[split].labels))
+                y = torch.where(y[:len(ds)] < 0, cfg.num_classes, y[:len(ds)]).flatten()  # none: last class
+                xy.append((x, y))
+            table[STREAMS[m]] = ridge_probe(*xy[0], *xy[1])
+            print(f"{STREAMS[m]:6} linear probe accuracy by layer: " +
+                  "  ".join(f"{i + 1}: {a:.3f}" for i, a in enumerate(table[STREAMS[m]])))
+        run.finish({"probe": table, "config": dataclasses.asdict(cfg)})
     return table
 
 
 def ridge_probe(x, y, xt, yt, ridge=1e-2):
-    """Per layer: standardise with the training statistics, fit ridge regression onto one-hot targets (penalty ridge
-    per training sample), and score the test set. x (N, L, D), y (N,), xt (M, L, D), yt (M,) -> [accuracy per layer]"""
+    """Per layer: standardise with the training statistics, fit ridge regression onto one-hot targets
+    (penalty ridge per training sample), and score the test set. x (N, L, D), y (N,), xt (M, L, D), yt (M,)
+    -> [accuracy per layer]"""
     mu, sd = x.mean(0), x.std(0) + 1e-6  # (L, D)
-    x, xt = [F.pad((v - mu) / sd, (0, 1), value=1.0) for v in (x, xt)]  # (N, L, D + 1): a constant for the bias
+    x, xt = [F.pad((v - mu) / sd, (0, 1), value=1.0) for v in (x, xt)]  # (N, L, D + 1): bias column
     accuracies = []
     for layer in range(x.shape[1]):
         a = x[:, layer]  # (N, D + 1)
@@ -616,37 +862,80 @@ def ridge_probe(x, y, xt, yt, ridge=1e-2):
     return accuracies
 
 
-def summary(dirs):
-    """Mean +- sample std of the runs' metrics.json, all checked before a row is printed: seeds of one setting."""
-    if not dirs:
-        raise ValueError("--summary needs the run folders to average, e.g. --summary runs/s0 runs/s1 runs/s2")
-    runs = {}  # seed -> (metrics.json, its numbers, its setting)
-    for path in (os.path.join(d, "metrics.json") for d in dirs):
+SUMMARY_KEYS = ("test_acc", "test_acc_audio_removed", "test_acc_frames_removed", "val_acc",
+                "token_redundancy", "seconds")
+
+
+def summary(paths):
+    """Mean +- sample std over runs that differ in their seed alone: run folders (their metrics.json), or
+    metrics.json / probe_seed*.json files. Everything is checked before a row is printed."""
+    paths = [os.fspath(p) for p in paths]
+    if not paths or any(p.startswith("--") for p in paths):
+        raise ValueError("--summary takes run folders or their metrics.json / probe_seed*.json files, e.g. "
+                         f"--summary runs/s0 runs/s1 runs/s2{', not ' + min(paths) if paths else ''}")
+    runs = {}  # seed -> (path, its record)
+    for path in (os.path.join(p, "metrics.json") if os.path.isdir(p) else p for p in paths):
         try:
-            with open(path) as f:
-                m = json.load(f)
-            numbers = [float(m[key]) for key in SUMMARY_KEYS]
-            setting = {k: v for k, v in m["config"].items() if k not in RESUME_MAY_DIFFER - {"epochs"} | {"seed"}}
-            seed, setting["world_size"] = m["config"]["seed"], m.get("world_size", 1)
-            setting.update({k: m.get(k) for k in ("checkpoint_sha256", "clips")})  # content and data, not paths
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            hint = "; runs from before 2026-12-04 use other key names" if isinstance(e, KeyError) else ""
-            raise ValueError(f"{path}: not a finished run's metrics ({type(e).__name__}: {e}{hint})") from None
-        first, _, first_setting = next(iter(runs.values()), (path, None, setting))
-        diff = sorted(k for k in setting.keys() | first_setting.keys() if setting.get(k) != first_setting.get(k))
+            with open(path, encoding="utf-8") as f:
+                record = json.load(f)
+            identity, seed = record["identity"], record["config"]["seed"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            why = "it records no run identity: written by an earlier version of train.py, rerun it" \
+                if isinstance(e, KeyError) else f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}"
+            raise ValueError(f"{path}: not a finished run's metrics.json or a --probe file ({why})") from None
+        first, first_record = next(iter(runs.values()), (path, record))
+        free = {"settings.seed"} | {f"data.{s}.sha256" for s in ("train", "val", "test")
+                                    if record["config"]["data"] == "synthetic"} | {
+            f"weights.{name}" for name, (_, flag, _, _) in BACKBONES.items() if not record["config"][flag]}
+        diff = differences(dict(first_record["identity"], epochs=first_record["config"]["epochs"]),
+                           dict(identity, epochs=record["config"]["epochs"]), free)  # seed products free
         if diff:
-            raise ValueError(f"{path} and {first} differ in {diff[0]} ({first_setting.get(diff[0])!r} against "
-                             f"{setting.get(diff[0])!r}): --summary averages the seeds of one setting")
+            key, a, b = diff[0]
+            raise ValueError(f"{first} and {path} differ in {key} ({a} against {b}): --summary averages the "
+                             "seeds of one setting")
         if seed in runs:
-            raise ValueError(f"{path} and {runs[seed][0]} are both seed {seed} of one setting: each run counts once")
-        runs[seed] = (path, numbers, setting)
-    for key, v in zip(SUMMARY_KEYS, torch.tensor([numbers for _, numbers, _ in runs.values()]).T):
-        print(f"{key:23} {v.mean():.3f} +- {v.std() if len(v) > 1 else 0:.3f}   ({', '.join(f'{x:.3f}' for x in v)})")
+            raise ValueError(f"{path} and {runs[seed][0]} are both seed {seed} of one setting: each run "
+                             "counts once")
+        runs[seed] = (path, record)
+    rows = {}
+    for _, record in runs.values():
+        for key, value in summary_numbers(record).items():
+            rows.setdefault(key, []).append(value)
+    for key, values in rows.items():
+        v = torch.tensor([x for x in values if x is not None], dtype=torch.float64)
+        print(f"{key:40} " + (f"{v.mean():.3f} +- {v.std() if len(v) > 1 else 0:.3f}   "
+                              f"({', '.join(f'{x:.3f}' for x in v)})" if len(v) else "-"))
+
+
+def summary_numbers(record):
+    """A run's numbers to average, by name: the metrics, the router weights (mean and top-1 share per
+    expert), the probe's accuracy per layer."""
+    if "probe" in record:
+        return {f"probe {m} layer {i + 1}": a for m, acc in record["probe"].items() for i, a in enumerate(acc)}
+    if "bench" in record:
+        return {f"bench {run} {k}": v for run, r in record["bench"].items() for k, v in r.items()}
+    numbers = {key: record[key] for key in SUMMARY_KEYS}
+    cfg = record["config"]
+    for how, routers in record["router_weights"].items():
+        for m, r in routers.items():
+            names = expert_names(cfg, cfg["modalities"] == "av")
+            for pos, mean, top in zip(r["positions"], r["mean"], r["top1"]):
+                for name, w, t in zip(names, mean, top):
+                    numbers[f"router {how} {STREAMS[m]} {pos} {name}"] = w
+                    numbers[f"router {how} {STREAMS[m]} {pos} {name} top-1"] = t
+    return numbers
+
+
+def expert_names(cfg, both):
+    """The experts of a mixture, in the order of the router weights: CMA first (none with one modality)."""
+    return [f"CMA {e + 1}" for e in range(cfg["n_cma"] if both else 0)] + \
+        [f"UA {e + 1}" for e in range(cfg["n_ua"])]
 
 
 def measure(model, batch, device, steps, cfg):
-    """Trainable adapter parameters, bytes autograd saves for backward in one training step (each storage once,
-    parameters left out: expanded views of frozen weights would otherwise count a hundredfold), median step time."""
+    """Trainable adapter parameters, bytes autograd saves for backward in one training step (each storage
+    once, parameters left out: expanded views of frozen weights would otherwise count a hundredfold), median
+    step time."""
     params, saved, times = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}, []
 
     def pack(t):
@@ -657,7 +946,9 @@ def measure(model, batch, device, steps, cfg):
     model.train()
     for i in range(steps + 1):  # the first step is warm-up, and the one whose saved tensors are counted
         t0 = time.perf_counter()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if i == 0 else contextlib.nullcontext():
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if i == 0 \
+            else contextlib.nullcontext()
+        with hooks:
             logits, aux, labels = run_batch(model, batch, device)
             loss = loss_fn(logits, labels, aux, cfg)
         loss.backward()
@@ -671,35 +962,40 @@ def measure(model, batch, device, steps, cfg):
 
 
 def bench(cfg, paper_scale=True):
-    """AVMoE vs MoLT on the same backbones, batch and widths; then the same counts at the papers' scale."""
+    """AVMoE vs MoLT on the same backbones, batch and widths; then the same counts at the papers' scale.
+    Written to out_dir/bench_seed{seed}.json with the run's identity."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sets, cfg.num_classes = datasets(cfg)
-    batch = next(iter(torch.utils.data.DataLoader(sets["train"], batch_size=cfg.batch_size)))
-    scales = {"demo": (*backbones(cfg), batch, 5, cfg.reduction, f"{len(batch[-1])} clips x 10 segments")}
-    if paper_scale:  # ViT-B/16 at 192 px and AST-base on a 1 s segment, random weights, one clip of 2 segments
-        torch.manual_seed(cfg.seed)
-        g, base = torch.Generator().manual_seed(0), dict(dim=768, depth=12, heads=12, mlp_dim=3072)
-        big = (torch.randn(1, 2, 3, 192, 192, generator=g),
-               torch.randn(1, 2, data.FRAMES_PER_SEGMENT, 128, generator=g), torch.zeros(1, 2, dtype=torch.long))
-        scales["paper scale"] = (ViT(image_size=192, patch_size=16, **base),  # the papers' bottleneck is D/8
-                                 AST(num_mel_bins=128, target_length=data.FRAMES_PER_SEGMENT, **base), big, 2, 8,
-                                 "1 clip x 2 segments, D/8 bottleneck")
-    results = {}
-    for scale, (vit, ast, b, steps, reduction, _) in scales.items():
-        for mode in ("avmoe", "molt"):
-            model = AVModel(dataclasses.replace(cfg, mode=mode, reduction=reduction), vit, ast).to(device)
-            results[f"{scale} {mode}"] = measure(model, b, device, steps, cfg)
-    print(f"{'':24}{'adapter params':>16}{'saved for backward':>20}{'step time':>12}")
-    for scale, (*_, about) in scales.items():
-        for mode, name in (("avmoe", "AVMoE"), ("molt", "MoLT")):
-            r = results[f"{scale} {mode}"]
-            print(f"{scale + ' ' + name:24}{r['adapter_params']:>16,}{r['saved_bytes'] / 1e6:>17.1f} MB"
-                  f"{r['step_seconds']:>11.3f}s")
-        ratio = results[f"{scale} molt / avmoe"] = {k: results[f"{scale} molt"][k] / results[f"{scale} avmoe"][k]
-                                                   for k in ("adapter_params", "saved_bytes", "step_seconds")}
-        print(f"{scale + ' MoLT / AVMoE':24}{ratio['adapter_params']:>16.3f}{ratio['saved_bytes']:>20.3f}"
-              f"{ratio['step_seconds']:>12.3f}   ({about})")
-    data.write_atomic(os.path.join(cfg.out_dir, "bench.json"), json.dumps(results, indent=1))
+    with Run(cfg, "bench") as run:
+        sets = datasets(cfg, run)
+        batch = next(iter(torch.utils.data.DataLoader(sets["train"], batch_size=cfg.batch_size)))
+        vit, ast = backbones(cfg, run, user_backbones(cfg, run))
+        scales = {"demo": (vit, ast, batch, 5, cfg.reduction, f"{len(batch[-1])} clips x 10 segments")}
+        if paper_scale:  # ViT-B/16 at 192 px and AST-base on a 1 s segment, random weights, 1 clip of 2 s
+            torch.manual_seed(cfg.seed)
+            g, base = torch.Generator().manual_seed(0), dict(dim=768, depth=12, heads=12, mlp_dim=3072)
+            big = (torch.randn(1, 2, 3, 192, 192, generator=g),
+                   torch.randn(1, 2, data.FRAMES_PER_SEGMENT, 128, generator=g),
+                   torch.zeros(1, 2, dtype=torch.long))
+            scales["paper scale"] = (ViT(image_size=192, patch_size=16, **base),  # the papers' D/8
+                                     AST(num_mel_bins=128, target_length=data.FRAMES_PER_SEGMENT, **base),
+                                     big, 2, 8, "1 clip x 2 segments, D/8 bottleneck")
+        results = {}
+        for scale, (vit, ast, b, steps, reduction, _) in scales.items():
+            for mode in ("avmoe", "molt"):
+                model = AVModel(dataclasses.replace(cfg, mode=mode, reduction=reduction), vit, ast).to(device)
+                results[f"{scale} {mode}"] = measure(model, b, device, steps, cfg)
+        print(f"{'':24}{'adapter params':>16}{'saved for backward':>20}{'step time':>12}")
+        for scale, (*_, about) in scales.items():
+            for mode, name in (("avmoe", "AVMoE"), ("molt", "MoLT")):
+                r = results[f"{scale} {mode}"]
+                print(f"{scale + ' ' + name:24}{r['adapter_params']:>16,}{r['saved_bytes'] / 1e6:>17.1f} MB"
+                      f"{r['step_seconds']:>11.3f}s")
+            ratio = results[f"{scale} molt / avmoe"] = {
+                k: results[f"{scale} molt"][k] / results[f"{scale} avmoe"][k]
+                for k in ("adapter_params", "saved_bytes", "step_seconds")}
+            print(f"{scale + ' MoLT / AVMoE':24}{ratio['adapter_params']:>16.3f}{ratio['saved_bytes']:>20.3f}"
+                  f"{ratio['step_seconds']:>12.3f}   ({about})")
+        run.finish({"bench": results, "config": dataclasses.asdict(cfg)})
 
 
 # ----------------------------------------------------------------------------- report.html, for a class to look at
@@ -719,7 +1015,8 @@ def command(cfg):
     default = Config()
     launcher = f"torchrun --nproc_per_node={WORLD} train.py" if WORLD > 1 else "python train.py"
     found = {"device"} | ({"num_classes"} if cfg.data == "ave" else set())  # found at run time, not chosen
-    flags = [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items() if v != getattr(default, k) and k not in found]
+    flags = [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in dataclasses.asdict(cfg).items()
+             if v != getattr(default, k) and k not in found]
     return " ".join([launcher] + [shlex.quote(flag) for flag in flags])
 
 
@@ -832,7 +1129,7 @@ def write_report(path, cfg, model, ds, metrics, test, audio_removed):
     hist = metrics["history"]
     best = 1 + max(range(len(hist)), key=lambda e: hist[e]["val_acc"]) if hist else None
     both = audio_removed is not None
-    experts = [f"CMA {e + 1}" for e in range(cfg.n_cma if both else 0)] + [f"UA {e + 1}" for e in range(cfg.n_ua)]
+    experts = expert_names(dataclasses.asdict(cfg), both)
     order = (test["pred"] == labels).sum(1).argsort(descending=True).tolist()  # clips, most seconds right first
     preds = {"predicted": test["pred"]}
     if both:
@@ -869,24 +1166,15 @@ def write_report(path, cfg, model, ds, metrics, test, audio_removed):
                        f"</style></head><body><h1>Report: {title}</h1>{page}</body></html>\n")
 
 
-def interruptible(cfg):
-    """main, and on Ctrl-C one line on what was kept instead of a traceback."""
-    try:
-        main(cfg)
-    except KeyboardInterrupt:
-        path = os.path.join(cfg.out_dir, "ckpt.pt")
-        sys.exit(f"interrupted: {path} holds the last finished epoch: rerun the same command with --resume=true to "
-                 "continue" if os.path.exists(path) else "interrupted: no epoch had finished, nothing to resume")
-
-
 if __name__ == "__main__":
     try:
-        if "--summary" in sys.argv:  # the other arguments are run folders
+        tool = next((t for t in ("summary", "bench", "probe") if f"--{t}" in sys.argv), None)
+        if tool == "summary":  # the other arguments are run folders or their files
             summary([a for a in sys.argv[1:] if a != "--summary"])
-        elif "--bench" in sys.argv or "--probe" in sys.argv:  # neither writes a checkpoint
-            tool = bench if "--bench" in sys.argv else probe
-            tool(parse_config([a for a in sys.argv[1:] if a != f"--{tool.__name__}"], run=False))  # not both
+        elif tool:  # --bench or --probe: one result file each, never a checkpoint
+            {"bench": bench, "probe": probe}[tool](
+                parse_config([a for a in sys.argv[1:] if a != f"--{tool}"], tool))
         else:
-            interruptible(parse_config(sys.argv[1:]))
-    except (ValueError, OSError) as e:  # bad input found while working (a checkpoint, an annotation line), a full disk
-        sys.exit(f"error: {e}")
+            main(parse_config(sys.argv[1:]))
+    except (ValueError, OSError) as e:  # bad input found while working, a full disk
+        sys.exit(f"error: {e}" if RANK == 0 else 1)  # under torchrun, the line once
