@@ -1,4 +1,6 @@
 """Frozen backbones written from scratch (ViT, AST), loaders for real checkpoints, and the audio-visual model."""
+import argparse
+import contextlib
 import json
 import math
 import os
@@ -309,60 +311,89 @@ def param_counts(model):
 
 HEAD_PREFIXES = ("head.", "head_dist.", "heads.", "mlp_head.", "classifier.")
 OUR_BLOCK = ("norm1.", "attn.qkv.", "attn.proj.", "norm2.", "mlp.fc1.", "mlp.fc2.")
-# Source name prefix -> ours, per layout: within a block (its prefix, matched by the pattern, becomes blocks.i.), and
-# outside. HF's separate q, k, v become attn.q/k/v here and are concatenated into attn.qkv by _to_ours.
+# Source name prefix -> ours, per layout: within a block (its prefix, matched by the pattern,
+# becomes blocks.i.), and outside. HF's separate q, k, v become attn.q/k/v here and are concatenated
+# into attn.qkv by _to_ours.
 _BLOCK_RULES = {
     "timm": (r"blocks\.(\d+)\.", dict(zip(OUR_BLOCK, OUR_BLOCK))),
     "torchvision": (r"encoder\.layers\.encoder_layer_(\d+)\.", dict(zip(
-        ("ln_1.", "self_attention.in_proj_", "self_attention.out_proj.", "ln_2.", "mlp.0.", "mlp.3."), OUR_BLOCK))),
+        ("ln_1.", "self_attention.in_proj_", "self_attention.out_proj.", "ln_2.", "mlp.0.",
+         "mlp.3."), OUR_BLOCK))),
     "hf": (r"(?:encoder\.)?layers?\.(\d+)\.", {
-        "layernorm_before.": "norm1.", "attention.attention.query.": "attn.q.", "attention.attention.key.": "attn.k.",
-        "attention.attention.value.": "attn.v.", "attention.output.dense.": "attn.proj.", "layernorm_after.": "norm2.",
+        "layernorm_before.": "norm1.", "attention.attention.query.": "attn.q.",
+        "attention.attention.key.": "attn.k.", "attention.attention.value.": "attn.v.",
+        "attention.output.dense.": "attn.proj.", "layernorm_after.": "norm2.",
         "intermediate.dense.": "mlp.fc1.", "output.dense.": "mlp.fc2.",
         # transformers 5 in-memory names
-        "attention.q_proj.": "attn.q.", "attention.k_proj.": "attn.k.", "attention.v_proj.": "attn.v.",
-        "attention.o_proj.": "attn.proj.", "mlp.fc1.": "mlp.fc1.", "mlp.fc2.": "mlp.fc2."}),
+        "attention.q_proj.": "attn.q.", "attention.k_proj.": "attn.k.",
+        "attention.v_proj.": "attn.v.", "attention.o_proj.": "attn.proj.", "mlp.fc1.": "mlp.fc1.",
+        "mlp.fc2.": "mlp.fc2."}),
 }
 _TOP_RULES = {
     "timm": {"cls_token": "cls_token", "dist_token": "dist_token", "pos_embed": "pos_embed",
              "patch_embed.proj.": "patch_embed.", "norm.": "norm."},
-    "torchvision": {"class_token": "cls_token", "encoder.pos_embedding": "pos_embed", "conv_proj.": "patch_embed.",
-                    "encoder.ln.": "norm."},
-    "hf": {"embeddings.cls_token": "cls_token", "embeddings.distillation_token": "dist_token", "layernorm.": "norm.",
-           "embeddings.position_embeddings": "pos_embed", "embeddings.patch_embeddings.projection.": "patch_embed."}}
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                       "BOOL": torch.bool}
+    "torchvision": {"class_token": "cls_token", "encoder.pos_embedding": "pos_embed",
+                    "conv_proj.": "patch_embed.", "encoder.ln.": "norm."},
+    "hf": {"embeddings.cls_token": "cls_token", "embeddings.distillation_token": "dist_token",
+           "layernorm.": "norm.", "embeddings.position_embeddings": "pos_embed",
+           "embeddings.patch_embeddings.projection.": "patch_embed."}}
+# Where a saved dict keeps the weights: timm's keys in its order (EMA first), then others'
+_WRAPPERS = ("state_dict_ema", "state_dict", "model_state_dict", "model")
+# Per kind: train.py's flags for its file and its heads, its distillation token, the layouts read
+_KINDS = {"ViT": ("--vit_ckpt", "--vit_heads", "no", "timm or torchvision ViT"),
+          "AST": ("--ast_ckpt", "--ast_heads", "a", "AST-repo or HF AST")}
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+@contextlib.contextmanager
+def _naming(src):
+    """Yields how messages name a checkpoint: its path, or "the checkpoint" for one in memory. A
+    ValueError raised inside becomes one line that starts with that name."""
+    where = os.fspath(src) if isinstance(src, (str, os.PathLike)) else "the checkpoint"
+    try:
+        yield where
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def read_safetensors(path):
-    """A .safetensors file: 8-byte little-endian header size, a JSON header (name -> dtype, shape, offsets), raw bytes.
-    As the format requires, each tensor's bytes lie inside the data, do not overlap another's, and match its shape."""
+    """A .safetensors file: 8-byte little-endian header size, a JSON header (name -> dtype, shape,
+    offsets), raw bytes. As the format requires, each tensor's bytes lie inside the data, do not
+    overlap another's, and match its shape."""
     with open(path, "rb") as f:
         raw = f.read()
     n = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else -1
     if not 0 < n <= len(raw) - 8:
-        raise ValueError(f"header length {n} does not fit a file of {len(raw)} bytes: not a .safetensors file")
+        raise ValueError(f"header length {n} does not fit a file of {len(raw)} bytes: "
+                         "not a .safetensors file")
     header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
     state, end_of_last = {}, 0
-    tensors = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
+    tensors = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                     key=lambda kv: kv[1]["data_offsets"])
     for name, info in tensors:
         begin, end = info["data_offsets"]
         dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None:
             raise ValueError(f"tensor {name}: dtype {info['dtype']} is not supported here")
-        size = torch.empty(0, dtype=dtype).element_size() * math.prod(info["shape"])  # dtype.itemsize needs torch 2.1
+        # dtype.itemsize needs torch 2.1
+        size = torch.empty(0, dtype=dtype).element_size() * math.prod(info["shape"])
         if not end_of_last <= begin <= end <= len(data) or end - begin != size:
-            raise ValueError(f"tensor {name}: offsets {begin}..{end} ({info['dtype']}, shape {info['shape']}) are out "
-                             f"of bounds, overlap another tensor or do not match dtype size x shape")
-        flat = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
+            raise ValueError(f"tensor {name}: offsets {begin}..{end} are out of bounds, overlap "
+                             f"another tensor or do not match {info['dtype']} x {info['shape']}")
+        flat = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype) if end > begin else \
+            torch.empty(0, dtype=dtype)
         state[name], end_of_last = flat.reshape(info["shape"]), end
     return state
 
 
-def read_state(src):
-    """A path (.pth/.pt/.bin via torch.load(weights_only=True), .safetensors) or a state dict -> flat state dict."""
-    state = src
+def _read_checkpoint(src):
+    """A path (torch.load(weights_only=True), which here also takes the args that timm's train.py
+    saves, or read_safetensors) or an in-memory checkpoint -> (its tensors, unwrapped, without the
+    prefix all their keys share, e.g. DataParallel's "module."; the dict they were found in; the
+    top-level dict)."""
+    top = src
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
         if not os.path.isfile(path):
@@ -370,44 +401,62 @@ def read_state(src):
         try:
             if os.path.getsize(path) == 0:
                 raise ValueError("the file is empty")
-            state = read_safetensors(path) if path.endswith(".safetensors") else \
-                torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated, foreign or unsafe file: say which and why, in one line
+            allow = getattr(torch.serialization, "safe_globals", lambda _: contextlib.nullcontext())
+            with allow([argparse.Namespace]):  # torch 2.5 and later
+                top = read_safetensors(path) if path.endswith(".safetensors") else \
+                    torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated, foreign or unsafe file: say why, in one line
             reason = str(e).split(". ")[0].splitlines()[0][:200] if str(e) else "no detail"
-            if not path.endswith(".safetensors") and os.path.getsize(path) and not zipfile.is_zipfile(path):
-                reason = f"not a zip archive as torch.save writes, nor a legacy file it can read: {reason}"
-            raise ValueError(f"could not read checkpoint {path} ({type(e).__name__}: {reason}): save a state dict, "
-                             "e.g. torch.save(model.state_dict(), path), or use a .safetensors file") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict):
-        raise ValueError(f"expected a state dict, got {type(state).__name__}")
-    return {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
+            if not path.endswith(".safetensors") and os.path.getsize(path) and \
+                    not zipfile.is_zipfile(path):
+                reason = f"not a torch.save zip archive nor a legacy file: {reason}"
+            raise ValueError(f"unreadable ({type(e).__name__}: {reason}): save "
+                             "model.state_dict() with torch.save or as .safetensors") from None
+    if not isinstance(top, dict):
+        raise ValueError(f"expected a state dict, got {type(top).__name__}: "
+                         "save model.state_dict()")
+    entries = top
+    for key in _WRAPPERS:
+        if isinstance(entries.get(key), dict):
+            entries = entries[key]
+    state = {k: v for k, v in entries.items() if torch.is_tensor(v)}
+    cut = "".join(os.path.commonprefix(list(state)).rpartition(".")[:2])  # e.g. module., model.
+    return {k[len(cut):]: v for k, v in state.items()}, entries, top
 
 
-def _detect_layout(state):
-    keys = set(state)
-    if "conv_proj.weight" in keys or "class_token" in keys:
-        return "torchvision", ""
-    for prefix in ("", "v.", "audio_spectrogram_transformer."):
-        if prefix + "patch_embed.proj.weight" in keys:
-            return "timm", prefix
-        if prefix + "embeddings.patch_embeddings.projection.weight" in keys:
-            return "hf", prefix
-    raise ValueError(f"unknown checkpoint layout (first keys: {sorted(keys)[:5]}); supported layouts: timm ViT, "
-                     "torchvision ViT (load_vit); AST repo (module.v.*), HF AST hub or transformers-5 (load_ast)")
+def read_state(src):
+    """A path (.pth/.pt/.bin/.pth.tar via torch.load(weights_only=True), .safetensors) or a state
+    dict -> flat state dict, unwrapped from {"state_dict": ...} and other layouts people save."""
+    with _naming(src):
+        return _read_checkpoint(src)[0]
 
 
-def _to_ours(state, layout, prefix):
-    """Rename a source state dict to our key names; ignore classifier heads; reject anything else unknown."""
+def _detect_layout(state, entries, ckpt, layouts):
+    """The layout of a state dict and its backbone's key prefix, found by the patch embedding's
+    weight (the source key that _TOP_RULES maps to ours)."""
+    for layout, rules in _TOP_RULES.items():
+        marker = next(src for src, dst in rules.items() if dst == "patch_embed.") + "weight"
+        found = sorted(k[:-len(marker)] for k in state if k == marker or k.endswith("." + marker))
+        if found:
+            return layout, found[0]
+    keys = [f"{k}" if torch.is_tensor(v) else f"{k} ({type(v).__name__})"
+            for k, v in entries.items()]
+    raise ValueError(f"unknown checkpoint layout (keys: {', '.join(keys[:8])}"
+                     f"{' ...' * (len(keys) > 8)}); {ckpt} takes {layouts} weights")
+
+
+def _to_ours(state, layout, prefix, where):
+    """Rename a source state dict to our key names; ignore classifier heads (with a note naming
+    where they were found); reject anything else unknown."""
     out, heads, unknown = {}, [], []
     block_re, block_rules = _BLOCK_RULES[layout]
     for key, value in state.items():
         name = key.removeprefix(prefix)
         m = re.match(block_re, name)
-        where, rest, rules = (f"blocks.{m[1]}.", name[m.end():], block_rules) if m else ("", name, _TOP_RULES[layout])
-        new = next((where + dst + rest[len(src):] for src, dst in rules.items() if rest.startswith(src)), None)
+        block, rest, rules = (f"blocks.{m[1]}.", name[m.end():], block_rules) if m else \
+            ("", name, _TOP_RULES[layout])
+        new = next((block + dst + rest[len(src):] for src, dst in rules.items()
+                    if rest.startswith(src)), None)
         if name.startswith(HEAD_PREFIXES):
             heads.append(key)
         elif new is None:
@@ -415,99 +464,132 @@ def _to_ours(state, layout, prefix):
         else:
             out[new] = value
     if unknown:
-        raise ValueError(f"unexpected keys in a {layout} checkpoint (they would change the output, so they are not "
-                         f"dropped silently): {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+        raise ValueError(f"unexpected keys in a {layout} checkpoint, which would change the "
+                         f"output: {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
     if heads:
-        print(f"note: ignoring {len(heads)} classifier-head tensors ({heads[0]} ...)")
+        print(f"note: {where}: ignoring {len(heads)} classifier-head tensors ({heads[0]} ...)")
     for key in [k for k in out if ".attn.q." in k]:  # HF: separate q, k, v -> one fused qkv
         k_key, v_key = key.replace(".attn.q.", ".attn.k."), key.replace(".attn.q.", ".attn.v.")
         if k_key in out and v_key in out:
-            out[key.replace(".attn.q.", ".attn.qkv.")] = torch.cat([out.pop(key), out.pop(k_key), out.pop(v_key)])
+            out[key.replace(".attn.q.", ".attn.qkv.")] = torch.cat(
+                [out.pop(key), out.pop(k_key), out.pop(v_key)])
     return out
 
 
 def _load_into(model, state):
-    """Copy tensors into the model; a missing, extra or mis-shaped tensor is an error naming the key."""
+    """Copy tensors into the model; a missing, extra, mis-shaped or integer tensor is an error that
+    names the key."""
     ours = model.state_dict()
     for key, value in ours.items():
         if key not in state:
-            raise ValueError(f"checkpoint is missing tensor {key} (shape {tuple(value.shape)})")
+            raise ValueError(f"missing tensor {key} (shape {tuple(value.shape)})")
         if state[key].shape != value.shape:
             raise ValueError(f"tensor {key}: checkpoint shape {tuple(state[key].shape)}, "
                              f"model expects {tuple(value.shape)}")
+        if not state[key].is_floating_point():  # it would be cast to float without a word
+            raise ValueError(f"tensor {key} holds {state[key].dtype}, not floating-point weights")
     extra = sorted(set(state) - set(ours))
     if extra:
-        raise ValueError(f"unexpected tensors in checkpoint: {extra[:8]}")
+        raise ValueError(f"unexpected tensors: {extra[:8]}")
     broken = [k for k, v in state.items() if not torch.isfinite(v.float()).all()]
     if broken:
-        raise ValueError(f"checkpoint tensors hold NaN or Inf ({broken[:4]}): the file is damaged or from a run that "
-                         "diverged")
+        raise ValueError(f"tensors hold NaN or Inf ({broken[:4]}): the file is damaged or from a "
+                         "run that diverged")
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval()
 
 
-def _read_backbone(src, num_heads, what):
-    """A ViT or AST checkpoint in our key names -> (state, layout, dims for the constructor, patch size)."""
-    state = read_state(src)
-    layout, prefix = _detect_layout(state)
-    if what == "AST" and layout == "torchvision":
-        raise ValueError("this is a torchvision ViT checkpoint: use load_vit (--vit_ckpt)")
-    state = _to_ours(state, layout, prefix)
+def _read_backbone(src, num_heads, what, where):
+    """A ViT or AST checkpoint in our key names -> (state, layout, dims for the constructor, patch
+    size). Its kind is checked before its heads, so that a wrong file is named as such; the heads
+    come from the caller, else from the file (ours record them), else are guessed with a note."""
+    state, entries, top = _read_checkpoint(src)
+    ckpt, heads_flag, _, layouts = _KINDS[what]
+    if {"config", "history"} <= top.keys():
+        raise ValueError("this is a train.py run checkpoint (adapters and head), not backbone "
+                         f"weights: give {ckpt} a backbone's own file")
+    layout, prefix = _detect_layout(state, entries, ckpt, layouts)
+    state = _to_ours(state, layout, prefix, where)
     for key in ["pos_embed", "patch_embed.weight", "blocks.0.mlp.fc1.weight"]:
         if key not in state:
-            raise ValueError(f"checkpoint is missing tensor {key}, needed to read the {what} size")
-    dim = state["pos_embed"].shape[-1]
-    if num_heads is None and dim % 64:
-        raise ValueError(f"width {dim} is not a multiple of 64, so the number of heads cannot be guessed: "
-                         "pass num_heads=")
+            raise ValueError(f"missing tensor {key}, needed to read the {what} size")
+    if ("dist_token" in state) != (what == "AST"):
+        other = "AST" if what == "ViT" else "ViT"
+        raise ValueError(f"wrong kind of checkpoint: {other} weights (it has {_KINDS[other][2]} "
+                         f"distillation token): use load_{other.lower()} ({_KINDS[other][0]})")
+    dim, saved = state["pos_embed"].shape[-1], top.get("num_heads")
+    if num_heads and saved and num_heads != saved:
+        raise ValueError(f"{heads_flag}={num_heads}, but it was saved with {saved} heads")
+    heads = num_heads or saved or dim // 64
+    if not (num_heads or saved):  # the weights cannot tell
+        if dim % 64:
+            raise ValueError(f"width {dim} is not a multiple of 64, so its heads cannot be "
+                             f"guessed: pass {heads_flag}")
+        print(f"note: {where}: {heads} heads guessed (width {dim} // 64); if wrong, pass "
+              f"{heads_flag}")
     dims = dict(dim=dim, depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
-                heads=dim // 64 if num_heads is None else num_heads, mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0])
+                heads=heads, mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0])
     return state, layout, dims, state["patch_embed.weight"].shape[-1]
 
 
 def load_vit(src, image_size=None, num_heads=None):
-    """timm or torchvision ViT weights (path or state dict) -> our ViT; position grid resized as timm does."""
-    state, _, dims, patch = _read_backbone(src, num_heads, "ViT")
-    if "dist_token" in state:
-        raise ValueError("this checkpoint has a distillation token (AST / DeiT-distilled): use load_ast (--ast_ckpt)")
-    old = math.isqrt(state["pos_embed"].shape[1] - 1)
-    if old * old != state["pos_embed"].shape[1] - 1:
-        raise ValueError(f"position embedding {tuple(state['pos_embed'].shape)} is not 1 + a square grid")
-    image_size = image_size or old * patch
-    new = image_size // patch
-    if new != old:  # timm resample_abs_pos_embed: bicubic with antialias on the patch grid, prefix kept
-        pos = state["pos_embed"].float()
-        grid = pos[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, D, old, old)
-        grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False, antialias=True)
-        state["pos_embed"] = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], 1)  # (1, 1+N, D)
-    return _load_into(ViT(image_size, patch, eps=1e-6, **dims), state)
+    """timm or torchvision ViT weights (path or state dict) -> our ViT, at the checkpoint's image
+    size unless image_size is given: then its position grid is resized as timm does, with a note.
+    (So load_vit(path) tells a checkpoint's size: model.grid[0] * model.patch_embed.stride[0].)"""
+    with _naming(src) as where:
+        state, _, dims, patch = _read_backbone(src, num_heads, "ViT", where)
+        old = math.isqrt(state["pos_embed"].shape[1] - 1)
+        if old * old != state["pos_embed"].shape[1] - 1:
+            raise ValueError(f"position embedding {tuple(state['pos_embed'].shape)} is not 1 + a "
+                             "square grid")
+        image_size = image_size or old * patch
+        matches = f"--image_size={old * patch} matches the checkpoint"
+        if image_size % patch:
+            raise ValueError(f"--image_size={image_size} is not a multiple of the patch size "
+                             f"{patch}: {matches}")
+        new = image_size // patch
+        if new != old:  # timm resample_abs_pos_embed: bicubic with antialias, prefix kept
+            print(f"note: {where}: position grid {old}x{old} resized to {new}x{new} for "
+                  f"--image_size={image_size}; {matches}")
+            pos = state["pos_embed"].float()
+            grid = pos[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, D, old, old)
+            grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False,
+                                 antialias=True)
+            # (1, 1+N, D)
+            state["pos_embed"] = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], 1)
+        return _load_into(ViT(image_size, patch, eps=1e-6, **dims), state)
 
 
 def load_ast(src, num_mel_bins=128, target_length=1024, fstride=10, tstride=10, num_heads=None):
     """AST-repo or HF AST weights -> our AST for inputs of (target_length, num_mel_bins)."""
-    state, layout, dims, patch = _read_backbone(src, num_heads, "AST")
-    if "dist_token" not in state:
-        raise ValueError("this checkpoint has no distillation token, as a ViT's: use load_vit (--vit_ckpt)")
-    model = AST(num_mel_bins, target_length, fstride, tstride, eps=1e-12 if layout == "hf" else 1e-6,
-                patch_size=patch, **dims)
-    pos = state["pos_embed"].float()
-    f_old, n = (num_mel_bins - patch) // fstride + 1, pos.shape[1] - 2
-    if n % f_old:
-        raise ValueError(f"position embedding has {n} patches, not a multiple of the {f_old} frequency patches "
-                         f"that num_mel_bins={num_mel_bins}, fstride={fstride} give: check those arguments")
-    grid = pos[:, 2:].reshape(1, f_old, n // f_old, -1).permute(0, 3, 1, 2)  # (1, D, f, t)
-    for axis, new in ((3, model.grid[1]), (2, model.grid[0])):  # AST repo: center-crop when smaller, else bilinear
-        old = grid.shape[axis]
-        if new < old:
-            grid = grid.narrow(axis, int(old / 2) - int(new / 2), new)
-        elif new > old:
-            size = (grid.shape[2], new) if axis == 3 else (new, grid.shape[3])
-            grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
-    state["pos_embed"] = torch.cat([pos[:, :2], grid.flatten(2).transpose(1, 2)], 1)  # (1, 2+N, D)
-    return _load_into(model, state)
+    with _naming(src) as where:
+        state, layout, dims, patch = _read_backbone(src, num_heads, "AST", where)
+        model = AST(num_mel_bins, target_length, fstride, tstride,
+                    eps=1e-12 if layout == "hf" else 1e-6, patch_size=patch, **dims)
+        pos = state["pos_embed"].float()
+        f_old, n = (num_mel_bins - patch) // fstride + 1, pos.shape[1] - 2
+        if n % f_old:
+            raise ValueError(f"its {n} position patches are not a multiple of the {f_old} "
+                             f"frequency patches that --num_mel_bins={num_mel_bins} "
+                             f"--fstride={fstride} give: check those flags")
+        grid = pos[:, 2:].reshape(1, f_old, n // f_old, -1).permute(0, 3, 1, 2)  # (1, D, f, t)
+        # AST repo: center-crop each axis when the new one is smaller, else bilinear
+        for axis, new in ((3, model.grid[1]), (2, model.grid[0])):
+            old = grid.shape[axis]
+            if new < old:
+                grid = grid.narrow(axis, int(old / 2) - int(new / 2), new)
+            elif new > old:
+                size = (grid.shape[2], new) if axis == 3 else (new, grid.shape[3])
+                grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+        # (1, 2+N, D)
+        state["pos_embed"] = torch.cat([pos[:, :2], grid.flatten(2).transpose(1, 2)], 1)
+        return _load_into(model, state)
 
 
 def timm_state_dict(model, prefix=""):
-    """Our backbone's weights in the timm layout (prefix "module.v." gives the AST-repo layout)."""
-    return {prefix + k.replace("patch_embed.", "patch_embed.proj."): v.detach().clone()
-            for k, v in model.state_dict().items()}
+    """Our backbone as stage 0 saves it: {"state_dict": its weights in the timm layout (prefix
+    "module.v." gives the AST-repo layout), "num_heads": what the weights cannot tell}, as timm's
+    own files keep their weights under "state_dict". The loaders read both."""
+    state = {prefix + k.replace("patch_embed.", "patch_embed.proj."): v.detach().clone()
+             for k, v in model.state_dict().items()}
+    return {"state_dict": state, "num_heads": model.blocks[0].attn.heads}

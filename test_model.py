@@ -205,7 +205,8 @@ def test_ast_frequency_and_time_strides_apply_to_their_own_axes():
 def test_loaders_vit_timm_layout_round_trip_and_wrappers(tmp_path):
     ref = tv_vit()
     x = torch.randn(2, 3, 32, 32)
-    timm_keys = {"module." + k: v for k, v in timm_state_dict(load_vit(ref.state_dict(), num_heads=3)).items()}
+    saved = timm_state_dict(load_vit(ref.state_dict(), num_heads=3))["state_dict"]
+    timm_keys = {"module." + k: v for k, v in saved.items()}
     assert "module.patch_embed.proj.weight" in timm_keys and "module.blocks.1.mlp.fc2.bias" in timm_keys
     torch.save({"state_dict": timm_keys, "epoch": 3}, tmp_path / "vit.pth")
     ours = load_vit(tmp_path / "vit.pth", num_heads=3)
@@ -226,7 +227,7 @@ def test_loaders_vit_position_grid_resized_like_timm():
 
 @pytest.mark.loaders
 def test_loaders_need_heads_when_width_is_not_a_multiple_of_64():
-    with pytest.raises(ValueError, match="num_heads"):
+    with pytest.raises(ValueError, match="--vit_heads"):
         load_vit(tv_vit().state_dict())
 
 
@@ -382,9 +383,10 @@ def test_loaders_errors_name_the_problem():
     missing = {k: v for k, v in good.items() if k != "module.v.blocks.0.norm2.bias"}
     with pytest.raises(ValueError, match=r"blocks\.0\.norm2\.bias"):
         load_ast(missing, num_mel_bins=64, target_length=100, num_heads=3)
-    with pytest.raises(ValueError, match="supported layouts"):
+    with pytest.raises(ValueError, match="unknown checkpoint layout .*--vit_ckpt takes timm"):
         load_vit({"encoder.weight": torch.zeros(3), "decoder.bias": torch.zeros(3)})
-    reg = dict(timm_state_dict(load_vit(tv_vit().state_dict(), num_heads=3)), reg_token=torch.zeros(1, 4, 48))
+    reg = dict(timm_state_dict(load_vit(tv_vit().state_dict(), num_heads=3))["state_dict"],
+               reg_token=torch.zeros(1, 4, 48))
     with pytest.raises(ValueError, match="reg_token"):
         load_vit(reg, num_heads=3)
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
@@ -441,10 +443,131 @@ def test_loaders_safetensors_offsets_must_be_in_bounds_disjoint_and_sized(tmp_pa
         load_vit(path)
     (tmp_path / "empty.pth").write_bytes(b"")
     (tmp_path / "text.pth").write_text("these are not weights\n")
-    with pytest.raises(ValueError, match=r"empty\.pth \(ValueError: the file is empty\)"):
+    with pytest.raises(ValueError, match=r"empty\.pth: .* \(ValueError: the file is empty\)"):
         load_vit(tmp_path / "empty.pth")
-    with pytest.raises(ValueError, match=r"text\.pth .*not a zip archive"):
+    with pytest.raises(ValueError, match=r"text\.pth: .*not a torch\.save zip archive"):
         load_vit(tmp_path / "text.pth")
+
+
+@pytest.mark.loaders
+def test_loaders_vit_at_another_size_says_so_and_which_size_matches(tmp_path, capsys):
+    state = {k: v for k, v in tv_vit().state_dict().items() if not k.startswith("heads.")}
+    torch.save(state, tmp_path / "vit.pth")  # 32 px, patch 8: a 4 x 4 grid
+    assert load_vit(tmp_path / "vit.pth", num_heads=3).grid == (4, 4)  # no size: the checkpoint's
+    assert capsys.readouterr().out == ""
+    assert load_vit(tmp_path / "vit.pth", image_size=16, num_heads=3).grid == (2, 2)
+    note = (f"note: {tmp_path / 'vit.pth'}: position grid 4x4 resized to 2x2 for --image_size=16; "
+            "--image_size=32 matches the checkpoint\n")
+    assert capsys.readouterr().out == note
+    refused = r"^the checkpoint: --image_size=44 is not a multiple of the patch size 8: "
+    with pytest.raises(ValueError, match=refused + "--image_size=32 matches the checkpoint$"):
+        load_vit(state, image_size=44, num_heads=3)
+
+
+@pytest.mark.loaders
+def test_loaders_say_the_guessed_heads_and_our_files_record_theirs(tmp_path, capsys):
+    vit = ViT(image_size=16, patch_size=8, dim=64, depth=1, heads=4, mlp_dim=32)
+    ast = AST(num_mel_bins=32, target_length=50, fstride=16, tstride=16, dim=64, depth=1, heads=2,
+              mlp_dim=32)
+    saved = timm_state_dict(vit)
+    assert saved["num_heads"] == 4 and "patch_embed.proj.weight" in saved["state_dict"]
+    assert load_vit(saved["state_dict"]).blocks[0].attn.heads == 1  # the weights alone: D // 64
+    assert capsys.readouterr().out == ("note: the checkpoint: 1 heads guessed (width 64 // 64); if "
+                                       "wrong, pass --vit_heads\n")
+    torch.save(saved, tmp_path / "vit.pth")
+    torch.save(timm_state_dict(ast, "module.v."), tmp_path / "ast.pth")
+    x, fb = torch.randn(2, 3, 16, 16), torch.randn(2, 50, 32)
+    back = load_vit(tmp_path / "vit.pth")
+    assert back.blocks[0].attn.heads == 4
+    assert torch.equal(back.forward_features(x), vit.forward_features(x))
+    back = load_ast(tmp_path / "ast.pth", 32, 50, 16, 16)
+    assert back.blocks[0].attn.heads == 2
+    assert torch.equal(back.forward_features(fb), ast.forward_features(fb))
+    assert capsys.readouterr().out == ""
+    assert load_vit(tmp_path / "vit.pth", num_heads=4).blocks[0].attn.heads == 4
+    ast_pth = re.escape(str(tmp_path / "ast.pth"))
+    with pytest.raises(ValueError, match=rf"^{ast_pth}: --ast_heads=4, but it was saved with 2 "
+                                         r"heads$"):
+        load_ast(tmp_path / "ast.pth", 32, 50, 16, 16, num_heads=4)
+    with pytest.raises(ValueError, match=r"^the checkpoint: width 64 is not divisible by 3 heads$"):
+        load_ast(timm_state_dict(ast)["state_dict"], 32, 50, 16, 16, num_heads=3)
+
+
+@pytest.mark.loaders
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_loaders_refuse_integer_weights(tmp_path, dtype):
+    state = tv_vit().state_dict()
+    state["encoder.ln.weight"] = state["encoder.ln.weight"].to(dtype)
+    torch.save(state, tmp_path / "vit.pth")
+    vit_pth = re.escape(str(tmp_path / "vit.pth"))
+    with pytest.raises(ValueError, match=rf"^{vit_pth}: tensor norm\.weight holds {dtype}, "
+                                         r"not floating-point weights$"):
+        load_vit(tmp_path / "vit.pth", num_heads=3)
+
+
+def as_people_save(state):
+    """One ViT state dict in the wrappings people save, by name."""
+    return {
+        "tutorial": {"model_state_dict": state, "epoch": 3, "loss": 0.5,
+                     "optimizer_state_dict": {"state": {}, "param_groups": []}},
+        "state_dict": {"state_dict": state}, "model": {"model": state},
+        "ema": {"state_dict_ema": state},
+        "data_parallel": {"module." + k: v for k, v in state.items()},
+        "lightning": {"state_dict": {"model." + k: v for k, v in state.items()}, "epoch": 2,
+                      "global_step": 8, "pytorch-lightning_version": "2.4.0",
+                      "hyper_parameters": {"lr": 0.1}},
+        "lightning_backbone": {"state_dict": {"model.classifier.weight": torch.zeros(5, 48), **{
+            "model.backbone." + k: v for k, v in state.items()}}},
+        "timm_train.pth.tar": {"epoch": 3, "arch": "vit_tiny", "state_dict": state, "optimizer": {},
+                               "version": 2, "metric": 80.1,
+                               "args": __import__("argparse").Namespace(model="vit_tiny", lr=0.1)}}
+
+
+@pytest.mark.loaders
+@pytest.mark.parametrize("how", as_people_save({}))
+def test_loaders_read_checkpoints_as_people_save_them(tmp_path, how, capsys):
+    if how.endswith(".pth.tar") and not hasattr(torch.serialization, "safe_globals"):
+        pytest.skip("before torch 2.5 a weights-only load cannot allow timm's args (a Namespace)")
+    ref = tv_vit()
+    state = timm_state_dict(load_vit(ref.state_dict(), num_heads=3))["state_dict"]
+    path = tmp_path / (how if "." in how else how + ".pth")
+    torch.save(as_people_save(state)[how], path)
+    x = torch.randn(2, 3, 32, 32)
+    assert (load_vit(path, num_heads=3).forward_features(x) - tv_tokens(ref, x)).abs().max() < 1e-4
+
+
+@pytest.mark.loaders
+def test_loaders_errors_name_the_file_and_the_flag(tmp_path):
+    def refused(load, obj, match, name="x.pth"):
+        path = tmp_path / name
+        torch.save(obj, path)
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {match}"), \
+                contextlib.redirect_stdout(io.StringIO()):
+            load(path)
+    vit, ast = tv_vit().state_dict(), ast_repo_state()  # width 48: not a multiple of 64
+    load_a = partial(load_ast, num_mel_bins=64, target_length=100)
+    refused(load_vit, [vit], "expected a state dict, got list: ")
+    refused(load_vit, {"net": vit, "epoch": 3, "lr": torch.tensor(0.1)},
+            r"unknown checkpoint layout \(keys: net \(OrderedDict\), epoch \(int\), lr\); "
+            "--vit_ckpt takes timm or torchvision ViT weights$")
+    refused(load_a, {"encoder.weight": torch.zeros(3)}, r"unknown .*: encoder.weight\); --ast_ckpt")
+    run = {"epoch": 2, "model": {"head.weight": torch.zeros(3, 4)}, "optimizer": {}, "best": {},
+           "history": [], "config": {"dim": 64}}
+    refused(load_vit, run, r"this is a train\.py run checkpoint \(adapters and head\), not "
+                           "backbone weights: give --vit_ckpt a backbone's own file$", "ckpt.pt")
+    # the kind is said before the heads
+    refused(load_vit, ast, r"wrong kind of checkpoint: AST weights \(it has a distillation "
+                           r"token\): use load_ast \(--ast_ckpt\)$")
+    refused(load_a, vit, r"wrong kind of checkpoint: ViT weights \(it has no distillation token\): "
+                         r"use load_vit \(--vit_ckpt\)$")
+    refused(load_vit, vit, "width 48 is not a multiple of 64, so its heads cannot be guessed: "
+                           "pass --vit_heads$")
+    refused(load_a, ast, ".*: pass --ast_heads$")
+    refused(partial(load_ast, num_mel_bins=128, target_length=100, num_heads=3), ast,
+            "its 45 position patches are not a multiple of the 12 frequency patches that "
+            "--num_mel_bins=128 --fstride=10 give: check those flags$")
+    with pytest.raises(ValueError, match=r"^the checkpoint: expected a state dict, got list"):
+        load_vit([vit])
 
 
 # ----------------------------------------------------------------------------------- fbank (AST recipe) and resampling
@@ -2406,7 +2529,8 @@ def test_resume_refuses_a_checkpoint_with_nan_weights(tmp_path):
 
 @pytest.mark.loaders
 def test_loaders_refuse_nan_or_inf_weights(tmp_path):
-    state = timm_state_dict(ViT(image_size=16, patch_size=8, dim=16, depth=1, heads=2, mlp_dim=32))
+    state = timm_state_dict(ViT(image_size=16, patch_size=8, dim=16, depth=1, heads=2,
+                                mlp_dim=32))["state_dict"]
     for bad in (float("nan"), float("inf")):
         state["blocks.0.mlp.fc1.weight"][0, 0] = bad
         with pytest.raises(ValueError, match="NaN or Inf .*blocks.0.mlp.fc1.weight"):
