@@ -1869,7 +1869,7 @@ def fake_run(folder, seed, acc=0.9, weights=None, data_id=None, **config):
     cfg = train.Config(seed=seed, out_dir=str(folder), **config)
     router = {"v": {"positions": ["layer 3"], "mean": [[0.25 + acc / 10, 0.75 - acc / 10]],
                     "top1": [[0.5, 0.5]]}}
-    identity = {"kind": "train", "world_size": 1, "settings": train.settings(cfg),
+    identity = {"kind": "train", "settings": train.settings(cfg),
                 "weights": weights or {"ViT": f"stage 0 of seed {seed}"},
                 "data": data_id or {"classes": ["a", "b"], "train": {"clips": 8, "sha256": f"seed {seed}"}}}
     (folder / "metrics.json").write_text(json.dumps(
@@ -1922,9 +1922,9 @@ def test_summary_refuses_runs_that_differ_beyond_the_seed_or_repeat(tmp_path, ca
     train.summary([a / "metrics.json", fake_run(tmp_path / "s1", 1)])  # a metrics.json path is fine
     e = fake_run(tmp_path / "e", 1)
     m = json.loads((e / "metrics.json").read_text())
-    m["identity"]["world_size"] = 3
+    m["identity"]["settings"]["world_size"] = 3
     (e / "metrics.json").write_text(json.dumps(m))
-    with pytest.raises(ValueError, match=r"differ in world_size \(1 against 3\)"):  # 3 processes: 3x the batch
+    with pytest.raises(ValueError, match=r"differ in settings.world_size \(1 against 3\)"):  # 3 processes: 3x the batch
         train.summary([a, e])
     fewer = {"classes": ["a", "b"], "train": {"clips": 7, "sha256": "seed 1"}}  # fewer clips in one seed
     with pytest.raises(ValueError, match=r"differ in data.train.clips \(8 against 7\)"):
@@ -2367,7 +2367,7 @@ def test_stage0_reads_the_users_checkpoints_first_and_only_for_the_modalities_us
     torch.save(timm_state_dict(ast, "module.v."), tmp_path / "ast.pth")
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
     wrong = train.parse_config(args(tmp_path, f"--ast_ckpt={tmp_path / 'vit.pth'}", "--ast_heads=2"))
-    with pytest.raises(ValueError, match="--ast_ckpt=.*use load_vit"), contextlib.redirect_stdout(io.StringIO()):
+    with pytest.raises(ValueError, match="--ast_ckpt: .*use load_vit"), contextlib.redirect_stdout(io.StringIO()):
         train.user_backbones(wrong)  # a ViT given as the AST: refused before any data or stage-0 work
     assert trained == []
     with pytest.raises(SystemExit, match="--vit_ckpt is for a modality that --modalities=a does not use: drop it"):

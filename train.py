@@ -354,7 +354,7 @@ def load_backbone(name, path, cfg):
                            num_heads=heads)
     except ValueError as e:
         if given:
-            raise ValueError(f"--{flag}={path}: {e}") from None
+            raise ValueError(f"--{flag}: {e}") from None
         raise ValueError(f"the stage-0 cache file {path} is broken ({e}): delete it and rerun, which trains "
                          "it again") from None
     if cfg.reduction > enc.dim:
@@ -423,7 +423,7 @@ class Run:
         self.path = os.path.join(cfg.out_dir, f"{tool}_seed{cfg.seed}.json" if tool else "ckpt.pt")
         self.epoch, self.best_val, self.best, self.history, self.busy = 0, -1.0, None, [], 0.0
         self.saved, self.ck, self.created, self.lock, self.handlers = False, None, [], None, {}
-        self.identity = {"kind": tool or "train", "world_size": WORLD, "settings": settings(cfg)}
+        self.identity = {"kind": tool or "train"}
         outputs = [self.path] if tool else [os.path.join(cfg.out_dir, f) for f in RUN_FILES]
         self.earlier = [p for p in outputs if os.path.lexists(p)]
         try:
@@ -439,7 +439,6 @@ class Run:
                                  "--overwrite=true to replace it, or choose another --out_dir")
             if cfg.resume and self.path in self.earlier:
                 self.ck = read_checkpoint(self.path)
-                self.check(**{k: v for k, v in self.identity.items() if k != "kind"})
                 finished = os.path.join(cfg.out_dir, "metrics.json") in self.earlier
                 if cfg.epochs < self.ck["epoch"] + finished:  # as many: it would only rewrite the results
                     raise ValueError(f"{self.path} holds {self.ck['epoch']} finished epochs"
@@ -447,6 +446,7 @@ class Run:
                                      f"--epochs={self.ck['epoch'] + finished} or more")
             elif cfg.resume:
                 log(f"--resume: no {self.path} yet, starting from scratch")
+            self.check(settings=settings(cfg))
         except BaseException:
             self.release()
             raise
@@ -471,21 +471,14 @@ class Run:
                              "another --out_dir") from None
 
     def check(self, **parts):
-        """Adds parts to the run's identity; on --resume each must equal the checkpoint's."""
+        """Adds parts to the run's identity; on --resume each must equal what the checkpoint recorded."""
         for part, record in parts.items():
-            known = self.identity.setdefault(part, {}) if isinstance(record, dict) else None
-            if known is None:
-                self.identity[part] = record
-            else:
-                known.update(record)
-            if self.ck is not None:
-                old = self.ck["identity"].get(part, {})
-                old = {k: old.get(k) for k in record} if isinstance(record, dict) else old
-                diff = [f"{k}={a} there, {b} now" for k, a, b in differences({part: old}, {part: record})]
-                if diff:
-                    raise ValueError(f"--resume: {self.path} is from another run: {'; '.join(diff[:3])} "
-                                     f"(only {', '.join(sorted(MAY_DIFFER - {'resume', 'overwrite'}))} may "
-                                     "change on --resume; or start afresh with --overwrite=true)")
+            self.identity.setdefault(part, {}).update(record)
+            old = self.ck["identity"].get(part, {}) if self.ck else record
+            diff = differences({part: {k: old.get(k) for k in record}}, {part: record})
+            if diff:
+                raise ValueError(f"--resume: {self.path} is from another run: " + "; ".join(
+                    f"{k}={a} there, {b} now" for k, a, b in diff[:3]) + " (start afresh with --overwrite=true)")
 
     @contextlib.contextmanager
     def phase(self, name):
@@ -619,9 +612,10 @@ def interrupt(signum, frame):
 
 
 def settings(cfg):
-    """The settings that make a run what it is (real AVE: the classes come from the data)."""
+    """The settings that make a run what it is, and the number of processes (torchrun: the effective batch).
+    Real AVE: the classes come from the data."""
     found = {"num_classes"} if cfg.data == "ave" else set()
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in MAY_DIFFER | found}
+    return dict({k: v for k, v in dataclasses.asdict(cfg).items() if k not in MAY_DIFFER | found}, world_size=WORLD)
 
 
 def differences(old, new, free=()):
