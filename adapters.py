@@ -70,7 +70,7 @@ class CMA(nn.Module):
         s = f_c(self.latents.expand(len(x), -1, -1), other, other)  # (B, n, D_m)
         # AVMoE CMA-2: X_mo = f_c(X_m, S_o, S_o), each token of X_m attends to the n latents S_o
         fused = f_c(x, s, s)
-        return self.bottleneck(fused)  # AVMoE CMA-3
+        return self.bottleneck(fused)  # AVMoE CMA-3: Z = bottleneck(X_mo), returned alone
 
 
 class UA(nn.Module):

@@ -2613,3 +2613,83 @@ def test_a_new_run_never_replaces_a_finished_one(tmp_path):
     run_train(tmp_path, "--mode=frozen", "--overwrite")  # replaced on request: the outputs are this run's only
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["mode"] == "frozen" and len((tmp_path / "log.csv").read_text().splitlines()) == 3
+
+
+# ---------------------------------- the hand-out: python test_model.py --handout NAME [NAME ...]
+
+
+def find_function(tree, name):
+    """"f_c" or "TokenFusion.forward" -> its ast.FunctionDef at the top of a module, or None."""
+    import ast as pa  # not `ast`: the tests name their AST backbones so
+    cls, _, func = name.rpartition(".")
+    scope = tree.body
+    if cls:
+        scope = next((n.body for n in scope if isinstance(n, pa.ClassDef) and n.name == cls), [])
+    return next((n for n in scope if isinstance(n, pa.FunctionDef) and n.name == func), None)
+
+
+def blank_lines(text, spans):
+    """Lines first..last (from 1) of each span -> its comments and `raise NotImplementedError`."""
+    import tokenize
+    lines = text.splitlines(keepends=True)
+    comments = {}  # line number -> (column, text) of each comment token (not a "#" inside a string)
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.start[1], tok.string)
+    for first, last, indent in sorted(spans, reverse=True):  # from the bottom: line numbers hold
+        kept = []
+        for no in range(first, last + 1):
+            col, comment = comments.get(no, (0, None))
+            own_line = not lines[no - 1][:col].strip()
+            if comment and (own_line or comment.startswith(("# AVMoE", "# MoLT"))):
+                kept.append(f"{indent}{comment}\n")
+        lines[first - 1:last] = kept + [f"{indent}raise NotImplementedError\n"]
+    return "".join(lines)
+
+
+def handout(names, folder=os.path.dirname(os.path.abspath(__file__)),
+            files=("adapters.py", "model.py")):
+    """Blanks functions for an exercise, in place. Each NAME ("f_c", "TokenFusion.forward") keeps
+    its signature, its docstring and every comment line of its body (the tagged equations,
+    `# AVMoE ...`, `# MoLT ...`; a tagged comment after code moves to a line of its own); its code
+    becomes `raise NotImplementedError`. -> {name: file}. Nothing is written unless every NAME is
+    found."""
+    import ast as pa
+    texts, spans, where = {}, {}, {}
+    for fname in files:
+        with open(os.path.join(folder, fname)) as f:
+            texts[fname] = f.read()
+        tree = pa.parse(texts[fname])
+        for name in names:
+            node = find_function(tree, name)
+            if node is None or name in where:
+                continue
+            body = node.body
+            first = body[0]
+            doc = isinstance(first, pa.Expr) and isinstance(first.value, pa.Constant) \
+                and isinstance(first.value.value, str)
+            code = body[1:] if doc else body
+            if not code:
+                raise SystemExit(f"{fname}: {name} has no code to blank")
+            spans.setdefault(fname, []).append((code[0].lineno, node.end_lineno,
+                                                " " * code[0].col_offset))
+            where[name] = fname
+    missing = [n for n in names if n not in where]
+    if missing:
+        raise SystemExit(f"not found in {', '.join(files)}: {', '.join(missing)} (nothing changed)")
+    for fname, sp in spans.items():
+        with open(os.path.join(folder, fname), "w") as f:
+            f.write(blank_lines(texts[fname], sp))
+    return where
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description=(
+        "Hand out an exercise: blank functions of adapters.py and model.py in place, keeping their "
+        "signatures, docstrings and equation comments. The exercises: 1 TokenFusion.forward; "
+        "2 f_c CMA.forward; 3 orthogonality_loss; 7 AVModel.avmoe paired_blocks."))
+    parser.add_argument("--handout", nargs="+", required=True, metavar="NAME",
+                        help="the functions to blank: f_c, TokenFusion.forward, AVModel.avmoe, ...")
+    for name, fname in handout(parser.parse_args().handout).items():
+        print(f"{fname}: {name} handed out (its code is now `raise NotImplementedError`)")
