@@ -12,14 +12,19 @@ import torch.nn.functional as F
 
 
 def f_c(q, k, v):
-    """Attention-based token compression. We scale by 1/sqrt(D) (LAVisH's latent-token adapter omits it)."""
+    """Attention-based token compression. We scale by 1/sqrt(D) (LAVisH's latent-token adapter omits it).
+
+    q (B, N_q, D), k (B, N_k, D), v (B, N_k, D) -> (B, N_q, D): the queries plus the attention
+    read-out, the softmax over the N_k keys of each query, D = q's last size. One head, no
+    projections, no mask."""
     # AVMoE CMA-1: f_c(Q, K, V) = Q + softmax(Q K^T / sqrt(D)) V
     attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)  # (B, N_q, N_k)
     return q + attn @ v  # (B, N_q, D)
 
 
 class Bottleneck(nn.Module):
-    """Z = up(sigma(down(LN(X)))), width D / reduction. (AVMoE's code uses grouped 1x1 convs + BatchNorm here.)"""
+    """Z = up(sigma(down(LN(X)))), width D / reduction. (AVMoE's code uses grouped 1x1 convs + BatchNorm here.)
+    The paper's bottleneck is Z = up(sigma(down(X))): the LayerNorm in front is ours."""
 
     def __init__(self, dim, reduction):
         super().__init__()
@@ -28,7 +33,8 @@ class Bottleneck(nn.Module):
         self.up = nn.Linear(max(1, dim // reduction), dim)
 
     def forward(self, x):
-        # AVMoE CMA-3: Z = theta_up(sigma(theta_down(LN(X))))
+        # AVMoE CMA-3: Z = theta_up(sigma(theta_down(LN(X)))), sigma = exact GELU; the LN is ours
+        # (the paper: Z = theta_up(sigma(theta_down(X))))
         return self.up(F.gelu(self.down(self.norm(x))))
 
 
@@ -54,12 +60,17 @@ class CMA(nn.Module):
         self.bottleneck = Bottleneck(dim, reduction)
 
     def forward(self, x, other):
+        """x = X_m (B, N_m, D_m), other = X_o (B, N_o, D_o) -> Z (B, N_m, D_m), one per token.
+
+        X_o goes through self.proj first (the identity when D_o = D_m). The latents (1, n, D_m) are
+        shared by the batch. Return the bottleneck's output Z alone: no `x +` here, since the
+        insertion adds Z to the stream itself (AVMoE insertion in model.py)."""
         other = self.proj(other)  # (B, N_o, D_m)
-        # AVMoE CMA-1: S_o = f_c(L_o, X_o, X_o)
+        # AVMoE CMA-1: S_o = f_c(L_o, X_o, X_o), the latents L_o compress the other modality
         s = f_c(self.latents.expand(len(x), -1, -1), other, other)  # (B, n, D_m)
-        # AVMoE CMA-2: X_mo = f_c(X_m, S_o, S_o)
+        # AVMoE CMA-2: X_mo = f_c(X_m, S_o, S_o), each token of X_m attends to the n latents S_o
         fused = f_c(x, s, s)
-        return self.bottleneck(fused)  # AVMoE CMA-3
+        return self.bottleneck(fused)  # AVMoE CMA-3: Z = bottleneck(X_mo), returned alone
 
 
 class UA(nn.Module):
@@ -89,6 +100,7 @@ class NoisyRouter(nn.Module):
         nn.init.zeros_(self.mlp[2].bias)
 
     def forward(self, context, expert_outputs):
+        """context i (B, in_dim), E expert outputs (B, ...) -> (sum_e w_e Z_e, w (B, E))."""
         # AVMoE router: g = r(i_t), i_t = [mean X_self; mean X_other]
         g = self.mlp(context)  # (B, E)
         if self.training and self.sigma > 0:
@@ -102,6 +114,8 @@ class NoisyRouter(nn.Module):
 
 def balance_loss(weights):
     """Load balance: KL(uniform || mean routing weights over the batch) = -log E - mean_e log(mean_b w_be)."""
+    # AVMoE balance (from the official AVMoE AVS code, not in the paper):
+    # L_bal = KL(u || mean_b w_b) = -log E - mean_e log(mean_b w_be), u uniform over the E experts
     mean = weights.mean(0)  # (E,)
     return -math.log(len(mean)) - mean.clamp_min(1e-9).log().mean()
 
@@ -110,7 +124,8 @@ def balance_loss(weights):
 
 
 class TokenUA(nn.Module):
-    """MoLT unimodal expert: latent queries read one layer's hidden states of their own modality."""
+    """MoLT unimodal expert: latent queries read one layer's hidden states of their own modality.
+    (MoLT's equations are our reconstruction from its abstract: the tags say "reconstructed".)"""
 
     def __init__(self, dim, n_latents, reduction):
         super().__init__()
@@ -118,13 +133,18 @@ class TokenUA(nn.Module):
         self.bottleneck = Bottleneck(dim, reduction)
 
     def forward(self, h, other=None):
-        # MoLT tokens (UA): T = f_c(Q_m^l, H_m^l, H_m^l); T + bottleneck(T)
+        # MoLT tokens (UA) (reconstructed): T = f_c(Q_m^l, H_m^l, H_m^l); T + bottleneck(T)
         t = f_c(self.latents.expand(len(h), -1, -1), h, h)  # (B, n, D_m)
         return t + self.bottleneck(t)
 
 
 class TokenCMA(nn.Module):
-    """MoLT cross-modal expert: latent queries summarise their own modality, then read the other one."""
+    """MoLT cross-modal expert: latent queries summarise their own modality, then read the other one.
+
+    The opposite direction to AVMoE's CMA, where the latents compress the OTHER modality and X_m
+    attends to them (one output per token of X_m, a residual for the stream). A MoLT expert must
+    output n tokens, not a per-token residual, so the queries of both steps must be the latents:
+    they first summarise H_m, then that summary reads H_o."""
 
     def __init__(self, dim, dim_other, n_latents, reduction):
         super().__init__()
@@ -134,7 +154,8 @@ class TokenCMA(nn.Module):
 
     def forward(self, h, other):
         other = self.proj(other)  # (B, N_o, D_m)
-        # MoLT tokens (CMA): S = f_c(Q_m^l, H_m^l, H_m^l); T = f_c(S, H_o^l, H_o^l); T + bottleneck(T)
+        # MoLT tokens (CMA) (reconstructed): S = f_c(Q_m^l, H_m^l, H_m^l); T = f_c(S, H_o^l, H_o^l);
+        # T + bottleneck(T)
         s = f_c(self.latents.expand(len(h), -1, -1), h, h)  # (B, n, D_m)
         t = f_c(s, other, other)  # (B, n, D_m)
         return t + self.bottleneck(t)
@@ -174,16 +195,28 @@ class TokenFusion(nn.Module):
         self.score = nn.Linear(dim, 1, bias=False)
 
     def forward(self, tokens):
-        """tokens (B, K, n, D), one set per late layer -> fused (B, n, D) and layer weights alpha (B, K)."""
-        # MoLT fusion: s_l = w . LN(mean_n T^l); alpha = softmax_l(s); F = sum_l alpha_l T^l
+        """tokens (B, K, n, D), one set per late layer -> fused (B, n, D) and layer weights alpha (B, K).
+
+        Per clip b and layer l: the mean of its n tokens (D,), then self.norm (the LayerNorm), then
+        self.score (w, no bias) gives the score s_l; alpha is the softmax of the scores over the K
+        layers (each row of alpha sums to 1); the fused tokens are the alpha-weighted sum of the K
+        layers' token sets, token by token."""
+        # MoLT fusion (reconstructed): s_l = w . LN(mean_n T^l); alpha = softmax_l(s);
+        # F = sum_l alpha_l T^l
         s = self.score(self.norm(tokens.mean(2))).squeeze(-1)  # (B, K)
         alpha = torch.softmax(s, dim=-1)
         return torch.einsum("bk,bknd->bnd", alpha, tokens), alpha  # (B, n, D)
 
 
 def orthogonality_loss(tokens):
-    """tokens (B, K, n, D): mean squared off-diagonal cosine similarity between all K * n layer-wise tokens."""
-    # MoLT orthogonality: G = T_hat T_hat^T over normalised tokens; L_orth = mean_{i != j} G_ij^2
+    """tokens (B, K, n, D): mean squared off-diagonal cosine similarity between all K * n layer-wise tokens.
+
+    -> a scalar tensor: per clip, the squared cosine of every ordered pair (i, j), i != j, of its
+    K * n tokens (pairs within a layer and across layers alike), averaged over the pairs and then
+    over the B clips. Cosines, so a token's length does not matter. With one token (K * n = 1)
+    there is no pair: the loss is 0, not NaN."""
+    # MoLT orthogonality (reconstructed): G = T_hat T_hat^T over normalised tokens;
+    # L_orth = mean_{i != j} G_ij^2
     t = F.normalize(tokens.flatten(1, 2), dim=-1)  # (B, K*n, D)
     g = t @ t.transpose(1, 2)  # (B, K*n, K*n)
     m = g.shape[-1]

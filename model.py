@@ -161,7 +161,16 @@ def check_config(cfg, choices=CHOICES):
 
 def paired_blocks(depths):
     """AVMoE with unequal depths: layer i of the deeper backbone (L layers) meets block floor(i * L_m / L) of stream m.
-    -> for each i, {m: that block} for the streams whose block index moves on (from floor(-L_m / L) = -1 at i = 0)."""
+    -> for each i, {m: that block} for the streams whose block index moves on (from floor(-L_m / L) = -1 at i = 0).
+
+    depths {m: L_m} -> a list of L = max L_m dicts, one per step i = 0 .. L - 1. The schedule is
+    "first meeting": block j of stream m runs once, at the first step i whose floor(i * L_m / L)
+    reaches j (floor, not rounding), so every block of every stream appears exactly once, in order.
+    For example (v deeper):
+      {"v": 5, "a": 2} -> [{"v": 0, "a": 0}, {"v": 1}, {"v": 2}, {"v": 3, "a": 1}, {"v": 4}]
+      {"v": 4, "a": 3} -> [{"v": 0, "a": 0}, {"v": 1}, {"v": 2, "a": 1}, {"v": 3, "a": 2}]
+    Equal depths meet at every step: {"v": 2, "a": 2} -> [{"v": 0, "a": 0}, {"v": 1, "a": 1}]."""
+    # AVMoE insertion, unequal depths: step i runs block floor(i * L_m / L) of m if it moves on
     L = max(depths.values())
     return [{m: i * d // L for m, d in depths.items() if i * d // L > (i - 1) * d // L} for i in range(L)]
 
@@ -169,6 +178,7 @@ def paired_blocks(depths):
 def chosen_layers(cfg, depths):
     """MoLT late layers: K = late_layers, or half the shallower depth (at least 1), or all of it; each backbone gives
     its last K blocks ("late"; the deeper one's last K when depths differ) or its first K ("early")."""
+    # MoLT late layers (reconstructed): K = half the shallower depth by default; blocks L-K .. L-1
     shallow = min(depths.values())
     k = shallow if cfg.molt_layers == "all" else cfg.late_layers or max(1, shallow // 2)
     if k > shallow:
@@ -264,13 +274,29 @@ class AVModel(nn.Module):
                 feats = self.molt(states, aux)
             else:  # frozen: the head on the backbones' pooled features
                 feats = {m: st["pooled"] for m, st in states.items()}
+        # AVMoE balance (from the official AVMoE AVS code, not in the paper): balance_loss at each
+        # router position, averaged over a stream's positions, summed over the streams
         for m, w in aux["router"].items():
             aux["balance"] = aux["balance"] + sum(balance_loss(w[:, p]) for p in range(w.shape[1])) / w.shape[1]
         x = torch.cat([feats[m] for m in self.mods], -1).reshape(B, S, -1)  # (B, S, sum D)
         return self.head(x), aux
 
     def avmoe(self, x, aux):
-        """Sequential adaptation: in every block, r = MoE(X, X_other) read before each sub-layer, added after it."""
+        """Sequential adaptation: in every block, r = MoE(X, X_other) read before each sub-layer, added after it.
+
+        x: {m: backbone input (B*S, ...)} as self.inputs gives it; aux: the dict forward builds,
+        {"router": {}, "alpha": {}, "orth": zeros(()), "balance": zeros(())}.
+        -> {m: pooled features (B*S, D_m)}, the backbone's pool of its final LayerNorm
+        (enc.pool(enc.norm(X))); and aux["router"][m] = the router weights (B*S, 2 L_m, E),
+        positions in the order of router_positions (block 1 attn, block 1 mlp, block 2 attn...).
+        The tokens start at enc.embed. The steps are paired_blocks(self.depth); at each step,
+        for the attention and then for the MLP of the blocks it runs, every stream of the step
+        computes its mixture from the streams as they were BEFORE this sub-layer (one snapshot
+        for both: neither reads the other's update of this sub-layer), then
+        X = X + sublayer(LN(X)) + gate * mixture, with sublayer(LN(X)) = Block.sublayer(name, X).
+        Mixture and gate 2j of stream m wrap block j's attention, 2j + 1 its MLP. A stream that
+        does not move on at a step is not updated; the other stream's mixture reads its current
+        tokens."""
         x = {m: self.enc[m].embed(xm) for m, xm in x.items()}  # (B*S, prefix + N, D)
         weights = {m: [] for m in self.mods}
         for blocks in paired_blocks(self.depth):  # {m: j}: block j of stream m runs at this depth
@@ -294,8 +320,11 @@ class AVModel(nn.Module):
             mixed = [moe(h[:, k], None if h_o is None else h_o[:, k]) for k, moe in enumerate(self.tokens[m])]
             tokens = torch.stack([t for t, _ in mixed], 1)  # (B*S, K, n, D)
             aux["router"][m] = torch.stack([w for _, w in mixed], 1)  # (B*S, K, E)
+            # MoLT fusion (reconstructed): layer weights alpha from the tokens, fused over K layers
             fused, aux["alpha"][m] = self.fusion[m](tokens)  # (B*S, n, D), (B*S, K)
+            # MoLT orthogonality (reconstructed): one loss per modality, summed
             aux["orth"] = aux["orth"] + orthogonality_loss(tokens)
+            # MoLT readout (reconstructed): feature = Linear(LN(mean_n F)), the fused tokens only
             out[m] = self.readout[m](fused.mean(1))  # (B*S, D)
         return out
 
