@@ -1,8 +1,9 @@
-"""The trainable parts: AVMoE's experts (CMA, UA) and noisy router; MoLT's layer-wise token experts, token fusion
-and orthogonality loss.
+"""The trainable parts: AVMoE's experts (CMA, UA) and noisy router; MoLT's layer-wise token experts,
+token fusion and orthogonality loss.
 
-Notation follows the papers: X_a (B, N_a, D_a) audio tokens, X_v (B, N_v, D_v) visual tokens, L latent tokens.
-MoLT's full text is not available to us: its part below is our reconstruction from the paper's abstract.
+Notation follows the papers: X_a (B, N_a, D_a) audio tokens, X_v (B, N_v, D_v) visual tokens, L
+latent tokens. MoLT's full text is not available to us: its part below is our reconstruction from
+the paper's abstract.
 """
 import math
 
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 
 
 def f_c(q, k, v):
-    """Attention-based token compression. We scale by 1/sqrt(D) (LAVisH's latent-token adapter omits it).
+    """Attention-based token compression. We scale by 1/sqrt(D) (LAVisH's latent-token adapter omits
+    it).
 
     q (B, N_q, D), k (B, N_k, D), v (B, N_k, D) -> (B, N_q, D): the queries plus the attention
     read-out, the softmax over the N_k keys of each query, D = q's last size. One head, no
@@ -23,8 +25,9 @@ def f_c(q, k, v):
 
 
 class Bottleneck(nn.Module):
-    """Z = up(sigma(down(LN(X)))), width D / reduction. (AVMoE's code uses grouped 1x1 convs + BatchNorm here.)
-    The paper's bottleneck is Z = up(sigma(down(X))): the LayerNorm in front is ours."""
+    """Z = up(sigma(down(LN(X)))), width D / reduction. (AVMoE's code uses grouped 1x1 convs +
+    BatchNorm here.) The paper's bottleneck is Z = up(sigma(down(X))): the LayerNorm in front is
+    ours."""
 
     def __init__(self, dim, reduction):
         super().__init__()
@@ -47,11 +50,12 @@ def project(dim_in, dim_out):
     return nn.Identity() if dim_in == dim_out else nn.Linear(dim_in, dim_out)
 
 
-# ----------------------------------------------------------------------------- AVMoE (sequential, in every layer)
+# -------------------------------------------------------------- AVMoE (sequential, in every layer)
 
 
 class CMA(nn.Module):
-    """Cross-modal adapter for stream m: compress the other modality o into latent tokens, let X_m attend to them."""
+    """Cross-modal adapter for stream m: compress the other modality o into latent tokens, let X_m
+    attend to them."""
 
     def __init__(self, dim, dim_other, n_latents, reduction):
         super().__init__()
@@ -74,8 +78,9 @@ class CMA(nn.Module):
 
 
 class UA(nn.Module):
-    """Unimodal adapter: the same path within one modality. The AVMoE text we worked from prints UA with S_v (which
-    would make it cross-modal); AVMoE describes UA as intra-modal, so we use the modality's own summary S_m."""
+    """Unimodal adapter: the same path within one modality. The AVMoE text we worked from prints UA
+    with S_v (which would make it cross-modal); AVMoE describes UA as intra-modal, so we use the
+    modality's own summary S_m."""
 
     def __init__(self, dim, n_latents, reduction):
         super().__init__()
@@ -89,8 +94,9 @@ class UA(nn.Module):
 
 
 class NoisyRouter(nn.Module):
-    """Weights the experts of one stream from i = [mean X_self; mean X_other]. Concatenating the two means and
-    applying the MLP's first Linear is the same family as projecting X_other first (mean and Linear commute)."""
+    """Weights the experts of one stream from i = [mean X_self; mean X_other]. Concatenating the two
+    means and applying the MLP's first Linear is the same family as projecting X_other first (mean
+    and Linear commute)."""
 
     def __init__(self, in_dim, n_experts, sigma, hidden=64):
         super().__init__()
@@ -108,19 +114,21 @@ class NoisyRouter(nn.Module):
             g = g + self.sigma * torch.randn_like(g)
         # AVMoE router: w_e = exp(g'_e) / sum_k exp(g'_k); output = sum_e w_e Z_e
         w = torch.softmax(g, dim=-1)  # (B, E)
-        out = torch.einsum("be,be...->b...", w, torch.stack(expert_outputs, 1))  # (B, ...) from (B, E, ...)
+        # (B, ...) from (B, E, ...)
+        out = torch.einsum("be,be...->b...", w, torch.stack(expert_outputs, 1))
         return out, w
 
 
 def balance_loss(weights):
-    """Load balance: KL(uniform || mean routing weights over the batch) = -log E - mean_e log(mean_b w_be)."""
+    """Load balance: KL(uniform || mean routing weights over the batch) = -log E - mean_e log(mean_b
+    w_be)."""
     # AVMoE balance (from the official AVMoE AVS code, not in the paper):
     # L_bal = KL(u || mean_b w_b) = -log E - mean_e log(mean_b w_be), u uniform over the E experts
     mean = weights.mean(0)  # (E,)
     return -math.log(len(mean)) - mean.clamp_min(1e-9).log().mean()
 
 
-# ----------------------------------------------------------------------------- MoLT (parallel, late layers only)
+# -------------------------------------------------------------- MoLT (parallel, late layers only)
 
 
 class TokenUA(nn.Module):
@@ -139,7 +147,8 @@ class TokenUA(nn.Module):
 
 
 class TokenCMA(nn.Module):
-    """MoLT cross-modal expert: latent queries summarise their own modality, then read the other one.
+    """MoLT cross-modal expert: latent queries summarise their own modality, then read the other
+    one.
 
     The opposite direction to AVMoE's CMA, where the latents compress the OTHER modality and X_m
     attends to them (one output per token of X_m, a residual for the stream). A MoLT expert must
@@ -161,29 +170,34 @@ class TokenCMA(nn.Module):
         return t + self.bottleneck(t)
 
 
-# ----------------------------------------------------------------------------- one mixture, both methods
+# -------------------------------------------------------------- one mixture, both methods
 
 
 class MoE(nn.Module):
-    """One stream's mixture: n_cma cross-modal + n_ua unimodal experts (only UA without the other modality) and a
-    noisy router; AVMoE's CMA/UA return a residual per token, MoLT's TokenCMA/TokenUA n latent tokens."""
+    """One stream's mixture: n_cma cross-modal + n_ua unimodal experts (only UA without the other
+    modality) and a noisy router; AVMoE's CMA/UA return a residual per token, MoLT's
+    TokenCMA/TokenUA n latent tokens."""
 
     def __init__(self, dim, dim_other, cfg, tokens=False):
         super().__init__()
         cma, ua = (TokenCMA, TokenUA) if tokens else (CMA, UA)
         n_cma = cfg.n_cma if dim_other else 0
-        self.experts = nn.ModuleList([cma(dim, dim_other, cfg.latent_tokens, cfg.reduction) for _ in range(n_cma)] +
-                                     [ua(dim, cfg.latent_tokens, cfg.reduction) for _ in range(cfg.n_ua)])
+        self.experts = nn.ModuleList([cma(dim, dim_other, cfg.latent_tokens, cfg.reduction)
+                                      for _ in range(n_cma)] +
+                                     [ua(dim, cfg.latent_tokens, cfg.reduction)
+                                      for _ in range(cfg.n_ua)])
         self.router = NoisyRouter(dim + (dim_other or 0), len(self.experts), cfg.router_sigma)
 
     def forward(self, x, other):
         """-> mixed expert output and the router weights (B, E), CMA experts first."""
-        # AVMoE router input: i = [mean X_self; mean X_other] per sample (only the own mean for one modality)
-        ctx = x.mean(1) if other is None else torch.cat([x.mean(1), other.mean(1)], -1)  # (B, D_m + D_o)
+        # AVMoE router input: i = [mean X_self; mean X_other] per sample (only the own mean for one
+        # modality)
+        # (B, D_m + D_o)
+        ctx = x.mean(1) if other is None else torch.cat([x.mean(1), other.mean(1)], -1)
         return self.router(ctx, [e(x, other) for e in self.experts])
 
 
-# ----------------------------------------------------------------------------- MoLT fusion and regularizer
+# -------------------------------------------------------------- MoLT fusion and regularizer
 
 
 class TokenFusion(nn.Module):
@@ -195,7 +209,8 @@ class TokenFusion(nn.Module):
         self.score = nn.Linear(dim, 1, bias=False)
 
     def forward(self, tokens):
-        """tokens (B, K, n, D), one set per late layer -> fused (B, n, D) and layer weights alpha (B, K).
+        """tokens (B, K, n, D), one set per late layer -> fused (B, n, D) and layer weights alpha
+        (B, K).
 
         Per clip b and layer l: the mean of its n tokens (D,), then self.norm (the LayerNorm), then
         self.score (w, no bias) gives the score s_l; alpha is the softmax of the scores over the K
@@ -209,7 +224,8 @@ class TokenFusion(nn.Module):
 
 
 def orthogonality_loss(tokens):
-    """tokens (B, K, n, D): mean squared off-diagonal cosine similarity between all K * n layer-wise tokens.
+    """tokens (B, K, n, D): mean squared off-diagonal cosine similarity between all K * n layer-wise
+    tokens.
 
     -> a scalar tensor: per clip, the squared cosine of every ordered pair (i, j), i != j, of its
     K * n tokens (pairs within a layer and across layers alike), averaged over the pairs and then

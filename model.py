@@ -1,4 +1,5 @@
-"""Frozen backbones written from scratch (ViT, AST), loaders for real checkpoints, and the audio-visual model."""
+"""Frozen backbones written from scratch (ViT, AST), loaders for real checkpoints, and the
+audio-visual model."""
 import argparse
 import contextlib
 import json
@@ -31,7 +32,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, D/h)
+        # 3 x (B, h, N, D/h)
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, D/h)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
@@ -44,19 +46,22 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, mlp_dim), act=nn.GELU(), fc2=nn.Linear(mlp_dim, dim)))
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, mlp_dim), act=nn.GELU(),
+                                             fc2=nn.Linear(mlp_dim, dim)))
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
     def sublayer(self, name, x):
-        """attn(ln1(x)) or mlp(ln2(x)) alone, for an adapter that wraps one sub-layer (AVMoE insertion)."""
+        """attn(ln1(x)) or mlp(ln2(x)) alone, for an adapter that wraps one sub-layer (AVMoE
+        insertion)."""
         return self.attn(self.norm1(x)) if name == "attn" else self.mlp(self.norm2(x))
 
 
 class Encoder(nn.Module):
-    """What ViT and AST share: prefix tokens + position embedding, a stack of blocks, a final LayerNorm."""
+    """What ViT and AST share: prefix tokens + position embedding, a stack of blocks, a final
+    LayerNorm."""
 
     def __init__(self, in_chans, dim, depth, heads, mlp_dim, eps, patch, stride, grid, prefix):
         super().__init__()
@@ -76,7 +81,8 @@ class Encoder(nn.Module):
         return torch.cat([self.prefix_tokens().expand(len(x), -1, -1), x], 1) + self.pos_embed
 
     def block_outputs(self, x):
-        """Backbone input (B, ...) -> each block's output in turn, before the final LayerNorm (B, prefix + N, D)."""
+        """Backbone input (B, ...) -> each block's output in turn, before the final LayerNorm (B,
+        prefix + N, D)."""
         x = self.embed(x)
         for blk in self.blocks:
             x = blk(x)
@@ -88,80 +94,97 @@ class Encoder(nn.Module):
 
 
 class ViT(Encoder):
-    """Vision Transformer: images (B, 3, H, W) -> tokens (B, 1 + N, D); pooled output is the class token."""
+    """Vision Transformer: images (B, 3, H, W) -> tokens (B, 1 + N, D); pooled output is the class
+    token."""
 
-    def __init__(self, image_size=32, patch_size=8, dim=64, depth=4, heads=4, mlp_dim=256, eps=1e-6):
+    def __init__(self, image_size=32, patch_size=8, dim=64, depth=4, heads=4, mlp_dim=256,
+                 eps=1e-6):
         g = image_size // patch_size
         if image_size % patch_size:  # timm raises too: the conv would silently drop the edge pixels
-            raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}: "
+            raise ValueError(f"image size {image_size} is not a multiple of the patch size "
+                             f"{patch_size}: "
                              f"use e.g. {g * patch_size} or {(g + 1) * patch_size}")
-        super().__init__(3, dim, depth, heads, mlp_dim, eps, patch_size, patch_size, (g, g), prefix=1)
+        super().__init__(3, dim, depth, heads, mlp_dim, eps, patch_size, patch_size, (g, g),
+                         prefix=1)
 
     def pool(self, tokens):
         return tokens[:, 0]
 
 
 class AST(Encoder):
-    """Audio Spectrogram Transformer: fbank (B, T, F) -> tokens (B, 2 + N, D); pooled output (x0 + x1) / 2."""
+    """Audio Spectrogram Transformer: fbank (B, T, F) -> tokens (B, 2 + N, D); pooled output (x0 +
+    x1) / 2."""
 
-    def __init__(self, num_mel_bins=64, target_length=100, fstride=10, tstride=10, dim=64, depth=4, heads=4,
-                 mlp_dim=256, eps=1e-6, patch_size=16):
-        grid = ((num_mel_bins - patch_size) // fstride + 1, (target_length - patch_size) // tstride + 1)
-        super().__init__(1, dim, depth, heads, mlp_dim, eps, patch_size, (fstride, tstride), grid, prefix=2)
+    def __init__(self, num_mel_bins=64, target_length=100, fstride=10, tstride=10, dim=64, depth=4,
+                 heads=4, mlp_dim=256, eps=1e-6, patch_size=16):
+        grid = ((num_mel_bins - patch_size) // fstride + 1,
+                (target_length - patch_size) // tstride + 1)
+        super().__init__(1, dim, depth, heads, mlp_dim, eps, patch_size, (fstride, tstride), grid,
+                         prefix=2)
         self.dist_token = nn.Parameter(torch.zeros(1, 1, dim))
 
     def prefix_tokens(self):
         return torch.cat([self.cls_token, self.dist_token], 1)  # (1, 2, D)
 
     def embed(self, x):
-        x = x.unsqueeze(1).transpose(2, 3)  # (B, 1, F, T): frequency on the rows, as in the AST repo and HF
+        # (B, 1, F, T): frequency on the rows, as in the AST repo and HF
+        x = x.unsqueeze(1).transpose(2, 3)
         return super().embed(x)
 
     def pool(self, tokens):
         return (tokens[:, 0] + tokens[:, 1]) / 2
 
 
-# ----------------------------------------------------------------------------- the audio-visual model
+# -------------------------------------------------------------- the audio-visual model
 
 
 @dataclass
 class AVConfig:
-    mode: str = "molt"  # "molt" (parallel late-layer tokens), "avmoe" (sequential, every layer), "frozen" (no adapters)
-    modalities: str = "av"  # "av", or "a" / "v" for a unimodal baseline (one backbone, UA experts only)
+    mode: str = "molt"  # "molt" (parallel late-layer tokens), "avmoe" (sequential, every layer),
+                        # "frozen" (no adapters)
+    modalities: str = "av"  # "av", or "a" / "v" for a unimodal baseline (one backbone, UA experts
+                            # only)
     num_classes: int = 6  # event classes; the model predicts num_classes + 1, background last
     n_cma: int = 1  # cross-modal experts per mixture
     n_ua: int = 1  # unimodal experts per mixture
     latent_tokens: int = 8  # latent tokens per expert (the papers use 8 to 87)
-    reduction: int = 2  # bottleneck width D / reduction: D/2 for the tiny demo backbones (the papers: D/8 at D=768)
+    reduction: int = 2  # bottleneck width D / reduction: D/2 for the tiny demo backbones (the
+                        # papers: D/8 at D=768)
     router_sigma: float = 0.01  # router noise std in training (AVMoE's AVS code)
     late_layers: int = 0  # MoLT: K layers per backbone; 0 = half the shallower depth (at least 1)
-    molt_layers: str = "late"  # MoLT: each backbone's last K layers (the paper), the first K ("early"), or "all"
+    molt_layers: str = "late"  # MoLT: each backbone's last K layers (the paper), the first K
+                               # ("early"), or "all"
     head_dim: int = 128  # width of the shared head
 
 
-CHOICES = {"mode": ("molt", "avmoe", "frozen"), "modalities": ("av", "a", "v"), "molt_layers": ("late", "early", "all")}
+CHOICES = {"mode": ("molt", "avmoe", "frozen"), "modalities": ("av", "a", "v"),
+           "molt_layers": ("late", "early", "all")}
 
 
 def check_config(cfg, choices=CHOICES):
-    """The model's settings, checked in one place (AVModel and train.check, which adds its own choices, call it)."""
+    """The model's settings, checked in one place (AVModel and train.check, which adds its own
+    choices, call it)."""
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
-            raise ValueError(f"{key} must be one of {', '.join(allowed)}, not {getattr(cfg, key)!r}")
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}, "
+                             f"not {getattr(cfg, key)!r}")
     if cfg.molt_layers == "all" and cfg.late_layers:
-        raise ValueError("late_layers does not apply to molt_layers=all (it uses every layer of the shallower "
-                         "backbone): drop one of the two")
+        raise ValueError("late_layers does not apply to molt_layers=all (it uses every layer of "
+                         "the shallower backbone): drop one of the two")
     for key in ("latent_tokens", "reduction", "head_dim"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be at least 1, not {getattr(cfg, key)}")
     if cfg.n_ua < 1 and not (cfg.n_cma >= 1 and cfg.modalities == "av"):
         raise ValueError("a mixture needs an expert: n_ua >= 1, or n_cma >= 1 with both modalities")
     if cfg.n_cma < 0 or cfg.late_layers < 0 or not 0 <= cfg.router_sigma < math.inf:
-        raise ValueError("n_cma and late_layers cannot be negative, and router_sigma must be a finite value >= 0")
+        raise ValueError("n_cma and late_layers cannot be negative, and router_sigma must be a "
+                         "finite value >= 0")
 
 
 def paired_blocks(depths):
-    """AVMoE with unequal depths: layer i of the deeper backbone (L layers) meets block floor(i * L_m / L) of stream m.
-    -> for each i, {m: that block} for the streams whose block index moves on (from floor(-L_m / L) = -1 at i = 0).
+    """AVMoE with unequal depths: layer i of the deeper backbone (L layers) meets block floor(i *
+    L_m / L) of stream m. -> for each i, {m: that block} for the streams whose block index moves on
+    (from floor(-L_m / L) = -1 at i = 0).
 
     depths {m: L_m} -> a list of L = max L_m dicts, one per step i = 0 .. L - 1. The schedule is
     "first meeting": block j of stream m runs once, at the first step i whose floor(i * L_m / L)
@@ -172,22 +195,26 @@ def paired_blocks(depths):
     Equal depths meet at every step: {"v": 2, "a": 2} -> [{"v": 0, "a": 0}, {"v": 1, "a": 1}]."""
     # AVMoE insertion, unequal depths: step i runs block floor(i * L_m / L) of m if it moves on
     L = max(depths.values())
-    return [{m: i * d // L for m, d in depths.items() if i * d // L > (i - 1) * d // L} for i in range(L)]
+    return [{m: i * d // L for m, d in depths.items() if i * d // L > (i - 1) * d // L}
+            for i in range(L)]
 
 
 def chosen_layers(cfg, depths):
-    """MoLT late layers: K = late_layers, or half the shallower depth (at least 1), or all of it; each backbone gives
-    its last K blocks ("late"; the deeper one's last K when depths differ) or its first K ("early")."""
+    """MoLT late layers: K = late_layers, or half the shallower depth (at least 1), or all of it;
+    each backbone gives its last K blocks ("late"; the deeper one's last K when depths differ) or
+    its first K ("early")."""
     # MoLT late layers (reconstructed): K = half the shallower depth by default; blocks L-K .. L-1
     shallow = min(depths.values())
     k = shallow if cfg.molt_layers == "all" else cfg.late_layers or max(1, shallow // 2)
     if k > shallow:
         raise ValueError(f"late_layers={k} is more than the shallower backbone's {shallow} layers")
-    return {m: list(range(k)) if cfg.molt_layers == "early" else list(range(L - k, L)) for m, L in depths.items()}
+    return {m: list(range(k)) if cfg.molt_layers == "early" else list(range(L - k, L))
+            for m, L in depths.items()}
 
 
 class Head(nn.Module):
-    """Shared by every mode: per-segment features -> one kernel-3 temporal conv over the segments -> logits."""
+    """Shared by every mode: per-segment features -> one kernel-3 temporal conv over the segments ->
+    logits."""
 
     def __init__(self, in_dim, hidden, n_out):
         super().__init__()
@@ -202,68 +229,83 @@ class Head(nn.Module):
 
 
 class AVModel(nn.Module):
-    """Frozen ViT + AST with AVMoE or MoLT adapters and a shared head; clips (B, S, ...) -> logits (B, S, C + 1)."""
+    """Frozen ViT + AST with AVMoE or MoLT adapters and a shared head; clips (B, S, ...) -> logits
+    (B, S, C + 1)."""
 
     def __init__(self, cfg, vit=None, ast=None):
         super().__init__()
         check_config(cfg)
         self.cfg = cfg
-        self.mods = [m for m in "va" if m in cfg.modalities]  # vision first, as in the papers' figures
+        # vision first, as in the papers' figures
+        self.mods = [m for m in "va" if m in cfg.modalities]
         backbone = {"v": vit, "a": ast}
         if any(backbone[m] is None for m in self.mods):
-            raise ValueError(f"modalities={cfg.modalities} needs {'a ViT' if vit is None else 'an AST'} backbone")
+            raise ValueError(f"modalities={cfg.modalities} needs "
+                             f"{'a ViT' if vit is None else 'an AST'} backbone")
         self.enc = nn.ModuleDict({m: backbone[m] for m in self.mods})
-        self.enc.requires_grad_(False).eval()  # frozen; our blocks have no dropout, so train() changes nothing here
-        self.other = {m: next((o for o in self.mods if o != m), None) for m in self.mods}  # None with one modality
+        # frozen; our blocks have no dropout, so train() changes nothing here
+        self.enc.requires_grad_(False).eval()
+        # None with one modality
+        self.other = {m: next((o for o in self.mods if o != m), None) for m in self.mods}
         dim = {m: e.dim for m, e in self.enc.items()}
         self.depth = {m: len(e.blocks) for m, e in self.enc.items()}
 
         def mixtures(n, tokens=False):  # n[m] mixtures of experts for each stream m
             return nn.ModuleDict({m: nn.ModuleList(MoE(dim[m], dim.get(self.other[m]), cfg, tokens)
                                                    for _ in range(n[m])) for m in self.mods})
-        # AVMoE: mixture and gate 2j of a stream wrap its block j's attention, 2j + 1 its MLP; gates start at 0
+        # AVMoE: mixture and gate 2j of a stream wrap its block j's attention, 2j + 1 its MLP; gates
+        # start at 0
         self.moe = self.gates = None
         if cfg.mode == "avmoe":
             self.moe = mixtures({m: 2 * d for m, d in self.depth.items()})
-            self.gates = nn.ParameterDict({m: nn.Parameter(torch.zeros(2 * d)) for m, d in self.depth.items()})
-        # MoLT: the blocks whose outputs feed the adapters, their token experts, the fusion and the readout
+            self.gates = nn.ParameterDict({m: nn.Parameter(torch.zeros(2 * d))
+                                           for m, d in self.depth.items()})
+        # MoLT: the blocks whose outputs feed the adapters, their token experts, the fusion and the
+        # readout
         self.layers = {m: [] for m in self.mods}
         self.tokens = self.fusion = self.readout = None
         if cfg.mode == "molt":
             self.layers = chosen_layers(cfg, self.depth)
             self.tokens = mixtures({m: len(ls) for m, ls in self.layers.items()}, tokens=True)
             self.fusion = nn.ModuleDict({m: TokenFusion(d) for m, d in dim.items()})
-            # the head reads only the fused tokens (not the frozen pooled features too), so the layers chosen decide
-            # what evidence it gets: what the early-vs-late ablation compares
-            self.readout = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d)) for m, d in dim.items()})
+            # the head reads only the fused tokens (not the frozen pooled features too), so the
+            # layers chosen decide what evidence it gets: what the early-vs-late ablation compares
+            self.readout = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
+                                          for m, d in dim.items()})
         self.head = Head(sum(dim.values()), cfg.head_dim, cfg.num_classes + 1)
 
     def router_positions(self, m):
-        """Names of stream m's router positions, in the order of aux["router"][m]'s second axis (layers from 1)."""
+        """Names of stream m's router positions, in the order of aux["router"][m]'s second axis
+        (layers from 1)."""
         if self.cfg.mode == "avmoe":
             return [f"layer {i + 1} {sub}" for i in range(self.depth[m]) for sub in ("attn", "mlp")]
         return [f"layer {i + 1}" for i in self.layers[m]]
 
     def inputs(self, frames, fbank):
-        """Clips (B, S, 3, H, W), (B, S, T, F) -> {m: (B*S, ...)} on the model's device, for the modalities it reads."""
-        return {m: {"v": frames, "a": fbank}[m].flatten(0, 1).to(self.head.out.weight.device) for m in self.mods}
+        """Clips (B, S, 3, H, W), (B, S, T, F) -> {m: (B*S, ...)} on the model's device, for the
+        modalities it reads."""
+        return {m: {"v": frames, "a": fbank}[m].flatten(0, 1).to(self.head.out.weight.device)
+                for m in self.mods}
 
     @torch.no_grad()
     def frozen_states(self, frames, fbank):
-        """The frozen backbone pass, without gradients, independent of the adapters: MoLT {m: {"late": the K chosen
-        blocks' outputs before the final LayerNorm (B*S, K, N, D)}}, else {m: {"pooled": final features (B*S, D)}}."""
+        """The frozen backbone pass, without gradients, independent of the adapters: MoLT {m:
+        {"late": the K chosen blocks' outputs before the final LayerNorm (B*S, K, N, D)}}, else {m:
+        {"pooled": final features (B*S, D)}}."""
         states = {}
         for m, x in self.inputs(frames, fbank).items():
             enc, late = self.enc[m], []
             for i, h in enumerate(enc.block_outputs(x)):
                 if i in self.layers[m]:
                     late.append(h)
-            states[m] = {"late": torch.stack(late, 1)} if late else {"pooled": enc.pool(enc.norm(h))}
+            states[m] = ({"late": torch.stack(late, 1)} if late
+                         else {"pooled": enc.pool(enc.norm(h))})
         return states
 
     def forward(self, frames, fbank, states=None, batch_shape=None):
-        """Clips of S segments -> logits (B, S, C + 1) and aux: router weights {m: (B*S, P, E)}, layer weights
-        {m: (B*S, K)}, losses. MoLT and frozen may be given precomputed frozen_states (then batch_shape=(B, S))."""
+        """Clips of S segments -> logits (B, S, C + 1) and aux: router weights {m: (B*S, P, E)},
+        layer weights {m: (B*S, K)}, losses. MoLT and frozen may be given precomputed frozen_states
+        (then batch_shape=(B, S))."""
         B, S = batch_shape or (frames if frames is not None else fbank).shape[:2]
         aux = {"router": {}, "alpha": {}, "orth": torch.zeros(()), "balance": torch.zeros(())}
         if self.cfg.mode == "avmoe":
@@ -277,12 +319,14 @@ class AVModel(nn.Module):
         # AVMoE balance (from the official AVMoE AVS code, not in the paper): balance_loss at each
         # router position, averaged over a stream's positions, summed over the streams
         for m, w in aux["router"].items():
-            aux["balance"] = aux["balance"] + sum(balance_loss(w[:, p]) for p in range(w.shape[1])) / w.shape[1]
+            aux["balance"] = aux["balance"] + sum(balance_loss(w[:, p])
+                                                  for p in range(w.shape[1])) / w.shape[1]
         x = torch.cat([feats[m] for m in self.mods], -1).reshape(B, S, -1)  # (B, S, sum D)
         return self.head(x), aux
 
     def avmoe(self, x, aux):
-        """Sequential adaptation: in every block, r = MoE(X, X_other) read before each sub-layer, added after it.
+        """Sequential adaptation: in every block, r = MoE(X, X_other) read before each sub-layer,
+        added after it.
 
         x: {m: backbone input (B*S, ...)} as self.inputs gives it; aux: the dict forward builds,
         {"router": {}, "alpha": {}, "orth": zeros(()), "balance": zeros(())}.
@@ -301,23 +345,28 @@ class AVModel(nn.Module):
         weights = {m: [] for m in self.mods}
         for blocks in paired_blocks(self.depth):  # {m: j}: block j of stream m runs at this depth
             for pos, sub in enumerate(("attn", "mlp")):
-                k = {m: 2 * j + pos for m, j in blocks.items()}  # the mixture and gate around this sub-layer
+                # the mixture and gate around this sub-layer
+                k = {m: 2 * j + pos for m, j in blocks.items()}
                 # both streams' mixtures read the other stream as it was before this sub-layer
                 mixed = {m: self.moe[m][k[m]](x[m], x.get(self.other[m])) for m in blocks}
                 for m, j in blocks.items():
                     r, w = mixed[m]
-                    # AVMoE insertion: X = X + sublayer(LN(X)) + gate * MoE(X, X_other), gate initialised to 0
-                    x[m] = x[m] + self.enc[m].blocks[j].sublayer(sub, x[m]) + self.gates[m][k[m]] * r
+                    # AVMoE insertion: X = X + sublayer(LN(X)) + gate * MoE(X, X_other), gate
+                    # initialised to 0
+                    x[m] = (x[m] + self.enc[m].blocks[j].sublayer(sub, x[m]) +
+                            self.gates[m][k[m]] * r)
                     weights[m].append(w)
         aux["router"] = {m: torch.stack(w, 1) for m, w in weights.items()}  # (B*S, 2 L_m, E)
         return {m: self.enc[m].pool(self.enc[m].norm(x[m])) for m in self.mods}
 
     def molt(self, states, aux):
-        """Parallel adaptation: latent tokens per late layer, fused over layers, read out per segment."""
+        """Parallel adaptation: latent tokens per late layer, fused over layers, read out per
+        segment."""
         out = {}
         for m in self.mods:
             h, h_o = states[m]["late"], states.get(self.other[m], {}).get("late")  # (B*S, K, N, D)
-            mixed = [moe(h[:, k], None if h_o is None else h_o[:, k]) for k, moe in enumerate(self.tokens[m])]
+            mixed = [moe(h[:, k], None if h_o is None else h_o[:, k])
+                     for k, moe in enumerate(self.tokens[m])]
             tokens = torch.stack([t for t, _ in mixed], 1)  # (B*S, K, n, D)
             aux["router"][m] = torch.stack([w for _, w in mixed], 1)  # (B*S, K, E)
             # MoLT fusion (reconstructed): layer weights alpha from the tokens, fused over K layers
@@ -330,10 +379,12 @@ class AVModel(nn.Module):
 
 
 def param_counts(model):
-    """Trainable parameters of the adapters (everything trainable but the head), of the head, and all parameters."""
+    """Trainable parameters of the adapters (everything trainable but the head), of the head, and
+    all parameters."""
     head = sum(p.numel() for p in model.head.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"adapters": trainable - head, "head": head, "total": sum(p.numel() for p in model.parameters())}
+    return {"adapters": trainable - head, "head": head,
+            "total": sum(p.numel() for p in model.parameters())}
 
 
 # ----------------------------------------------------------------------------- checkpoint loading

@@ -2,17 +2,20 @@
 
     python train.py                                 MoLT on the synthetic AVE
     python train.py --mode=avmoe --out_dir=out/avmoe    sequential AVMoE adapters in every layer
-    python train.py --mode=frozen --out_dir=out/frozen  the same head on frozen features: what the adapters add
+    python train.py --mode=frozen --out_dir=out/frozen  the same head on frozen features: what the
+                                                        adapters add
     python train.py --modalities=a --out_dir=out/a      audio only (or v)
-    python train.py --data=ave --data_root=AVE_Dataset --prepared_dir=prepared --vit_ckpt=... --ast_ckpt=...
+    python train.py --data=ave --data_root=AVE_Dataset --prepared_dir=prepared
+                    --vit_ckpt=... --ast_ckpt=...
     torchrun --nproc_per_node=2 train.py            data parallel (gloo on CPU, nccl on GPU)
-    python train.py --bench                         parameters, activation memory and step time: AVMoE vs MoLT
+    python train.py --bench                         parameters, activation memory and step time:
+                                                    AVMoE vs MoLT
     python train.py --probe                         layer-wise linear probe of the frozen backbones
     python train.py --summary out/s0 out/s1 ...     mean +- std over the seeds of one setting
 
-Stage 0 pre-trains small backbones (unless --vit_ckpt/--ast_ckpt are given); stage 1 freezes them and trains
-the adapters, selects the epoch on val and reports on test. Each run writes to its own --out_dir; the generated
-data and stage-0 backbones are cached in --cache_dir and shared by runs.
+Stage 0 pre-trains small backbones (unless --vit_ckpt/--ast_ckpt are given); stage 1 freezes them
+and trains the adapters, selects the epoch on val and reports on test. Each run writes to its own
+--out_dir; the generated data and stage-0 backbones are cached in --cache_dir and shared by runs.
 """
 import base64
 import contextlib
@@ -42,8 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from model import (AST, CHOICES, AVConfig, AVModel, ViT, check_config, load_ast, load_vit, param_counts,
-                   timm_state_dict)
+from model import (AST, CHOICES, AVConfig, AVModel, ViT, check_config, load_ast, load_vit,
+                   param_counts, timm_state_dict)
 
 
 @dataclasses.dataclass
@@ -52,18 +55,23 @@ class Config(AVConfig, data.SynthConfig):
     data_root: str = ""  # real AVE: the folder with Annotations.txt and the split files
     prepared_dir: str = ""  # real AVE: the output of data.py --prepare_ave
     workers: int = 2  # processes drawing the synthetic set
-    vit_ckpt: str = ""  # timm or torchvision ViT weights (.pth, .safetensors); empty: pre-train one in stage 0
+    vit_ckpt: str = ""  # timm or torchvision ViT weights (.pth, .safetensors); empty: pre-train one
+                        # in stage 0
     ast_ckpt: str = ""  # AST-repo or Hugging Face AST weights; empty: pre-train one in stage 0
     vit_heads: int = 0  # attention heads of --vit_ckpt; 0: D // 64
     ast_heads: int = 0  # attention heads of --ast_ckpt; 0: D // 64
-    fstride: int = 16  # AST patch stride along frequency; 16: no overlap, half the cost (the released AST: 10)
-    tstride: int = 16  # AST patch stride along time (the released AudioSet AST: 10, as its weights need)
+    fstride: int = 16  # AST patch stride along frequency; 16: no overlap, half the cost (the
+                       # released AST: 10)
+    tstride: int = 16  # AST patch stride along time (the released AudioSet AST: 10, as its weights
+                       # need)
     dim: int = 64  # stage-0 backbones: width
     depth: int = 4  # stage-0 backbones: layers
     heads: int = 4  # stage-0 backbones: attention heads
     pretrain_samples: int = 4000  # stage-0 training images and sounds
-    vit_epochs: int = 14  # stage-0 epochs of the ViT: until it names about 98 % of its training images
-    ast_epochs: int = 7  # stage-0 epochs of the AST, which learns faster (the two train at once, a core each)
+    vit_epochs: int = 14  # stage-0 epochs of the ViT: until it names about 98 % of its training
+                          # images
+    ast_epochs: int = 7  # stage-0 epochs of the AST, which learns faster (the two train at once, a
+                         # core each)
     epochs: int = 10  # training epochs; the epoch with the best val accuracy is kept
     batch_size: int = 32  # clips of 10 segments per step (per process under torchrun)
     lr: float = 3e-3  # AdamW learning rate
@@ -71,29 +79,35 @@ class Config(AVConfig, data.SynthConfig):
     weight_decay: float = 0.01  # AdamW weight decay
     lambda_orth: float = 0.1  # weight of MoLT's orthogonality loss
     lambda_balance: float = 0.01  # weight of the routers' load-balance loss
-    modality_dropout: float = 0.0  # training: remove a segment's audio, or its frames, with this probability each
+    modality_dropout: float = 0.0  # training: remove a segment's audio, or its frames, with this
+                                   # probability each
     cache_features: bool = True  # MoLT / frozen: compute the frozen backbone states once per run
     out_dir: str = "out"  # this run's checkpoint, log, metrics and report
     cache_dir: str = "out"  # generated data and stage-0 backbones, shared by runs
     resume: bool = False  # continue the run in out_dir from its ckpt.pt
-    overwrite: bool = False  # start afresh in an out_dir that holds another run (or --probe/--bench result)
+    overwrite: bool = False  # start afresh in an out_dir that holds another run (or --probe/--bench
+                             # result)
     device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, mps or cpu
-    dist_timeout: int = 600  # torchrun: seconds a process waits for the others before it stops with an error
+    dist_timeout: int = 600  # torchrun: seconds a process waits for the others before it stops with
+                             # an error
 
 
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 STREAMS = {"a": "audio", "v": "visual"}
 # Each backbone's modality, checkpoint flag, heads flag and stage-0 file stem: spelled here once.
-BACKBONES = {"ViT": ("v", "vit_ckpt", "vit_heads", "vit_timm"), "AST": ("a", "ast_ckpt", "ast_heads", "ast_repo")}
-ROLES = {0: "event", 1: "heard only", 2: "seen only", -1: "-"}  # the synthetic generator's runs (data.make_clip)
+BACKBONES = {"ViT": ("v", "vit_ckpt", "vit_heads", "vit_timm"),
+             "AST": ("a", "ast_ckpt", "ast_heads", "ast_repo")}
+# the synthetic generator's runs (data.make_clip)
+ROLES = {0: "event", 1: "heard only", 2: "seen only", -1: "-"}
 PRETRAIN_BATCH = 64  # stage-0 samples per step
 
 
-# ----------------------------------------------------------------------------- training and evaluation
+# -------------------------------------------------------------- training and evaluation
 
 
 def main(cfg):
-    with Run(cfg) as run:  # the run folder: locked, and everything that can refuse the run decided first
+    # the run folder: locked, and everything that can refuse the run decided first
+    with Run(cfg) as run:
         device = setup(cfg)
         given = user_backbones(cfg, run)  # the user's checkpoints, read before any data work
         with run.phase("data"):
@@ -119,7 +133,8 @@ def main(cfg):
             if RANK == 0:
                 with run.phase("validation"):
                     val_acc = evaluate(model, loaders["val"], device, caches["val"])["acc"]
-                run.end_epoch(model, opt, sched, loss, val_acc)  # keeps the best epoch on val, saves
+                # keeps the best epoch on val, saves
+                run.end_epoch(model, opt, sched, loss, val_acc)
         if RANK == 0:
             model.load_state_dict(run.best, strict=False)  # selected on val, never on test
             with run.phase("test and report"):
@@ -127,18 +142,21 @@ def main(cfg):
 
 
 def inputs(cfg, model, sets):
-    """What each split's batches hold -> feature caches, datasets, val/test loaders. With the feature cache
-    (MoLT, frozen) a batch is (clip indices, labels), never frames and fbanks: run_batch then gives the model
-    the cached states of those clips (forward's states=), and the backbones never run again."""
+    """What each split's batches hold -> feature caches, datasets, val/test loaders. With the
+    feature cache (MoLT, frozen) a batch is (clip indices, labels), never frames and fbanks:
+    run_batch then gives the model the cached states of those clips (forward's states=), and the
+    backbones never run again."""
     caching = cfg.cache_features and cfg.mode != "avmoe"
     big = cfg.data == "ave"  # real AVE: fp16 files in out_dir, removed when the run ends
-    caches = {s: data.FeatureCache(model, ds, os.path.join(cfg.out_dir, f"features_rank{RANK}_{s}") if big
+    caches = {s: data.FeatureCache(model, ds,
+                                   os.path.join(cfg.out_dir, f"features_rank{RANK}_{s}") if big
                                    else None, show=RANK == 0)
               if caching and (s == "train" or RANK == 0) else None  # only rank 0 evaluates
               for s, ds in sets.items()}
     items = {s: torch.utils.data.TensorDataset(torch.arange(len(ds)), torch.stack(list(ds.labels)))
              if caching else ds for s, ds in sets.items()}
-    loaders = {s: torch.utils.data.DataLoader(items[s], 2 * cfg.batch_size, generator=torch.Generator())
+    loaders = {s: torch.utils.data.DataLoader(items[s], 2 * cfg.batch_size,
+                                              generator=torch.Generator())
                for s in ("val", "test")}  # their own RNG: evaluating draws no random number
     return caches, items, loaders
 
@@ -155,7 +173,8 @@ def train_epoch(ddp, train, opt, cfg, device, cache, epoch):
     total = 0.0
     progress = data.Progress(f"  epoch {epoch + 1}", len(loader), show=RANK == 0, keep=False)
     for step, batch in enumerate(loader):
-        logits, aux, labels = run_batch(ddp, batch, device, cache, modality_dropout=cfg.modality_dropout)
+        logits, aux, labels = run_batch(ddp, batch, device, cache,
+                                        modality_dropout=cfg.modality_dropout)
         loss = loss_fn(logits, labels, aux, cfg)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} step {step}")
@@ -167,9 +186,9 @@ def train_epoch(ddp, train, opt, cfg, device, cache, epoch):
 
 
 def run_batch(model, batch, device, cache=None, remove=None, modality_dropout=0.0):
-    """One forward pass (model may be wrapped in DDP) over (frames, fbank, labels), or with a cache over
-    (clip index, labels). remove="a" / "v" removes the audio / the frames of every segment; modality_dropout
-    removes each with that probability per segment, never both."""
+    """One forward pass (model may be wrapped in DDP) over (frames, fbank, labels), or with a cache
+    over (clip index, labels). remove="a" / "v" removes the audio / the frames of every segment;
+    modality_dropout removes each with that probability per segment, never both."""
     labels = batch[-1]
     B, S = labels.shape
     removed = {m: torch.full((B, S), remove == m) for m in "av"}  # (B, S) per modality
@@ -194,7 +213,8 @@ def loss_fn(logits, labels, aux, cfg):
 
 @torch.no_grad()
 def evaluate(model, loader, device, cache=None, remove=None):
-    """Segment accuracy, confusion, router weights (mean, top-1 share), layer weights, token redundancy."""
+    """Segment accuracy, confusion, router weights (mean, top-1 share), layer weights, token
+    redundancy."""
     model.eval()
     n = model.cfg.num_classes + 1
     confusion = torch.zeros(n, n, dtype=torch.long)
@@ -222,9 +242,9 @@ def evaluate(model, loader, device, cache=None, remove=None):
 
 
 def final_report(cfg, model, ds, loader, device, cache, run):
-    """Test accuracy as is, with the audio removed and with the frames removed; router and layer weights.
-    A number that means nothing for this run is None (null): removing one of two inputs needs both, and
-    token redundancy is MoLT's."""
+    """Test accuracy as is, with the audio removed and with the frames removed; router and layer
+    weights. A number that means nothing for this run is None (null): removing one of two inputs
+    needs both, and token redundancy is MoLT's."""
     test = evaluate(model, loader, device, cache)
     both = len(model.mods) == 2
     audio_removed = evaluate(model, loader, device, cache, remove="a") if both else None
@@ -237,14 +257,18 @@ def final_report(cfg, model, ds, loader, device, cache, run):
         "head_params": counts["head"], "trainable_params": counts["adapters"] + counts["head"],
         "trainable_adapter_params": counts["adapters"], "total_params": counts["total"],
         "mode": cfg.mode, "modalities": cfg.modalities, "world_size": WORLD,
-        "router_weights": {"normal": test["router"], "audio_removed": audio_removed["router"] if both else {}},
-        "layer_weights": test["alpha"], "token_redundancy": test["orth"] if cfg.mode == "molt" else None,
+        "router_weights": {"normal": test["router"],
+                           "audio_removed": audio_removed["router"] if both else {}},
+        "layer_weights": test["alpha"],
+        "token_redundancy": test["orth"] if cfg.mode == "molt" else None,
         "confusion": test["confusion"], "history": run.history, "config": dataclasses.asdict(cfg)}
-    run.finish(metrics, lambda path: write_report(path, cfg, model, ds, metrics, test, audio_removed))
+    run.finish(metrics,
+               lambda path: write_report(path, cfg, model, ds, metrics, test, audio_removed))
     print(f"test acc {test['acc']:.3f} (val {run.best_val:.3f}); audio removed "
           f"{percent(metrics['test_acc_audio_removed'])}; frames removed "
           f"{percent(metrics['test_acc_frames_removed'])}; the rest in {cfg.out_dir}/report.html")
-    print("seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["phase_seconds"].items())
+    print("seconds per phase: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in metrics["phase_seconds"].items())
           + f"; {metrics['seconds']:.0f} in all")
 
 
@@ -252,16 +276,18 @@ def percent(x):
     return "-" if x is None else f"{x:.3f}"
 
 
-# ----------------------------------------------------------------------------- the backbones and the data
+# -------------------------------------------------------------- the backbones and the data
 
 
 def pretrain(enc, head, x, y, path, prefix, epochs, cfg, progress, stop):
-    """Supervised pre-training of one backbone on single frames or 1 s fbanks (shape / timbre, never the AV
-    task) for epochs passes in batches of PRETRAIN_BATCH, saved in the timm layout (prefix "module.v.": the
-    AST repo's). Returns early, saving nothing, once stop is set (Ctrl-C in the main thread)."""
+    """Supervised pre-training of one backbone on single frames or 1 s fbanks (shape / timbre, never
+    the AV task) for epochs passes in batches of PRETRAIN_BATCH, saved in the timm layout (prefix
+    "module.v.": the AST repo's). Returns early, saving nothing, once stop is set (Ctrl-C in the
+    main thread)."""
     steps = epochs * math.ceil(len(x) / PRETRAIN_BATCH)
     opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=2e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)  # warm-up
+    # warm-up
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(cfg.seed)
     for epoch in range(epochs):
         correct = 0
@@ -281,14 +307,17 @@ def pretrain(enc, head, x, y, path, prefix, epochs, cfg, progress, stop):
 
 
 def stage0(cfg, todo, paths):
-    """Pre-trains the backbones named in todo at once, a thread and a core each, and caches them at paths."""
-    log(f"stage 0: pre-training small backbones ({' and '.join(todo)}: shapes for the ViT, timbres for "
-        "the AST)")
+    """Pre-trains the backbones named in todo at once, a thread and a core each, and caches them at
+    paths."""
+    log(f"stage 0: pre-training small backbones ({' and '.join(todo)}: shapes for the ViT, "
+        "timbres for the AST)")
     frames, fbanks, shape, timbre = data.generate_pretraining(cfg.seed + 7, cfg.pretrain_samples,
-                                                              cfg.image_size, cfg.num_mel_bins, cfg.workers)
+                                                              cfg.image_size, cfg.num_mel_bins,
+                                                              cfg.workers)
     os.makedirs(os.path.join(cfg.cache_dir, "backbones"), exist_ok=True)
     epochs = {"ViT": cfg.vit_epochs, "AST": cfg.ast_epochs}
-    jobs = []  # built here, in order: weight init draws from the global RNG, which threads would interleave
+    # built here, in order: weight init draws from the global RNG, which threads would interleave
+    jobs = []
     if "ViT" in todo:
         torch.manual_seed(cfg.seed)
         vit = ViT(cfg.image_size, 8, cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim)
@@ -296,14 +325,15 @@ def stage0(cfg, todo, paths):
                      epochs["ViT"]))
     if "AST" in todo:
         torch.manual_seed(cfg.seed + 1)
-        ast = AST(cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride, cfg.dim, cfg.depth,
-                  cfg.heads, 4 * cfg.dim)
+        ast = AST(cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride, cfg.dim,
+                  cfg.depth, cfg.heads, 4 * cfg.dim)
         jobs.append((ast, nn.Linear(cfg.dim, len(data.TIMBRES) + 1), fbanks, timbre, paths["AST"],
                      "module.v.", epochs["AST"]))
     steps = sum(epochs[name] for name in todo) * math.ceil(cfg.pretrain_samples / PRETRAIN_BATCH)
     progress = data.Progress(f"stage 0: pre-training the {' and '.join(todo)} (steps)", steps)
     stop = threading.Event()
-    with data.single_thread(), ThreadPoolExecutor(2) as pool:  # small models gain little from two cores
+    # small models gain little from two cores
+    with data.single_thread(), ThreadPoolExecutor(2) as pool:
         try:
             list(pool.map(lambda job: pretrain(*job, cfg, progress, stop), jobs))
         except BaseException:  # Ctrl-C: the threads stop at their next step instead of training on
@@ -312,8 +342,8 @@ def stage0(cfg, todo, paths):
 
 
 def user_backbones(cfg, run=None):
-    """The user's --vit_ckpt / --ast_ckpt of the modalities used, read and checked before any data work, and
-    their content recorded in the run's identity -> {name: backbone}."""
+    """The user's --vit_ckpt / --ast_ckpt of the modalities used, read and checked before any data
+    work, and their content recorded in the run's identity -> {name: backbone}."""
     given = {name: getattr(cfg, flag) for name, (m, flag, _, _) in BACKBONES.items()
              if m in cfg.modalities and getattr(cfg, flag)}
     if run:
@@ -322,13 +352,16 @@ def user_backbones(cfg, run=None):
 
 
 def backbones(cfg, run=None, loaded=None):
-    """The frozen ViT and AST of the modalities used: the user's (loaded), else stage 0's, trained once and
-    cached in cache_dir; the cached files' content joins the run's identity -> (ViT or None, AST or None)."""
-    key = f"s{cfg.seed}_d{cfg.dim}x{cfg.depth}h{cfg.heads}_{cfg.image_size}px_{cfg.num_mel_bins}mel_" \
-          f"f{cfg.fstride}t{cfg.tstride}_{cfg.pretrain_samples}x{cfg.vit_epochs}-{cfg.ast_epochs}_" \
+    """The frozen ViT and AST of the modalities used: the user's (loaded), else stage 0's, trained
+    once and cached in cache_dir; the cached files' content joins the run's identity -> (ViT or
+    None, AST or None)."""
+    key = f"s{cfg.seed}_d{cfg.dim}x{cfg.depth}h{cfg.heads}_{cfg.image_size}px_" \
+          f"{cfg.num_mel_bins}mel_f{cfg.fstride}t{cfg.tstride}_" \
+          f"{cfg.pretrain_samples}x{cfg.vit_epochs}-{cfg.ast_epochs}_" \
           f"{data.GENERATOR}"
     paths = {name: os.path.join(cfg.cache_dir, "backbones", f"{stem}_{key}.pth")
-             for name, (m, _, _, stem) in BACKBONES.items() if m in cfg.modalities and name not in (loaded or {})}
+             for name, (m, _, _, stem) in BACKBONES.items()
+             if m in cfg.modalities and name not in (loaded or {})}
     todo = [name for name, path in paths.items() if not os.path.exists(path)]
     if RANK == 0 and todo:
         stage0(cfg, todo, paths)
@@ -336,13 +369,15 @@ def backbones(cfg, run=None, loaded=None):
         dist.barrier()
     if run:
         run.check(weights={name: sha256(path) for name, path in paths.items()})
-    loaded = {**(loaded or {}), **{name: load_backbone(name, path, cfg) for name, path in paths.items()}}
+    loaded = {**(loaded or {}),
+              **{name: load_backbone(name, path, cfg) for name, path in paths.items()}}
     return loaded.get("ViT"), loaded.get("AST")
 
 
 def load_backbone(name, path, cfg):
-    """The ViT or AST at path. Heads cannot be read from weights: ours are known, a user's are given or
-    guessed. A stage-0 cache file that cannot be read is ours, broken: say so, not a user's advice."""
+    """The ViT or AST at path. Heads cannot be read from weights: ours are known, a user's are given
+    or guessed. A stage-0 cache file that cannot be read is ours, broken: say so, not a user's
+    advice."""
     _, flag, heads_flag, _ = BACKBONES[name]
     given = path == getattr(cfg, flag)
     heads = getattr(cfg, heads_flag) or None if given else cfg.heads
@@ -350,40 +385,44 @@ def load_backbone(name, path, cfg):
         if name == "ViT":
             enc = load_vit(path, image_size=cfg.image_size, num_heads=heads)
         else:
-            enc = load_ast(path, cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride,
-                           num_heads=heads)
+            enc = load_ast(path, cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride,
+                           cfg.tstride, num_heads=heads)
     except ValueError as e:
         if given:
             raise ValueError(f"--{flag}: {e}") from None
-        raise ValueError(f"the stage-0 cache file {path} is broken ({e}): delete it and rerun, which trains "
-                         "it again") from None
+        raise ValueError(f"the stage-0 cache file {path} is broken ({e}): delete it and rerun, "
+                         "which trains it again") from None
     if cfg.reduction > enc.dim:
-        raise ValueError(f"--reduction={cfg.reduction} is more than the {name}'s width {enc.dim}: the "
-                         "bottleneck D / reduction would be empty")
+        raise ValueError(f"--reduction={cfg.reduction} is more than the {name}'s width {enc.dim}: "
+                         "the bottleneck D / reduction would be empty")
     if cfg.mode == "molt" and cfg.late_layers > len(enc.blocks):
-        raise ValueError(f"--late_layers={cfg.late_layers} is more than the {name}'s {len(enc.blocks)} "
-                         "layers")
+        raise ValueError(f"--late_layers={cfg.late_layers} is more than the {name}'s "
+                         f"{len(enc.blocks)} layers")
     return enc
 
 
 def datasets(cfg, run=None):
-    """{split: dataset}; the data joins the run's identity: class names in order, and per split the clips
-    and a digest of their ids and labels (real AVE: also the size the frames were prepared at)."""
+    """{split: dataset}; the data joins the run's identity: class names in order, and per split the
+    clips and a digest of their ids and labels (real AVE: also the size the frames were prepared
+    at)."""
     if cfg.data == "synthetic":
         cache = os.path.join(cfg.cache_dir, "data")
-        splits = data.synthetic_splits(cfg, cache, cfg.workers) if RANK == 0 else None  # one process draws
+        # one process draws
+        splits = data.synthetic_splits(cfg, cache, cfg.workers) if RANK == 0 else None
         if WORLD > 1:
             dist.barrier()
         splits = splits or data.synthetic_splits(cfg, cache)  # the others read its cache
         sets = {name: data.SyntheticAVE(s, cfg.num_classes) for name, s in splits.items()}
     else:
-        sets = {s: data.AVEDataset(cfg.prepared_dir, cfg.data_root, s, cfg.image_size, cfg.num_mel_bins)
+        sets = {s: data.AVEDataset(cfg.prepared_dir, cfg.data_root, s, cfg.image_size,
+                                   cfg.num_mel_bins)
                 for s in ("train", "val", "test")}
         cfg.num_classes = sets["train"].num_classes
     record = {"classes": sets["train"].class_names}
     for s, ds in sets.items():
         ids = [os.path.basename(f) for f in getattr(ds, "files", [])]  # synthetic: the clips' order
-        digest = hashlib.sha256(json.dumps(ids).encode() + torch.stack(list(ds.labels)).numpy().tobytes())
+        digest = hashlib.sha256(json.dumps(ids).encode() +
+                                torch.stack(list(ds.labels)).numpy().tobytes())
         record[s] = {"clips": len(ds), "sha256": digest.hexdigest()}
     if cfg.data == "ave":
         with np.load(sets["train"].files[0]) as f:
@@ -404,19 +443,22 @@ def sha256(path):
 # ----------------------------------------------------------------------------- the run's record
 
 
-MAY_DIFFER = {"epochs", "out_dir", "cache_dir", "device", "resume", "overwrite", "workers", "dist_timeout",
-              "vit_ckpt", "ast_ckpt", "data_root", "prepared_dir"}  # paths: their content is compared
+MAY_DIFFER = {"epochs", "out_dir", "cache_dir", "device", "resume", "overwrite", "workers",
+              "dist_timeout",
+              # paths: their content is compared
+              "vit_ckpt", "ast_ckpt", "data_root", "prepared_dir"}
 
 
 class Run:
-    """One run's record in out_dir: the folder and its lock, the run's identity, resume, the per-epoch
-    checkpoint and log.csv, the phase times and the final files; tool="probe" / "bench" writes one result file.
+    """One run's record in out_dir: the folder and its lock, the run's identity, resume, the
+    per-epoch checkpoint and log.csv, the phase times and the final files; tool="probe" / "bench"
+    writes one result file.
 
-    The identity is what makes two runs the same experiment: the settings (but MAY_DIFFER), the number of
-    processes, the content of every weight file the run starts from and the data it trains on. --resume
-    compares all of it with the checkpoint's, part by part as each becomes known, before any earlier file is
-    touched; --overwrite removes the earlier run's files only once this run has written its first checkpoint.
-    A refused run leaves the folder as it found it."""
+    The identity is what makes two runs the same experiment: the settings (but MAY_DIFFER), the
+    number of processes, the content of every weight file the run starts from and the data it trains
+    on. --resume compares all of it with the checkpoint's, part by part as each becomes known,
+    before any earlier file is touched; --overwrite removes the earlier run's files only once this
+    run has written its first checkpoint. A refused run leaves the folder as it found it."""
 
     def __init__(self, cfg, tool=None):
         self.cfg, self.tool, self.t0, self.seconds = cfg, tool, time.time(), {}
@@ -429,18 +471,21 @@ class Run:
         try:
             folders = [p for p in self.earlier if os.path.isdir(p)]
             if folders:
-                raise ValueError(f"{folders[0]} is a folder, not a run's file: move it away or choose "
-                                 "another --out_dir")
+                raise ValueError(f"{folders[0]} is a folder, not a run's file: move it away or "
+                                 "choose another --out_dir")
             self.take_folder()
-            if self.earlier and not cfg.overwrite and not (cfg.resume and self.path in self.earlier):
-                resume = "pass --resume=true to continue it, " if self.path in self.earlier and not tool else ""
+            if (self.earlier and not cfg.overwrite and
+                    not (cfg.resume and self.path in self.earlier)):
+                resume = ("pass --resume=true to continue it, "
+                          if self.path in self.earlier and not tool else "")
                 raise ValueError(f"{cfg.out_dir} holds an earlier {tool or 'run'} ("
                                  f"{', '.join(map(os.path.basename, self.earlier))}): {resume}pass "
                                  "--overwrite=true to replace it, or choose another --out_dir")
             if cfg.resume and self.path in self.earlier:
                 self.ck = read_checkpoint(self.path)
                 finished = os.path.join(cfg.out_dir, "metrics.json") in self.earlier
-                if cfg.epochs < self.ck["epoch"] + finished:  # as many: it would only rewrite the results
+                # as many: it would only rewrite the results
+                if cfg.epochs < self.ck["epoch"] + finished:
                     raise ValueError(f"{self.path} holds {self.ck['epoch']} finished epochs"
                                      f"{' and their results' if finished else ''}: resume with "
                                      f"--epochs={self.ck['epoch'] + finished} or more")
@@ -452,8 +497,8 @@ class Run:
             raise
 
     def take_folder(self):
-        """Creates out_dir if needed and takes its lock (rank 0; POSIX flock, dropped when the process ends,
-        even a crashed one)."""
+        """Creates out_dir if needed and takes its lock (rank 0; POSIX flock, dropped when the
+        process ends, even a crashed one)."""
         if not os.path.isdir(self.cfg.out_dir):
             self.created.append(self.cfg.out_dir)
         os.makedirs(self.cfg.out_dir, exist_ok=True)
@@ -467,18 +512,20 @@ class Run:
         try:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise ValueError(f"{self.cfg.out_dir} is in use by another run: wait for it to end, or use "
-                             "another --out_dir") from None
+            raise ValueError(f"{self.cfg.out_dir} is in use by another run: wait for it to end, or "
+                             "use another --out_dir") from None
 
     def check(self, **parts):
-        """Adds parts to the run's identity; on --resume each must equal what the checkpoint recorded."""
+        """Adds parts to the run's identity; on --resume each must equal what the checkpoint
+        recorded."""
         for part, record in parts.items():
             self.identity.setdefault(part, {}).update(record)
             old = self.ck["identity"].get(part, {}) if self.ck else record
             diff = differences({part: {k: old.get(k) for k in record}}, {part: record})
             if diff:
                 raise ValueError(f"--resume: {self.path} is from another run: " + "; ".join(
-                    f"{k}={a} there, {b} now" for k, a, b in diff[:3]) + " (start afresh with --overwrite=true)")
+                    f"{k}={a} there, {b} now" for k, a, b in diff[:3]) +
+                    " (start afresh with --overwrite=true)")
 
     @contextlib.contextmanager
     def phase(self, name):
@@ -490,43 +537,49 @@ class Run:
             self.seconds[name] = self.seconds.get(name, 0) + time.time() - t
 
     def restore(self, model, opt, sched):
-        """Starts afresh, or on --resume restores what the checkpoint holds; checks the disk has room for
-        the checkpoints first."""
+        """Starts afresh, or on --resume restores what the checkpoint holds; checks the disk has
+        room for the checkpoints first."""
         state = trainable_state(model)
-        need = 5 * 4 * sum(t.numel() for t in state.values()) + 2 ** 20  # weights, best, Adam's two moments
+        # weights, best, Adam's two moments
+        need = 5 * 4 * sum(t.numel() for t in state.values()) + 2 ** 20
         free = shutil.disk_usage(self.cfg.out_dir).free
         if RANK == 0 and free < 2 * need:  # the new checkpoint is written beside the old one
-            raise ValueError(f"{self.cfg.out_dir} has {free / 1e6:.0f} MB free, the checkpoints need about "
-                             f"{2 * need / 1e6:.0f} MB: free some space or choose another --out_dir")
+            raise ValueError(f"{self.cfg.out_dir} has {free / 1e6:.0f} MB free, the checkpoints "
+                             f"need about {2 * need / 1e6:.0f} MB: free some space or choose "
+                             "another --out_dir")
         ck, self.best = self.ck, state
         if ck is None:
             return
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         if {k: tuple(v.shape) for k, v in ck["model"].items()} != shapes:
-            raise ValueError(f"--resume: {self.path} holds other trainable tensors than this model: start "
-                             "afresh with --overwrite=true")
-        model.load_state_dict(ck["model"], strict=False)  # the trainable part; the backbones are frozen
+            raise ValueError(f"--resume: {self.path} holds other trainable tensors than this "
+                             "model: start afresh with --overwrite=true")
+        # the trainable part; the backbones are frozen
+        model.load_state_dict(ck["model"], strict=False)
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["rng"])
         if "cuda_rng" in ck and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["cuda_rng"])
-        self.epoch, self.best_val, self.best, self.history = ck["epoch"], ck["best_val"], ck["best"], ck["history"]
+        self.epoch, self.best_val, self.best, self.history = (ck["epoch"], ck["best_val"],
+                                                              ck["best"], ck["history"])
         for k, v in ck["seconds"].items():  # a resumed run's times count the earlier processes too
             self.seconds[k] = self.seconds.get(k, 0) + v
         self.t0 -= ck["elapsed"]
-        self.busy, self.ck = self.seconds.get("training", 0) + self.seconds.get("validation", 0), None
+        self.busy, self.ck = (self.seconds.get("training", 0) +
+                              self.seconds.get("validation", 0), None)
         log(f"resumed from {self.path} after epoch {self.epoch}")
 
     def end_epoch(self, model, opt, sched, loss, val_acc):
-        """Keeps the weights if val accuracy is the best so far, then saves the checkpoint and log.csv."""
+        """Keeps the weights if val accuracy is the best so far, then saves the checkpoint and
+        log.csv."""
         busy = self.seconds.get("training", 0) + self.seconds.get("validation", 0)
         t, self.busy = busy - self.busy, busy  # this epoch's training and validation
         if val_acc > self.best_val:  # model selection on val, never on test
             self.best_val, self.best = val_acc, trainable_state(model)
         self.epoch += 1
-        self.history.append({"epoch": self.epoch, "train_loss": round(loss, 4), "val_acc": round(val_acc, 4),
-                             "seconds": round(t, 2)})
+        self.history.append({"epoch": self.epoch, "train_loss": round(loss, 4),
+                             "val_acc": round(val_acc, 4), "seconds": round(t, 2)})
         left = self.cfg.epochs - self.epoch
         print(f"\repoch {self.epoch}/{self.cfg.epochs}: loss {loss:.3f}  val acc {val_acc:.3f}  "
               f"{t:.1f} s  ETA {t * left:.0f} s", flush=True)
@@ -536,15 +589,17 @@ class Run:
                        "elapsed": time.time() - self.t0, "model": trainable_state(model),
                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                        "config": dataclasses.asdict(self.cfg), "rng": torch.get_rng_state(),
-                       **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})})
+                       **({"cuda_rng": torch.cuda.get_rng_state_all()}
+                          if torch.cuda.is_available() else {})})
             columns = ("epoch", "train_loss", "val_acc", "seconds")
             rows = [columns] + [[h[k] for k in columns] for h in self.history]
             text = "".join(",".join(map(str, r)) + "\r\n" for r in rows)
             data.write_atomic(os.path.join(self.cfg.out_dir, "log.csv"), text)
 
     def save(self, checkpoint):
-        """The checkpoint, atomically; the first one of this process also removes what it makes stale: the
-        earlier run's files (--overwrite) or the results of a run resumed to more epochs."""
+        """The checkpoint, atomically; the first one of this process also removes what it makes
+        stale: the earlier run's files (--overwrite) or the results of a run resumed to more
+        epochs."""
         data.write_atomic(self.path, checkpoint)
         if not self.saved:
             stale = RUN_FILES[1:] if self.cfg.overwrite else ("metrics.json", "report.html")
@@ -554,8 +609,8 @@ class Run:
             self.saved = True
 
     def finish(self, results, write_page=None):
-        """The final files: report.html (write_page(path)), then metrics.json, whose presence marks a
-        finished run; or a tool's result file. Both record the run's identity and times."""
+        """The final files: report.html (write_page(path)), then metrics.json, whose presence marks
+        a finished run; or a tool's result file. Both record the run's identity and times."""
         seconds = time.time() - self.t0
         phases = {k: round(v, 1) for k, v in self.seconds.items()}
         rest = max(0.0, seconds - sum(self.seconds.values()))  # the test, the report and setting up
@@ -563,20 +618,22 @@ class Run:
                        phase_seconds=dict(phases, **{"test and report": round(rest, 1)}))
         if write_page:
             write_page(os.path.join(self.cfg.out_dir, "report.html"))
-        data.write_atomic(os.path.join(self.cfg.out_dir, "metrics.json") if not self.tool else self.path,
-                          json.dumps(results, indent=1))
+        data.write_atomic(os.path.join(self.cfg.out_dir, "metrics.json") if not self.tool
+                          else self.path, json.dumps(results, indent=1))
 
     def kept(self):
         """What the run folder holds for a rerun, in words (for Ctrl-C and a diverging loss)."""
         if self.epoch and (self.saved or self.cfg.resume):
             again = command(dataclasses.replace(self.cfg, resume=True, overwrite=False))
-            return f"{self.path} keeps epoch {self.epoch} of {self.cfg.epochs}: continue with {again}"
+            return (f"{self.path} keeps epoch {self.epoch} of {self.cfg.epochs}: "
+                    f"continue with {again}")
         if self.cfg.overwrite and self.earlier:
             return f"the earlier run in {self.cfg.out_dir} is untouched"
         return "no epoch had finished, nothing to resume"
 
     def release(self):
-        """Removes what a refused run created itself (the lock, an empty out_dir) and drops the lock."""
+        """Removes what a refused run created itself (the lock, an empty out_dir) and drops the
+        lock."""
         if self.lock:
             self.lock.close()
         for path in self.created if not self.saved else []:
@@ -592,14 +649,15 @@ class Run:
         for s, handler in self.handlers.items():
             signal.signal(s, handler)
         if kind is not None:
-            self.release()  # a run stopped before its first checkpoint leaves the folder as it found it
+            # a run stopped before its first checkpoint leaves the folder as it found it
+            self.release()
         elif self.lock:
             self.lock.close()
         if kind is KeyboardInterrupt:
             raise SystemExit(f"interrupted: {self.kept()}") from None
         if kind is FloatingPointError:
-            raise SystemExit(f"error: {error}: stopping; {self.kept()} (or rerun with --overwrite=true and a "
-                             "lower --lr)") from None
+            raise SystemExit(f"error: {error}: stopping; {self.kept()} (or rerun with "
+                             "--overwrite=true and a lower --lr)") from None
 
 
 RUN_FILES = ("ckpt.pt", "log.csv", "metrics.json", "report.html")  # what a run writes in out_dir
@@ -612,15 +670,16 @@ def interrupt(signum, frame):
 
 
 def settings(cfg):
-    """The settings that make a run what it is, and the number of processes (torchrun: the effective batch).
-    Real AVE: the classes come from the data."""
+    """The settings that make a run what it is, and the number of processes (torchrun: the effective
+    batch). Real AVE: the classes come from the data."""
     found = {"num_classes"} if cfg.data == "ave" else set()
-    return dict({k: v for k, v in dataclasses.asdict(cfg).items() if k not in MAY_DIFFER | found}, world_size=WORLD)
+    return dict({k: v for k, v in dataclasses.asdict(cfg).items() if k not in MAY_DIFFER | found},
+                world_size=WORLD)
 
 
 def differences(old, new, free=()):
-    """Where two identities differ: [(key, old value, new value)], nested keys joined by dots, values
-    shortened for a message."""
+    """Where two identities differ: [(key, old value, new value)], nested keys joined by dots,
+    values shortened for a message."""
     old, new = flat(old), flat(new)
     return [(k, short(old.get(k)), short(new.get(k))) for k in sorted(old.keys() | new.keys())
             if old.get(k) != new.get(k) and k not in free]
@@ -640,20 +699,23 @@ def short(value):
 
 
 def read_checkpoint(path):
-    """train.py's checkpoint, or ValueError saying why not (truncated, empty, foreign, unsafe, older)."""
+    """train.py's checkpoint, or ValueError saying why not (truncated, empty, foreign, unsafe,
+    older)."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # nothing of a bad file is used
         reason = str(e).splitlines()[0][:200] if str(e) else "no detail"
-        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {reason}): delete it or run with "
-                         "--overwrite=true instead of --resume") from None
+        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {reason}): delete it or run "
+                         "with --overwrite=true instead of --resume") from None
     if not isinstance(ck, dict) or not {"config", "epoch", "model", "optimizer", "best"} <= set(ck):
-        raise ValueError(f"{path} was not written by train.py: run with --overwrite=true instead of --resume")
+        raise ValueError(f"{path} was not written by train.py: run with --overwrite=true instead "
+                         "of --resume")
     if "identity" not in ck:
-        raise ValueError(f"{path} was written by an earlier version of train.py, which recorded no run "
-                         "identity: start afresh with --overwrite=true")
+        raise ValueError(f"{path} was written by an earlier version of train.py, which recorded no "
+                         "run identity: start afresh with --overwrite=true")
     if not all(t.isfinite().all() for t in [*ck["model"].values(), *ck["best"].values()]):
-        raise ValueError(f"{path} holds NaN or Inf weights: run with --overwrite=true instead of --resume")
+        raise ValueError(f"{path} holds NaN or Inf weights: run with --overwrite=true instead of "
+                         "--resume")
     return ck
 
 
@@ -671,18 +733,19 @@ def log(*args):
 
 BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 RUN_CHOICES = {"data": ("synthetic", "ave"), "device": ("auto", "cuda", "mps", "cpu")}
-AT_LEAST_ONE = ("num_classes", "train_clips", "val_clips", "test_clips", "workers", "dim", "depth", "heads",
-                "pretrain_samples", "vit_epochs", "ast_epochs", "epochs", "batch_size", "lr_step",
-                "dist_timeout", "fstride", "tstride", "image_size")
-AT_LEAST_ZERO = ("lr", "weight_decay", "lambda_orth", "lambda_balance", "modality_dropout")  # and lr above 0
+AT_LEAST_ONE = ("num_classes", "train_clips", "val_clips", "test_clips", "workers", "dim", "depth",
+                "heads", "pretrain_samples", "vit_epochs", "ast_epochs", "epochs", "batch_size",
+                "lr_step", "dist_timeout", "fstride", "tstride", "image_size")
+# and lr above 0
+AT_LEAST_ZERO = ("lr", "weight_decay", "lambda_orth", "lambda_balance", "modality_dropout")
 PATHS = ("data_root", "prepared_dir", "vit_ckpt", "ast_ckpt", "out_dir", "cache_dir")  # ~ expanded
 
 
 def setup(cfg):
     """Device and, under torchrun, the process group; -> device."""
     if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() \
-            else "cpu"
+        cfg.device = "cuda" if torch.cuda.is_available() else "mps" \
+            if torch.backends.mps.is_available() else "cpu"
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" and WORLD > 1 \
         else cfg.device
     if device.startswith("cuda:"):
@@ -698,16 +761,18 @@ def print_help(cfg):
     """The docstring, then every setting with its default and the comment beside its field."""
     notes = {}
     for klass in Config.__mro__[:-1]:  # Config, AVConfig (model.py), SynthConfig (data.py)
-        for m in re.finditer(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(klass), re.M):
-            notes.setdefault(m[1], m[2])
+        # a comment too long for one line goes on below, aligned with its "#"
+        for m in re.finditer(r"^\s+(\w+): \w+ = .*?  # (.*(?:\n {5,}# .*)*)$",
+                             inspect.getsource(klass), re.M):
+            notes.setdefault(m[1], re.sub(r"\n\s+# ", " ", m[2]))
     print(__doc__)
     for f in dataclasses.fields(cfg):
         print(f"  {f'--{f.name}={getattr(cfg, f.name)}':<26} {notes.get(f.name, '')}")
 
 
 def parse_config(argv, tool=None):
-    """--key=value or --key value flags -> Config, checked; a bad flag stops with one line before any work.
-    tool: "probe" or "bench", which take no --resume and compare both modes."""
+    """--key=value or --key value flags -> Config, checked; a bad flag stops with one line before
+    any work. tool: "probe" or "bench", which take no --resume and compare both modes."""
     cfg, types, given = Config(), {f.name: f.type for f in dataclasses.fields(Config)}, set()
     args = list(argv)
     while args:
@@ -719,7 +784,8 @@ def parse_config(argv, tool=None):
         if not arg.startswith("--") or key not in types:
             sys.exit(f"unknown argument {arg}: see python train.py --help")
         kind = types[key]
-        if not eq and args and not args[0].startswith("--") and (kind is not bool or args[0] in BOOLS):
+        if (not eq and args and not args[0].startswith("--") and
+                (kind is not bool or args[0] in BOOLS)):
             value = args.pop(0)  # --key value
         elif not eq and kind is bool:
             value = "true"  # a bare --resume
@@ -733,9 +799,10 @@ def parse_config(argv, tool=None):
         given.add(key)
     try:
         if tool and "resume" in given or tool == "bench" and "mode" in given:
-            raise ValueError(f"--{tool} takes no --resume, and --bench no --mode (it compares AVMoE and "
-                             "MoLT): drop it")
-        if cfg.data == "ave" and cfg.vit_ckpt and "image_size" not in given and os.path.isfile(cfg.vit_ckpt):
+            raise ValueError(f"--{tool} takes no --resume, and --bench no --mode (it compares "
+                             "AVMoE and MoLT): drop it")
+        if (cfg.data == "ave" and cfg.vit_ckpt and "image_size" not in given and
+                os.path.isfile(cfg.vit_ckpt)):
             vit = load_vit(cfg.vit_ckpt, num_heads=cfg.vit_heads or None)  # at its own size
             cfg.image_size = vit.grid[0] * vit.patch_embed.stride[0]
         check(cfg)
@@ -745,46 +812,58 @@ def parse_config(argv, tool=None):
 
 
 def check(cfg):
-    """Every setting that can be checked before any work; ValueError names the flag and what to do."""
+    """Every setting that can be checked before any work; ValueError names the flag and what to
+    do."""
     check_config(cfg, CHOICES | RUN_CHOICES)
     for key in AT_LEAST_ONE:
         if not 1 <= getattr(cfg, key) <= 10 ** 9:  # a bound that keeps timedelta and sizes finite
-            raise ValueError(f"--{key} must be at least 1 (and at most 10 ** 9), not {getattr(cfg, key)}")
+            raise ValueError(f"--{key} must be at least 1 (and at most 10 ** 9), "
+                             f"not {getattr(cfg, key)}")
     for key in AT_LEAST_ZERO:
         if not 0 <= getattr(cfg, key) < math.inf or (key == "lr" and cfg.lr == 0):
-            raise ValueError(f"--{key}={getattr(cfg, key)} must be {'positive' if key == 'lr' else 'at least 0'}")
+            raise ValueError(f"--{key}={getattr(cfg, key)} must be "
+                             f"{'positive' if key == 'lr' else 'at least 0'}")
     if not 0 <= cfg.seed < 2 ** 32:
         raise ValueError(f"--seed={cfg.seed}: a seed is between 0 and {2 ** 32 - 1}")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: pick one")
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(cfg.device, True):
-        raise ValueError(f"--device={cfg.device}: this machine has no {cfg.device} device; use --device=cpu or "
-                         "auto")
+        raise ValueError(f"--device={cfg.device}: this machine has no {cfg.device} device; use "
+                         "--device=cpu or auto")
     if cfg.modality_dropout > 0.5:
-        raise ValueError("--modality_dropout must be at most 0.5 (audio and frames are never removed together)")
+        raise ValueError("--modality_dropout must be at most 0.5 (audio and frames are never "
+                         "removed together)")
     if cfg.num_mel_bins < 16 or (not cfg.vit_ckpt and cfg.image_size % 8):
-        raise ValueError("--num_mel_bins must be at least the AST's 16 x 16 patch, and --image_size a multiple "
-                         f"of the stage-0 ViT's 8 px patch (got {cfg.num_mel_bins} and {cfg.image_size})")
+        raise ValueError("--num_mel_bins must be at least the AST's 16 x 16 patch, and "
+                         "--image_size a multiple of the stage-0 ViT's 8 px patch "
+                         f"(got {cfg.num_mel_bins} and {cfg.image_size})")
     if cfg.dim % cfg.heads or cfg.num_classes < 2 or cfg.reduction > cfg.dim:
-        raise ValueError(f"--dim={cfg.dim} must be divisible by --heads={cfg.heads} and at least --reduction="
-                         f"{cfg.reduction}, and --num_classes at least 2")
+        raise ValueError(f"--dim={cfg.dim} must be divisible by --heads={cfg.heads} and at least "
+                         f"--reduction={cfg.reduction}, and --num_classes at least 2")
     if cfg.data == "synthetic" and cfg.num_classes > len(data.CLASS_SHAPES):
-        raise ValueError(f"--num_classes: the synthetic AVE has at most {len(data.CLASS_SHAPES)} classes")
-    stage0 = [name for name, (m, flag, _, _) in BACKBONES.items() if m in cfg.modalities and not getattr(cfg, flag)]
+        raise ValueError(f"--num_classes: the synthetic AVE has at most {len(data.CLASS_SHAPES)} "
+                         "classes")
+    stage0 = [name for name, (m, flag, _, _) in BACKBONES.items()
+              if m in cfg.modalities and not getattr(cfg, flag)]
     if stage0 and cfg.mode == "molt" and cfg.late_layers > cfg.depth:
-        raise ValueError(f"--late_layers={cfg.late_layers} is more than the stage-0 backbones' {cfg.depth} layers")
+        raise ValueError(f"--late_layers={cfg.late_layers} is more than the stage-0 backbones' "
+                         f"{cfg.depth} layers")
     for name, (m, flag, _, _) in BACKBONES.items():
         path = getattr(cfg, flag)
         if path and m not in cfg.modalities:
-            raise ValueError(f"--{flag} is for a modality that --modalities={cfg.modalities} does not use: drop it")
+            raise ValueError(f"--{flag} is for a modality that --modalities={cfg.modalities} does "
+                             "not use: drop it")
         if path and not os.path.isfile(path):
-            raise ValueError(f"--{flag}={path} {'is a folder' if os.path.isdir(path) else 'not found'}: give a file")
+            raise ValueError(f"--{flag}={path} "
+                             f"{'is a folder' if os.path.isdir(path) else 'not found'}: "
+                             "give a file")
     if cfg.data == "synthetic" and (cfg.data_root or cfg.prepared_dir):
         raise ValueError("--data_root and --prepared_dir are for real AVE: add --data=ave")
     if cfg.data == "ave" and not (os.path.isdir(cfg.data_root) and os.path.isdir(cfg.prepared_dir)):
-        raise ValueError("--data=ave needs --data_root=DIR (Annotations.txt, split files) and --prepared_dir=DIR "
-                         "(made by: python data.py --prepare_ave DIR --out PREPARED), both existing folders")
+        raise ValueError("--data=ave needs --data_root=DIR (Annotations.txt, split files) and "
+                         "--prepared_dir=DIR (made by: python data.py --prepare_ave DIR --out "
+                         "PREPARED), both existing folders")
     check_memory(cfg)
     for folder in (cfg.out_dir, cfg.cache_dir):
         existing = os.path.abspath(folder)
@@ -795,18 +874,23 @@ def check(cfg):
 
 
 def check_memory(cfg):
-    """The sizes that obviously cannot fit: the synthetic set and the stage-0 samples held in memory."""
-    segment = 3 * cfg.image_size ** 2 + 2 * data.FRAMES_PER_SEGMENT * cfg.num_mel_bins  # uint8 + fp16
+    """The sizes that obviously cannot fit: the synthetic set and the stage-0 samples held in
+    memory."""
+    # uint8 + fp16
+    segment = 3 * cfg.image_size ** 2 + 2 * data.FRAMES_PER_SEGMENT * cfg.num_mel_bins
     clips = cfg.train_clips + cfg.val_clips + cfg.test_clips if cfg.data == "synthetic" else 0
-    need = 2 * clips * data.SECONDS * segment + 2 * cfg.pretrain_samples * 4 * segment  # stored, then used
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf
+    # stored, then used
+    need = 2 * clips * data.SECONDS * segment + 2 * cfg.pretrain_samples * 4 * segment
+    total = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf")
+             else math.inf)
     if need > total:
-        raise ValueError(f"the synthetic data would need about {need / 1e9:.0f} GB of memory, this machine has "
-                         f"{total / 1e9:.0f} GB: lower --train_clips/--val_clips/--test_clips, "
-                         "--pretrain_samples, --image_size or --num_mel_bins")
+        raise ValueError(f"the synthetic data would need about {need / 1e9:.0f} GB of memory, this "
+                         f"machine has {total / 1e9:.0f} GB: lower "
+                         "--train_clips/--val_clips/--test_clips, --pretrain_samples, --image_size "
+                         "or --num_mel_bins")
 
 
-# ----------------------------------------------------------------------------- --probe, --summary and --bench
+# -------------------------------------------------------------- --probe, --summary and --bench
 
 
 @torch.no_grad()
@@ -816,10 +900,11 @@ def layer_features(enc, x):
 
 
 def probe(cfg, max_clips=1000):
-    """Where the evidence lives: for each layer of each frozen backbone, the test accuracy of a linear
-    classifier (ridge regression onto one-hot targets) on the layer's token-averaged states of single
-    segments, for the class that segment's own modality carries (synthetic: the class heard / seen, or none;
-    real AVE: the segment label). Written to out_dir/probe_seed{seed}.json with the run's identity."""
+    """Where the evidence lives: for each layer of each frozen backbone, the test accuracy of a
+    linear classifier (ridge regression onto one-hot targets) on the layer's token-averaged states
+    of single segments, for the class that segment's own modality carries (synthetic: the class
+    heard / seen, or none; real AVE: the segment label). Written to out_dir/probe_seed{seed}.json
+    with the run's identity."""
     with Run(cfg, "probe") as run:
         sets = datasets(cfg, run)
         both = dataclasses.replace(cfg, modalities="av")  # both backbones, whatever the run uses
@@ -828,12 +913,14 @@ def probe(cfg, max_clips=1000):
             xy = []
             for split in ("train", "test"):
                 ds = torch.utils.data.Subset(sets[split], range(min(max_clips, len(sets[split]))))
+                # (N*S, L, D)
                 x = torch.cat([layer_features(enc, (frames if m == "v" else fbank).flatten(0, 1))
-                               for frames, fbank, _ in torch.utils.data.DataLoader(ds, 32)])  # (N*S, L, D)
+                               for frames, fbank, _ in torch.utils.data.DataLoader(ds, 32)])
                 record = getattr(sets[split], "split", None)
                 y = record["audible" if m == "a" else "visible"] if record \
                     else torch.stack(list(sets[split].labels))
-                y = torch.where(y[:len(ds)] < 0, cfg.num_classes, y[:len(ds)]).flatten()  # none: last class
+                # none: last class
+                y = torch.where(y[:len(ds)] < 0, cfg.num_classes, y[:len(ds)]).flatten()
                 xy.append((x, y))
             table[STREAMS[m]] = ridge_probe(*xy[0], *xy[1])
             print(f"{STREAMS[m]:6} linear probe accuracy by layer: " +
@@ -843,15 +930,16 @@ def probe(cfg, max_clips=1000):
 
 
 def ridge_probe(x, y, xt, yt, ridge=1e-2):
-    """Per layer: standardise with the training statistics, fit ridge regression onto one-hot targets
-    (penalty ridge per training sample), and score the test set. x (N, L, D), y (N,), xt (M, L, D), yt (M,)
-    -> [accuracy per layer]"""
+    """Per layer: standardise with the training statistics, fit ridge regression onto one-hot
+    targets (penalty ridge per training sample), and score the test set. x (N, L, D), y (N,), xt (M,
+    L, D), yt (M,) -> [accuracy per layer]"""
     mu, sd = x.mean(0), x.std(0) + 1e-6  # (L, D)
     x, xt = [F.pad((v - mu) / sd, (0, 1), value=1.0) for v in (x, xt)]  # (N, L, D + 1): bias column
     accuracies = []
     for layer in range(x.shape[1]):
         a = x[:, layer]  # (N, D + 1)
-        w = torch.linalg.solve(a.T @ a + ridge * len(a) * torch.eye(a.shape[1]), a.T @ F.one_hot(y).float())
+        w = torch.linalg.solve(a.T @ a + ridge * len(a) * torch.eye(a.shape[1]),
+                               a.T @ F.one_hot(y).float())
         accuracies.append(round(((xt[:, layer] @ w).argmax(-1) == yt).float().mean().item(), 3))
     return accuracies
 
@@ -861,12 +949,14 @@ SUMMARY_KEYS = ("test_acc", "test_acc_audio_removed", "test_acc_frames_removed",
 
 
 def summary(paths):
-    """Mean +- sample std over runs that differ in their seed alone: run folders (their metrics.json), or
-    metrics.json / probe_seed*.json files. Everything is checked before a row is printed."""
+    """Mean +- sample std over runs that differ in their seed alone: run folders (their
+    metrics.json), or metrics.json / probe_seed*.json files. Everything is checked before a row is
+    printed."""
     paths = [os.fspath(p) for p in paths]
     if not paths or any(p.startswith("--") for p in paths):
-        raise ValueError("--summary takes run folders or their metrics.json / probe_seed*.json files, e.g. "
-                         f"--summary runs/s0 runs/s1 runs/s2{', not ' + min(paths) if paths else ''}")
+        raise ValueError("--summary takes run folders or their metrics.json / probe_seed*.json "
+                         "files, e.g. --summary runs/s0 runs/s1 runs/s2"
+                         f"{', not ' + min(paths) if paths else ''}")
     runs = {}  # seed -> (path, its record)
     for path in (os.path.join(p, "metrics.json") if os.path.isdir(p) else p for p in paths):
         try:
@@ -874,22 +964,26 @@ def summary(paths):
                 record = json.load(f)
             identity, seed = record["identity"], record["config"]["seed"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            why = "it records no run identity: written by an earlier version of train.py, rerun it" \
-                if isinstance(e, KeyError) else f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}"
-            raise ValueError(f"{path}: not a finished run's metrics.json or a --probe file ({why})") from None
+            why = ("it records no run identity: written by an earlier version of train.py, rerun it"
+                   if isinstance(e, KeyError)
+                   else f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}")
+            raise ValueError(f"{path}: not a finished run's metrics.json or a --probe file "
+                             f"({why})") from None
         first, first_record = next(iter(runs.values()), (path, record))
         free = {"settings.seed"} | {f"data.{s}.sha256" for s in ("train", "val", "test")
                                     if record["config"]["data"] == "synthetic"} | {
-            f"weights.{name}" for name, (_, flag, _, _) in BACKBONES.items() if not record["config"][flag]}
+            f"weights.{name}" for name, (_, flag, _, _) in BACKBONES.items()
+            if not record["config"][flag]}
         diff = differences(dict(first_record["identity"], epochs=first_record["config"]["epochs"]),
-                           dict(identity, epochs=record["config"]["epochs"]), free)  # seed products free
+                           # seed products free
+                           dict(identity, epochs=record["config"]["epochs"]), free)
         if diff:
             key, a, b = diff[0]
-            raise ValueError(f"{first} and {path} differ in {key} ({a} against {b}): --summary averages the "
-                             "seeds of one setting")
+            raise ValueError(f"{first} and {path} differ in {key} ({a} against {b}): --summary "
+                             "averages the seeds of one setting")
         if seed in runs:
-            raise ValueError(f"{path} and {runs[seed][0]} are both seed {seed} of one setting: each run "
-                             "counts once")
+            raise ValueError(f"{path} and {runs[seed][0]} are both seed {seed} of one setting: "
+                             "each run counts once")
         runs[seed] = (path, record)
     rows = {}
     for _, record in runs.values():
@@ -902,10 +996,11 @@ def summary(paths):
 
 
 def summary_numbers(record):
-    """A run's numbers to average, by name: the metrics, the router weights (mean and top-1 share per
-    expert), the probe's accuracy per layer."""
+    """A run's numbers to average, by name: the metrics, the router weights (mean and top-1 share
+    per expert), the probe's accuracy per layer."""
     if "probe" in record:
-        return {f"probe {m} layer {i + 1}": a for m, acc in record["probe"].items() for i, a in enumerate(acc)}
+        return {f"probe {m} layer {i + 1}": a
+                for m, acc in record["probe"].items() for i, a in enumerate(acc)}
     if "bench" in record:
         return {f"bench {run} {k}": v for run, r in record["bench"].items() for k, v in r.items()}
     numbers = {key: record[key] for key in SUMMARY_KEYS}
@@ -921,15 +1016,16 @@ def summary_numbers(record):
 
 
 def expert_names(cfg, both):
-    """The experts of a mixture, in the order of the router weights: CMA first (none with one modality)."""
+    """The experts of a mixture, in the order of the router weights: CMA first (none with one
+    modality)."""
     return [f"CMA {e + 1}" for e in range(cfg["n_cma"] if both else 0)] + \
         [f"UA {e + 1}" for e in range(cfg["n_ua"])]
 
 
 def measure(model, batch, device, steps, cfg):
-    """Trainable adapter parameters, bytes autograd saves for backward in one training step (each storage
-    once, parameters left out: expanded views of frozen weights would otherwise count a hundredfold), median
-    step time."""
+    """Trainable adapter parameters, bytes autograd saves for backward in one training step (each
+    storage once, parameters left out: expanded views of frozen weights would otherwise count a
+    hundredfold), median step time."""
     params, saved, times = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}, []
 
     def pack(t):
@@ -938,7 +1034,8 @@ def measure(model, batch, device, steps, cfg):
         return t
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
-    for i in range(steps + 1):  # the first step is warm-up, and the one whose saved tensors are counted
+    # the first step is warm-up, and the one whose saved tensors are counted
+    for i in range(steps + 1):
         t0 = time.perf_counter()
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if i == 0 \
             else contextlib.nullcontext()
@@ -956,77 +1053,94 @@ def measure(model, batch, device, steps, cfg):
 
 
 def bench(cfg, paper_scale=True):
-    """AVMoE vs MoLT on the same backbones, batch and widths; then the same counts at the papers' scale.
-    Written to out_dir/bench_seed{seed}.json with the run's identity."""
+    """AVMoE vs MoLT on the same backbones, batch and widths; then the same counts at the papers'
+    scale. Written to out_dir/bench_seed{seed}.json with the run's identity."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with Run(cfg, "bench") as run:
         sets = datasets(cfg, run)
         batch = next(iter(torch.utils.data.DataLoader(sets["train"], batch_size=cfg.batch_size)))
         vit, ast = backbones(cfg, run, user_backbones(cfg, run))
-        scales = {"demo": (vit, ast, batch, 5, cfg.reduction, f"{len(batch[-1])} clips x 10 segments")}
-        if paper_scale:  # ViT-B/16 at 192 px and AST-base on a 1 s segment, random weights, 1 clip of 2 s
+        scales = {"demo": (vit, ast, batch, 5, cfg.reduction,
+                           f"{len(batch[-1])} clips x 10 segments")}
+        # ViT-B/16 at 192 px and AST-base on a 1 s segment, random weights, 1 clip of 2 s
+        if paper_scale:
             torch.manual_seed(cfg.seed)
-            g, base = torch.Generator().manual_seed(0), dict(dim=768, depth=12, heads=12, mlp_dim=3072)
+            g, base = (torch.Generator().manual_seed(0),
+                       dict(dim=768, depth=12, heads=12, mlp_dim=3072))
             big = (torch.randn(1, 2, 3, 192, 192, generator=g),
                    torch.randn(1, 2, data.FRAMES_PER_SEGMENT, 128, generator=g),
                    torch.zeros(1, 2, dtype=torch.long))
             scales["paper scale"] = (ViT(image_size=192, patch_size=16, **base),  # the papers' D/8
-                                     AST(num_mel_bins=128, target_length=data.FRAMES_PER_SEGMENT, **base),
+                                     AST(num_mel_bins=128, target_length=data.FRAMES_PER_SEGMENT,
+                                         **base),
                                      big, 2, 8, "1 clip x 2 segments, D/8 bottleneck")
         results = {}
         for scale, (vit, ast, b, steps, reduction, _) in scales.items():
             for mode in ("avmoe", "molt"):
-                model = AVModel(dataclasses.replace(cfg, mode=mode, reduction=reduction), vit, ast).to(device)
+                model = AVModel(dataclasses.replace(cfg, mode=mode, reduction=reduction),
+                                vit, ast).to(device)
                 results[f"{scale} {mode}"] = measure(model, b, device, steps, cfg)
         print(f"{'':24}{'adapter params':>16}{'saved for backward':>20}{'step time':>12}")
         for scale, (*_, about) in scales.items():
             for mode, name in (("avmoe", "AVMoE"), ("molt", "MoLT")):
                 r = results[f"{scale} {mode}"]
-                print(f"{scale + ' ' + name:24}{r['adapter_params']:>16,}{r['saved_bytes'] / 1e6:>17.1f} MB"
-                      f"{r['step_seconds']:>11.3f}s")
+                print(f"{scale + ' ' + name:24}{r['adapter_params']:>16,}"
+                      f"{r['saved_bytes'] / 1e6:>17.1f} MB{r['step_seconds']:>11.3f}s")
             ratio = results[f"{scale} molt / avmoe"] = {
                 k: results[f"{scale} molt"][k] / results[f"{scale} avmoe"][k]
                 for k in ("adapter_params", "saved_bytes", "step_seconds")}
-            print(f"{scale + ' MoLT / AVMoE':24}{ratio['adapter_params']:>16.3f}{ratio['saved_bytes']:>20.3f}"
-                  f"{ratio['step_seconds']:>12.3f}   ({about})")
+            print(f"{scale + ' MoLT / AVMoE':24}{ratio['adapter_params']:>16.3f}"
+                  f"{ratio['saved_bytes']:>20.3f}{ratio['step_seconds']:>12.3f}   ({about})")
         run.finish({"bench": results, "config": dataclasses.asdict(cfg)})
 
 
-# ----------------------------------------------------------------------------- report.html, for a class to look at
+# -------------------------------------------------------------- report.html, for a class to look at
 
 
 CSS = """body{font:20px/1.4 sans-serif;max-width:1360px;margin:auto;padding:0 20px 40px}
 code{background:#eee;padding:4px} svg text{font:18px sans-serif}
 h2{font-size:30px;border-top:3px solid #000;padding-top:12px;margin-top:44px}
-.row{display:flex;flex-wrap:wrap;gap:36px;align-items:flex-start} .card{border:2px solid #000;padding:8px 16px}
-.card b{display:block;font-size:42px} table{border-collapse:collapse} .clip{width:100%;table-layout:fixed}
+.row{display:flex;flex-wrap:wrap;gap:36px;align-items:flex-start} \
+.card{border:2px solid #000;padding:8px 16px}
+.card b{display:block;font-size:42px} table{border-collapse:collapse} \
+.clip{width:100%;table-layout:fixed}
 td,th{border:1px solid #777;padding:4px 6px;text-align:center;font-size:17px} th{background:#eee}
-td img{display:block;width:100%;image-rendering:pixelated} .wrong{font-weight:bold;background:#c8c8c8}"""
+td img{display:block;width:100%;image-rendering:pixelated} \
+.wrong{font-weight:bold;background:#c8c8c8}"""
 
 
 def command(cfg):
-    """The command line that makes this run, pasteable into a shell: the settings that differ from the defaults."""
+    """The command line that makes this run, pasteable into a shell: the settings that differ from
+    the defaults."""
     default = Config()
     launcher = f"torchrun --nproc_per_node={WORLD} train.py" if WORLD > 1 else "python train.py"
-    found = {"device"} | ({"num_classes"} if cfg.data == "ave" else set())  # found at run time, not chosen
-    flags = [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in dataclasses.asdict(cfg).items()
+    # found at run time, not chosen
+    found = {"device"} | ({"num_classes"} if cfg.data == "ave" else set())
+    flags = [f"--{k}={str(v).lower() if isinstance(v, bool) else v}"
+             for k, v in dataclasses.asdict(cfg).items()
              if v != getattr(default, k) and k not in found]
     return " ".join([launcher] + [shlex.quote(flag) for flag in flags])
 
 
 def png(img):
-    """uint8 (C, H, W), C = 1 or 3 -> <img> with a PNG inline, written here (torchvision's encoder is deprecated)."""
+    """uint8 (C, H, W), C = 1 or 3 -> <img> with a PNG inline, written here (torchvision's encoder
+    is deprecated)."""
     def chunk(kind, body):  # length, type, body, CRC of type and body
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (struct.pack(">I", len(body)) + kind + body +
+                struct.pack(">I", zlib.crc32(kind + body)))
     c, h, w = img.shape
-    rows = b"".join(b"\0" + row.tobytes() for row in img.permute(1, 2, 0).reshape(h, w * c).numpy())  # filter 0
-    head = struct.pack(">IIBBBBB", w, h, 8, 2 if c == 3 else 0, 0, 0, 0)  # 8-bit RGB or grey, no interlace
-    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    # filter 0
+    rows = b"".join(b"\0" + row.tobytes() for row in img.permute(1, 2, 0).reshape(h, w * c).numpy())
+    # 8-bit RGB or grey, no interlace
+    head = struct.pack(">IIBBBBB", w, h, 8, 2 if c == 3 else 0, 0, 0, 0)
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", zlib.compress(rows)) +
+            chunk(b"IEND", b""))
     return f'<img alt="" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
 
 def text(x, y, s, anchor="middle", extra=""):
-    return f'<text x="{x:.0f}" y="{y:.0f}" text-anchor="{anchor}" {extra}>{html.escape(str(s))}</text>'
+    return (f'<text x="{x:.0f}" y="{y:.0f}" text-anchor="{anchor}" {extra}>'
+            f'{html.escape(str(s))}</text>')
 
 
 def svg(w, h, title, parts):
@@ -1036,19 +1150,24 @@ def svg(w, h, title, parts):
 
 
 def line_chart(title, ys, axis, best, fmt):
-    """One value per epoch on axes from zero; a dashed line and a dot mark the selected epoch (1-based)."""
+    """One value per epoch on axes from zero; a dashed line and a dot mark the selected epoch
+    (1-based)."""
     left, top, pw, ph, hi = 90, 70, 500, 240, max(ys) or 1
     px, py = (lambda i: left + pw * i / max(len(ys) - 1, 1)), (lambda v: top + ph * (1 - v / hi))
     bx, right = px(best - 1), best - 1 > (len(ys) - 1) / 2
     points = " ".join(f"{px(i):.1f},{py(v):.1f}" for i, v in enumerate(ys))
     return svg(left + pw + 30, top + ph + 60, title, [
-        f'<path d="M{left},{top}V{top + ph}H{left + pw}" fill="none" stroke="#000" stroke-width="2"/>',  # the axes
+        # the axes
+        f'<path d="M{left},{top}V{top + ph}H{left + pw}" fill="none" stroke="#000" '
+        'stroke-width="2"/>',
         f'<polyline points="{points}" fill="none" stroke="#000" stroke-width="3"/>',
-        f'<line x1="{bx:.0f}" x2="{bx:.0f}" y1="{top - 6}" y2="{top + ph}" stroke="#000" stroke-dasharray="7 5"/>',
+        f'<line x1="{bx:.0f}" x2="{bx:.0f}" y1="{top - 6}" y2="{top + ph}" stroke="#000" '
+        'stroke-dasharray="7 5"/>',
         f'<circle cx="{bx:.0f}" cy="{py(ys[best - 1]):.0f}" r="7"/>',
-        text(bx + (-8 if right else 8), top - 12, f"selected: epoch {best}, {fmt.format(ys[best - 1])}",
-             "end" if right else "start"),
-        text(left - 8, top + 6, fmt.format(hi), "end"), text(left - 8, top + ph + 6, fmt.format(0), "end"),
+        text(bx + (-8 if right else 8), top - 12,
+             f"selected: epoch {best}, {fmt.format(ys[best - 1])}", "end" if right else "start"),
+        text(left - 8, top + 6, fmt.format(hi), "end"),
+        text(left - 8, top + ph + 6, fmt.format(0), "end"),
         text(left, top + ph + 24, 1), text(left + pw, top + ph + 24, len(ys)),
         text(left + pw / 2, top + ph + 50, "epoch"),
         text(24, top + ph / 2, axis, extra=f'transform="rotate(-90 24 {top + ph / 2:.0f})"')])
@@ -1062,34 +1181,46 @@ def heatmap(title, rows, cols, values):
     for i, (r, weights) in enumerate(zip(rows, values)):
         parts.append(text(left - 8, top + ch * i + 22, r, "end"))
         for j, v in enumerate(weights):
-            g = round(255 - 200 * v)  # white .. dark grey: white text stays readable on the darkest cells
+            # white .. dark grey: white text stays readable on the darkest cells
+            g = round(255 - 200 * v)
             ink = 'fill="#fff"' if v > 0.55 else ""
             parts += [f'<rect x="{left + cw * j}" y="{top + ch * i}" width="{cw}" height="{ch}" '
                       f'fill="rgb({g},{g},{g})" stroke="#fff"/>',
                       text(left + cw * (j + .5), top + ch * i + 22, f"{v:.2f}", extra=ink)]
-    return svg(max(left + cw * len(cols), 10.5 * len(title)) + 10, top + ch * len(rows) + 10, title, parts)
+    return svg(max(left + cw * len(cols), 10.5 * len(title)) + 10, top + ch * len(rows) + 10, title,
+               parts)
 
 
 def clip_table(ds, i, preds, names, mods):
-    """Test clip i, a column per second: frame, fbank, true label, synthetic role, predictions (wrong: bold, x)."""
+    """Test clip i, a column per second: frame, fbank, true label, synthetic role, predictions
+    (wrong: bold, x)."""
     frames, fb, labels = ds[i]
-    mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
-    frames = ((frames * std + mean) * 255).round().clamp(0, 255).byte()  # (S, 3, H, W), as the camera saw it
-    fb = (fb.transpose(1, 2).flip(1) - fb.min()) / (fb.max() - fb.min() + 1e-6)  # (S, F, T): low pitch at the bottom
+    mean, std = (torch.tensor(data.IMAGENET_MEAN)[:, None, None],
+                 torch.tensor(data.IMAGENET_STD)[:, None, None])
+    # (S, 3, H, W), as the camera saw it
+    frames = ((frames * std + mean) * 255).round().clamp(0, 255).byte()
+    # (S, F, T): low pitch at the bottom
+    fb = (fb.transpose(1, 2).flip(1) - fb.min()) / (fb.max() - fb.min() + 1e-6)
     rows = {"frame": "v" in mods and [png(f) for f in frames],
             "sound": "a" in mods and [png((255 - 255 * x[None]).byte()) for x in fb],  # loud = dark
             "true": [html.escape(names[y]) for y in labels],
-            "synthetic run": hasattr(ds, "split") and [ROLES[r] for r in ds.split["run"][i].tolist()]}
+            "synthetic run": hasattr(ds, "split") and [ROLES[r]
+                                                       for r in ds.split["run"][i].tolist()]}
     for name, pred in preds.items():
-        rows[name] = [html.escape(f"x {names[p]}" if p != y else names[p]) for p, y in zip(pred[i].tolist(), labels)]
-    cell = lambda c: f"<td class=wrong>{c}</td>" if c.startswith("x ") else f"<td>{c}</td>"  # noqa: E731
-    body = "".join(f"<tr><th>{k}</th>" + "".join(cell(c) for c in v) + "</tr>" for k, v in rows.items() if v)
+        rows[name] = [html.escape(f"x {names[p]}" if p != y else names[p])
+                      for p, y in zip(pred[i].tolist(), labels)]
+    cell = lambda c: (f"<td class=wrong>{c}</td>" if c.startswith("x ")  # noqa: E731
+                      else f"<td>{c}</td>")
+    body = "".join(f"<tr><th>{k}</th>" + "".join(cell(c) for c in v) + "</tr>"
+                   for k, v in rows.items() if v)
     right = (preds["predicted"][i] == labels).sum()
-    return f"<h3>Test clip {i}: {right} of {len(labels)} seconds right</h3><table class=clip>{body}</table>"
+    return (f"<h3>Test clip {i}: {right} of {len(labels)} seconds right</h3>"
+            f"<table class=clip>{body}</table>")
 
 
 def headline(cfg, labels, metrics, both, stats):
-    """The accuracies beside always-background and the one-modality ceilings, the parameters, the wall time."""
+    """The accuracies beside always-background and the one-modality ceilings, the parameters, the
+    wall time."""
     cards = [("test accuracy", metrics["test_acc"]),
              ("audio removed", metrics["test_acc_audio_removed"] if both else None),
              ("frames removed", metrics["test_acc_frames_removed"] if both else None),
@@ -1097,8 +1228,9 @@ def headline(cfg, labels, metrics, both, stats):
              ("best with audio only", stats.get("audio_only_ceiling")),
              ("best with frames only", stats.get("visual_only_ceiling"))]
     cards = [(f"{v:.1%}", k) for k, v in cards if v is not None] + [
-        (f"{metrics['trainable_params']:,}", f"trainable: {metrics['trainable_adapter_params']:,} adapter + "
-                                             f"{metrics['head_params']:,} head"),
+        (f"{metrics['trainable_params']:,}",
+         f"trainable: {metrics['trainable_adapter_params']:,} adapter + "
+         f"{metrics['head_params']:,} head"),
         (f"{metrics['seconds'] // 60:.0f} min {metrics['seconds'] % 60:.0f} s", "wall time")]
     return (f"<p><code>{html.escape(command(cfg))}</code></p><div class=row>" +
             "".join(f"<div class=card><b>{v}</b>{k}</div>" for v, k in cards) + "</div>")
@@ -1108,56 +1240,72 @@ def per_class(names, confusion):
     """A row per class: test seconds, accuracy, and the class it was most often taken for."""
     conf = torch.tensor(confusion)  # (true, predicted)
     n, right, wrong = conf.sum(1), conf.diag(), conf.fill_diagonal_(0)
-    rows = "".join(f"<tr><td>{html.escape(names[c])}</td><td>{n[c]}</td><td>{right[c] / n[c]:.1%}</td><td>" +
-                   (f"{html.escape(names[wrong[c].argmax()])} ({wrong[c].max()})" if wrong[c].max() else "-") +
+    rows = "".join(f"<tr><td>{html.escape(names[c])}</td><td>{n[c]}</td>"
+                   f"<td>{right[c] / n[c]:.1%}</td><td>" +
+                   (f"{html.escape(names[wrong[c].argmax()])} ({wrong[c].max()})"
+                    if wrong[c].max() else "-") +
                    "</td></tr>" for c in range(len(names)) if n[c])
-    return f"<table><tr><th>class</th><th>seconds</th><th>accuracy</th><th>most often taken for</th></tr>{rows}</table>"
+    return ("<table><tr><th>class</th><th>seconds</th><th>accuracy</th>"
+            f"<th>most often taken for</th></tr>{rows}</table>")
 
 
 def write_report(path, cfg, model, ds, metrics, test, audio_removed):
-    """report.html: what the run did, on one self-contained page (inline SVG and PNG, no script, no link).
-    audio_removed: the evaluation with the audio removed, None with one modality."""
-    names = getattr(ds, "class_names", [f"class {c}" for c in range(cfg.num_classes)]) + ["background"]
+    """report.html: what the run did, on one self-contained page (inline SVG and PNG, no script, no
+    link). audio_removed: the evaluation with the audio removed, None with one modality."""
+    names = (getattr(ds, "class_names", [f"class {c}" for c in range(cfg.num_classes)]) +
+             ["background"])
     labels = torch.stack(list(ds.labels))
     split = getattr(ds, "split", None)
     hist = metrics["history"]
     best = 1 + max(range(len(hist)), key=lambda e: hist[e]["val_acc"]) if hist else None
     both = audio_removed is not None
     experts = expert_names(dataclasses.asdict(cfg), both)
-    order = (test["pred"] == labels).sum(1).argsort(descending=True).tolist()  # clips, most seconds right first
+    # clips, most seconds right first
+    order = (test["pred"] == labels).sum(1).argsort(descending=True).tolist()
     preds = {"predicted": test["pred"]}
     if both:
         preds["predicted, audio removed"] = audio_removed["pred"]
-    routers = {"normal input": test["router"], "audio removed": audio_removed["router"] if both else {}}
-    significance = [heatmap(STREAMS[m], [f"layer {i}" for i in a["layers"]], ["alpha"], [[v] for v in a["alpha"]])
+    routers = {"normal input": test["router"],
+               "audio removed": audio_removed["router"] if both else {}}
+    significance = [heatmap(STREAMS[m], [f"layer {i}" for i in a["layers"]], ["alpha"],
+                            [[v] for v in a["alpha"]])
                     for m, a in test["alpha"].items()]
     row = lambda parts: "<div class=row>" + "".join(parts) + "</div>"  # noqa: E731
     sections = [  # (title, what to look for, content or nothing)
-        ("Headline", "Test clips chose neither the weights nor the epoch. Audio-visual fusion should beat always "
-         "answering background and the best one modality can do alone, and fall back when an input is removed.",
-         headline(cfg, labels, metrics, both, data.label_stats(split, cfg.num_classes) if split else {})),
-        ("Training curves", "The loss should fall and the validation accuracy rise, then level off. The dashed line "
-         "marks the epoch with the best validation accuracy: its weights are the ones tested.",
-         hist and row([line_chart("Training loss", [e["train_loss"] for e in hist], "loss", best, "{:.2f}"),
-                       line_chart("Validation accuracy", [e["val_acc"] for e in hist], "accuracy", best, "{:.0%}")])),
-        ("Router: which experts each layer uses", "Mean router weight per layer position and expert (a row sums to "
-         "1). CMA experts read the other modality, UA experts do not: with the audio removed, AVMoE's Figure 7 shows "
-         "the weight moving to UA.", test["router"] and len(experts) > 1 and row(
-             heatmap(f"{STREAMS[m]}, {how}", r[m]["positions"], experts, r[m]["mean"]) for m in test["router"]
-             for how, r in routers.items() if r)),
-        ("MoLT layer significance", "alpha: the weight MoLT's token fusion gives each layer's tokens (they sum to 1 "
-         "per modality). Token redundancy, the mean squared cosine between different layers' tokens: "
-         f"{test['orth']:.3f}.", test["alpha"] and row(significance)),
-        ("Clip timelines", "The two test clips the model got most right and the two it got most wrong. Sound: "
-         "frequency upward, time to the right, darker = louder. Wrong predictions are bold, shaded and marked x. On "
-         "synthetic data only the event (heard and seen) counts, not the decoys heard only or seen only.",
-         "".join(clip_table(ds, i, preds, names, model.mods) for i in dict.fromkeys(order[:2] + order[-2:]))),
-        ("Per-class accuracy", "The share of each class's test seconds predicted right, and what it was most often "
-         "taken for.", per_class(names, test["confusion"]))]
+        ("Headline", "Test clips chose neither the weights nor the epoch. Audio-visual fusion "
+         "should beat always answering background and the best one modality can do alone, and "
+         "fall back when an input is removed.",
+         headline(cfg, labels, metrics, both,
+                  data.label_stats(split, cfg.num_classes) if split else {})),
+        ("Training curves", "The loss should fall and the validation accuracy rise, then level "
+         "off. The dashed line marks the epoch with the best validation accuracy: its weights are "
+         "the ones tested.",
+         hist and row([line_chart("Training loss", [e["train_loss"] for e in hist], "loss", best,
+                                  "{:.2f}"),
+                       line_chart("Validation accuracy", [e["val_acc"] for e in hist], "accuracy",
+                                  best, "{:.0%}")])),
+        ("Router: which experts each layer uses", "Mean router weight per layer position and "
+         "expert (a row sums to 1). CMA experts read the other modality, UA experts do not: with "
+         "the audio removed, AVMoE's Figure 7 shows the weight moving to UA.",
+         test["router"] and len(experts) > 1 and row(
+             heatmap(f"{STREAMS[m]}, {how}", r[m]["positions"], experts, r[m]["mean"])
+             for m in test["router"] for how, r in routers.items() if r)),
+        ("MoLT layer significance", "alpha: the weight MoLT's token fusion gives each layer's "
+         "tokens (they sum to 1 per modality). Token redundancy, the mean squared cosine between "
+         f"different layers' tokens: {test['orth']:.3f}.", test["alpha"] and row(significance)),
+        ("Clip timelines", "The two test clips the model got most right and the two it got most "
+         "wrong. Sound: frequency upward, time to the right, darker = louder. Wrong predictions "
+         "are bold, shaded and marked x. On synthetic data only the event (heard and seen) counts, "
+         "not the decoys heard only or seen only.",
+         "".join(clip_table(ds, i, preds, names, model.mods)
+                 for i in dict.fromkeys(order[:2] + order[-2:]))),
+        ("Per-class accuracy", "The share of each class's test seconds predicted right, and what "
+         "it was most often taken for.", per_class(names, test["confusion"]))]
     page = "".join(f"<h2>{t}</h2><p>{note}</p>{body}" for t, note, body in sections if body)
     title = f"{cfg.mode} ({cfg.modalities}) on {cfg.data} data"
-    data.write_atomic(path, f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{title}</title><style>{CSS}"
-                       f"</style></head><body><h1>Report: {title}</h1>{page}</body></html>\n")
+    data.write_atomic(path, "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+                            f"<title>{title}</title><style>{CSS}</style></head>"
+                            f"<body><h1>Report: {title}</h1>{page}</body></html>\n")
 
 
 if __name__ == "__main__":
