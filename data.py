@@ -50,114 +50,9 @@ def fbank(wave, sample_rate=16000, num_mel_bins=128, target_length=1024):
     return (fb - FBANK_MEAN) / (FBANK_STD * 2)
 
 
-class Progress:
-    """A long step's progress and ETA on one line: in place on a terminal, else after 5 s, then every 10 s."""
-
-    def __init__(self, what, total, show=True, keep=True):  # keep=False: a line that follows says it all
-        self.what, self.total, self.show, self.keep, self.done = what, total, show, keep, 0
-        self.t0 = self.last = time.time()
-
-    def __call__(self, item=None, n=1):
-        self.done, now = self.done + n, time.time()
-        tty = sys.stdout.isatty()
-        if self.show and tty and self.done >= self.total and not self.keep:
-            print("\r\033[K", end="", flush=True)  # clear the line for the one that follows
-            return item
-        end = self.done >= self.total and self.keep and (tty or self.last > self.t0)
-        if self.show and (end or now - self.last >= (0.5 if tty else 5 if self.last == self.t0 else 10)):
-            self.last, eta = now, (now - self.t0) / self.done * (self.total - self.done)
-            print(f"\r{self.what}: {self.done}/{self.total} in {now - self.t0:.0f} s, ETA {eta:.0f} s",
-                  end="\n" if self.done >= self.total or not tty else "", flush=True)
-        return item
-
-
-def write_atomic(path, content):
-    """Text, or anything torch.save takes, whole or not at all (each process through its own temporary file)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    if isinstance(content, str):
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            f.write(content)
-    else:
-        torch.save(content, tmp)
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def imagenet_normalise(x):
     """Images (..., 3, H, W) in [0, 1] -> ImageNet-normalised, as the ViT expects."""
     return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
-
-
-def remove_audio(fb):
-    """"Audio removed": every segment (..., T, F) becomes the fbank of a silent (zero) waveform."""
-    return fbank(torch.zeros(SAMPLE_RATE), num_mel_bins=fb.shape[-1], target_length=fb.shape[-2]).expand_as(fb)
-
-
-def remove_frames(frames):
-    """"Frames removed": every segment becomes a black frame, normalised like any other."""
-    return imagenet_normalise(torch.zeros_like(frames))
-
-
-# ---- What the model reads: inputs with a modality removed, and the frozen backbone states cached once ----
-
-
-def remove_inputs(frames, fbank, removed):
-    """Black frames where removed["v"] (B, S) is true, silent audio where removed["a"] is."""
-    if frames is not None and removed["v"].any():
-        frames = torch.where(removed["v"][..., None, None, None], remove_frames(frames), frames)
-    if fbank is not None and removed["a"].any():
-        fbank = torch.where(removed["a"][..., None, None], remove_audio(fbank), fbank)
-    return frames, fbank
-
-
-class FeatureCache:
-    """The frozen states of every segment, computed once (real AVE: fp16 files), and those of black frames, silence."""
-
-    def __init__(self, model, ds, path=None, show=True):
-        def states(frames, fbank):  # {(m, name): (segments, ...)} on the CPU
-            st = model.frozen_states(frames, fbank)
-            return {(m, name): s.cpu() for m, named in st.items() for name, s in named.items()}
-        frames, fbank, _ = ds[0]
-        every = torch.ones(1, SECONDS, dtype=torch.bool)
-        removed = remove_inputs(frames[None], fbank[None], {"a": every, "v": every})
-        self.removed_states = {k: s[:1] for k, s in states(*removed).items()}
-        shapes = {k: (len(ds) * SECONDS, *s.shape[1:]) for k, s in self.removed_states.items()}
-        if path is None:
-            self.states = {k: torch.empty(shape) for k, shape in shapes.items()}
-        else:  # fp16 tensors mapped onto .npy files, if the disk has room
-            need = sum(2 * math.prod(shape) for shape in shapes.values())
-            free = shutil.disk_usage(os.path.dirname(path) or ".").free
-            if need > 0.9 * free:
-                raise ValueError(f"the feature cache needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB are free in "
-                                 f"{os.path.dirname(path)}: free some space or run with --cache_features=false")
-            print(f"feature cache: {need / 1e9:.2f} GB in {path}_*.npy", flush=True)  # each process its own
-            self.states = {(m, name): torch.from_numpy(np.lib.format.open_memmap(
-                f"{path}_{m}_{name}.npy", "w+", np.float16, shape)) for (m, name), shape in shapes.items()}
-        progress = Progress(f"caching the frozen backbone states of {len(ds)} clips", len(ds), show=show)
-        pos = 0
-        for frames, fbank, _ in torch.utils.data.DataLoader(ds, 32, generator=torch.Generator()):
-            for k, s in states(frames, fbank).items():
-                self.states[k][pos:pos + len(s)] = s
-            pos += len(frames) * SECONDS
-            progress(n=len(frames))
-
-    def get(self, idx, removed, device):
-        """States of clips idx (B,) with segments replaced where removed[m] (B, S) is true -> {m: {name: tensor}}."""
-        seg = (idx[:, None] * SECONDS + torch.arange(SECONDS)).flatten()  # (B*S,)
-        out = {}
-        for (m, name), s in self.states.items():
-            mask = removed[m].flatten().view(-1, *[1] * (s.dim() - 1))  # (B*S, 1, ...)
-            out.setdefault(m, {})[name] = torch.where(mask, self.removed_states[m, name], s[seg].float()).to(device)
-        return out
 
 
 # ---- Synthetic AVE (the README's "The synthetic AVE" says why it is built so) ----
@@ -576,6 +471,114 @@ class AVEDataset(torch.utils.data.Dataset):
         fb = torch.stack([fbank(seg, num_mel_bins=self.num_mel_bins, target_length=FRAMES_PER_SEGMENT)
                           for seg in audio.view(SECONDS, SAMPLE_RATE)])
         return x, fb, self.labels[i]
+
+
+# ---- What the model reads: inputs with a modality removed, and the frozen backbone states cached once ----
+
+
+def remove_audio(fb):
+    """"Audio removed": every segment (..., T, F) becomes the fbank of a silent (zero) waveform."""
+    return fbank(torch.zeros(SAMPLE_RATE), num_mel_bins=fb.shape[-1], target_length=fb.shape[-2]).expand_as(fb)
+
+
+def remove_frames(frames):
+    """"Frames removed": every segment becomes a black frame, normalised like any other."""
+    return imagenet_normalise(torch.zeros_like(frames))
+
+
+def remove_inputs(frames, fbank, removed):
+    """Black frames where removed["v"] (B, S) is true, silent audio where removed["a"] is."""
+    if frames is not None and removed["v"].any():
+        frames = torch.where(removed["v"][..., None, None, None], remove_frames(frames), frames)
+    if fbank is not None and removed["a"].any():
+        fbank = torch.where(removed["a"][..., None, None], remove_audio(fbank), fbank)
+    return frames, fbank
+
+
+class FeatureCache:
+    """The frozen states of every segment, computed once (real AVE: fp16 files), and those of black frames, silence."""
+
+    def __init__(self, model, ds, path=None, show=True):
+        def states(frames, fbank):  # {(m, name): (segments, ...)} on the CPU
+            st = model.frozen_states(frames, fbank)
+            return {(m, name): s.cpu() for m, named in st.items() for name, s in named.items()}
+        frames, fbank, _ = ds[0]
+        every = torch.ones(1, SECONDS, dtype=torch.bool)
+        removed = remove_inputs(frames[None], fbank[None], {"a": every, "v": every})
+        self.removed_states = {k: s[:1] for k, s in states(*removed).items()}
+        shapes = {k: (len(ds) * SECONDS, *s.shape[1:]) for k, s in self.removed_states.items()}
+        if path is None:
+            self.states = {k: torch.empty(shape) for k, shape in shapes.items()}
+        else:  # fp16 tensors mapped onto .npy files, if the disk has room
+            need = sum(2 * math.prod(shape) for shape in shapes.values())
+            free = shutil.disk_usage(os.path.dirname(path) or ".").free
+            if need > 0.9 * free:
+                raise ValueError(f"the feature cache needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB are free in "
+                                 f"{os.path.dirname(path)}: free some space or run with --cache_features=false")
+            print(f"feature cache: {need / 1e9:.2f} GB in {path}_*.npy", flush=True)  # each process its own
+            self.states = {(m, name): torch.from_numpy(np.lib.format.open_memmap(
+                f"{path}_{m}_{name}.npy", "w+", np.float16, shape)) for (m, name), shape in shapes.items()}
+        progress = Progress(f"caching the frozen backbone states of {len(ds)} clips", len(ds), show=show)
+        pos = 0
+        for frames, fbank, _ in torch.utils.data.DataLoader(ds, 32, generator=torch.Generator()):
+            for k, s in states(frames, fbank).items():
+                self.states[k][pos:pos + len(s)] = s
+            pos += len(frames) * SECONDS
+            progress(n=len(frames))
+
+    def get(self, idx, removed, device):
+        """States of clips idx (B,) with segments replaced where removed[m] (B, S) is true -> {m: {name: tensor}}."""
+        seg = (idx[:, None] * SECONDS + torch.arange(SECONDS)).flatten()  # (B*S,)
+        out = {}
+        for (m, name), s in self.states.items():
+            mask = removed[m].flatten().view(-1, *[1] * (s.dim() - 1))  # (B*S, 1, ...)
+            out.setdefault(m, {})[name] = torch.where(mask, self.removed_states[m, name], s[seg].float()).to(device)
+        return out
+
+
+# ---- Helpers: progress on one line, atomic writes, a thread limit ----
+
+
+class Progress:
+    """A long step's progress and ETA on one line: in place on a terminal, else after 5 s, then every 10 s."""
+
+    def __init__(self, what, total, show=True, keep=True):  # keep=False: a line that follows says it all
+        self.what, self.total, self.show, self.keep, self.done = what, total, show, keep, 0
+        self.t0 = self.last = time.time()
+
+    def __call__(self, item=None, n=1):
+        self.done, now = self.done + n, time.time()
+        tty = sys.stdout.isatty()
+        if self.show and tty and self.done >= self.total and not self.keep:
+            print("\r\033[K", end="", flush=True)  # clear the line for the one that follows
+            return item
+        end = self.done >= self.total and self.keep and (tty or self.last > self.t0)
+        if self.show and (end or now - self.last >= (0.5 if tty else 5 if self.last == self.t0 else 10)):
+            self.last, eta = now, (now - self.t0) / self.done * (self.total - self.done)
+            print(f"\r{self.what}: {self.done}/{self.total} in {now - self.t0:.0f} s, ETA {eta:.0f} s",
+                  end="\n" if self.done >= self.total or not tty else "", flush=True)
+        return item
+
+
+def write_atomic(path, content):
+    """Text, or anything torch.save takes, whole or not at all (each process through its own temporary file)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    if isinstance(content, str):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            f.write(content)
+    else:
+        torch.save(content, tmp)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def main(argv=None):
