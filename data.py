@@ -458,7 +458,8 @@ def check_prepared(path, image_size=None, whole=False):
 
 def prepare_ave(root, out, image_size=224, workers=2, overwrite=False, timeout=120):
     """Decode every video of ROOT/Annotations.txt into OUT/<VideoID>.npz; resumable, never stops on
-    a bad clip. All that can refuse the command is checked before a file is written or removed."""
+    a bad clip. The flags, tools and annotations are checked before any file is written or removed;
+    earlier clips of another size are refused (only broken ones may have been removed by then)."""
     for flag, value in (("--image_size", image_size), ("--workers", workers)):
         if value < 1:
             raise ValueError(f"{flag} {value}: it must be at least 1")
