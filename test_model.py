@@ -1657,6 +1657,31 @@ def test_ave_malformed_line_names_file_and_line(tmp_path, bad):
 
 
 @pytest.mark.ave
+def test_ave_class_names_alike_but_for_case_or_spaces_are_refused(tmp_path):
+    ann = write(tmp_path / "Annotations.txt", [
+        "Church bell&v1&good&0&10", "Bus&v2&good&0&10", "Church  bell&v3&good&0&10",
+        "church bell&v4&good&1&2", "Church bell&v5&good&0&10"], header=True)
+    with pytest.raises(ValueError) as e:
+        data.class_map(ann)
+    assert str(e.value) == (
+        f"{ann}: the class names 'Church bell' (line 2), 'Church  bell' (line 4), 'church bell' "
+        "(line 5) differ only in case or spaces: spell each class one way")
+
+
+@pytest.mark.ave
+def test_ave_annotations_not_in_utf8_are_named_with_their_line(tmp_path):
+    lines = [HEADER, "Bus&v2&good&3&4", "Café, bistro&v1&good&0&10"]
+    rows = data.read_annotations(write(tmp_path / "a.txt", lines[1:]))
+    assert rows[1].category == "Café, bistro"
+    (tmp_path / "b.txt").write_bytes("\n".join(lines).encode("latin-1"))
+    (tmp_path / "c.txt").write_bytes("\r\n".join(lines).encode("utf-16"))  # with a BOM
+    for name, line in [("b.txt", 3), ("c.txt", 1)]:
+        with pytest.raises(ValueError) as e:
+            data.read_annotations(tmp_path / name)
+        assert str(e.value) == f"{tmp_path / name}, line {line}: not UTF-8: save the file as UTF-8"
+
+
+@pytest.mark.ave
 def test_ave_missing_ffmpeg_is_reported_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty PATH: no ffmpeg
     with pytest.raises(SystemExit) as e:
@@ -1665,16 +1690,83 @@ def test_ave_missing_ffmpeg_is_reported_before_any_work(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def prepare_fails(root, out, *flags):
+    """The one line `python data.py --prepare_ave root --out out *flags` exits with."""
+    with pytest.raises(SystemExit) as e:
+        data.main(["--prepare_ave", str(root), "--out", str(out), *flags])
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code, e.value.code
+    return e.value.code
+
+
+@pytest.mark.ave
+@pytest.mark.parametrize("case", ["no annotations", "latin-1", "bad line", "alike names",
+                                  "--workers 0", "--image_size 0", "--image_size -3",
+                                  "out is a file", "no AVE folder"])
+def test_ave_prepare_refuses_in_one_line_before_any_work(tmp_path, monkeypatch, case):
+    # no ffmpeg call follows
+    monkeypatch.setattr(data.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    root, out, flags = tmp_path / "root", tmp_path / "out", case.split()[:2] if "--" in case else []
+    (root / "AVE").mkdir(parents=True)
+    lines = {"latin-1": ["Caf\xe9&v1&good&0&10"], "bad line": ["Bus&v1&good&0"],
+             "alike names": ["Bus&v1&good&0&10", "bus&v2&good&0&10"]}
+    lines = lines.get(case, ["Bus&v1&good&0&10"])
+    if case != "no annotations":
+        (root / "Annotations.txt").write_bytes("\n".join([HEADER, *lines]).encode("latin-1"))
+    if case == "out is a file":
+        out.write_text("not a folder")
+    if case == "no AVE folder":
+        (root / "AVE").rmdir()
+    ann = root / "Annotations.txt"
+    expected = {"no annotations": f"error: {ann} not found",
+                "latin-1": f"error: {ann}, line 2: not UTF-8",
+                "bad line": f"error: {ann}, line 2: expected",
+                "alike names": f"error: {ann}: the class names",
+                "--workers 0": "error: --workers 0: it must be at least 1",
+                "--image_size 0": "error: --image_size 0: it must be at least 1",
+                "--image_size -3": "error: --image_size -3: it must be at least 1",
+                "out is a file": f"error: --out {out} is a file: pass a folder",
+                "no AVE folder": f"error: {root / 'AVE'} not found"}[case]
+    assert prepare_fails(root, out, *flags).startswith(expected)
+    assert out.is_file() if case == "out is a file" else not out.exists()
+
+
+@pytest.mark.ave
+def test_ave_prepare_names_other_files_of_a_missing_mp4_and_ctrl_c_says_what_is_kept(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    root, out = tmp_path / "root", tmp_path / "out"
+    (root / "AVE").mkdir(parents=True)
+    write(root / "Annotations.txt", ["Bus&web&good&0&10", "Bus&upper&good&0&10",
+                                     "Bus&none&good&0&10"])
+    (root / "AVE" / "web.webm").write_bytes(b"not read")
+    (root / "AVE" / "upper.MP4").write_bytes(b"not read")
+    skipped = data.prepare_ave(str(root), str(out), image_size=16)["skipped"]
+    videos = root / "AVE"
+    assert skipped == {
+        "web": f"file missing: {videos / 'web.mp4'} (found {videos / 'web.webm'}: convert it "
+               f"with `ffmpeg -i {videos / 'web.webm'} {videos / 'web.mp4'}`)",
+        "upper": f"file missing: {videos / 'upper.mp4'} (found {videos / 'upper.MP4'}: convert it "
+                 f"with `ffmpeg -i {videos / 'upper.MP4'} {videos / 'upper.mp4'}`)",
+        "none": f"file missing: {videos / 'none.mp4'}"}
+    assert f"skipped web: {skipped['web']}" in capsys.readouterr().out
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "prepare_video", interrupted)
+    assert prepare_fails(root, out) == (
+        f"interrupted: the clips prepared in {out} are kept: rerun to resume")
+
+
 def colour(second):
     """The colour our clips show at t = second + 0.5: red codes the quarter second (2 = mid), green the second."""
     return np.array([120, 20 * second, 50])
 
 
 def make_clip(path, seconds, tone=None):
-    """64x48 at 4 fps; frame N is (60 * (N % 4), 20 * (N // 4), 50); a sine at `tone` Hz (44.1 kHz stereo)."""
+    """64x48 at 4 fps; frame N is (60 * (N % 4), 20 * (N // 4), 50); a sine at `tone` Hz, a number
+    or an expression of the time t (44.1 kHz stereo)."""
     video = (f"color=c=black:s=64x48:r=4:d={seconds},format=gbrp,"
              "geq=r='60*mod(N,4)':g='20*floor(N/4)':b=50")
-    audio = ["-f", "lavfi", "-i", f"sine=frequency={tone}:sample_rate=44100:duration={seconds}", "-ac", "2",
+    audio = ["-f", "lavfi", "-i", f"aevalsrc=sin(2*PI*({tone})*t):s=44100:d={seconds}", "-ac", "2",
              "-c:a", "aac"] if tone else []
     subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", video, *audio, "-c:v", "libx264",
                     "-pix_fmt", "yuv420p", str(path)], check=True)
@@ -1756,6 +1848,41 @@ def test_ave_prepared_clips_hold_mid_second_frames_and_16k_audio(ave):
 @pytest.mark.ave
 @pytest.mark.slow
 @needs_ffmpeg
+def test_ave_audio_that_starts_late_keeps_the_pictures_clock(tmp_path):
+    make_clip(tmp_path / "a.mp4", 10, tone="300+100*floor(t)")  # second t plays 300 + 100 t Hz
+    a, late_mp4 = str(tmp_path / "a.mp4"), str(tmp_path / "late.mp4")
+    subprocess.run(["ffmpeg", "-v", "error", "-i", a, "-itsoffset", "3", "-i", a, "-map", "0:v",
+                    "-map", "1:a", "-c", "copy", late_mp4], check=True)  # audio 3 s late
+    for name, late in [("a", 0), ("late", 3)]:
+        data.prepare_video(str(tmp_path / f"{name}.mp4"), str(tmp_path / f"{name}.npz"), 16)
+        with np.load(tmp_path / f"{name}.npz") as f:
+            audio, frames = f["audio"].reshape(10, 16000), f["frames"]
+        tones = [round(dominant_hz(audio[t])) for t in range(late, 10)]
+        assert tones == list(range(300, 1000 + 300 - 100 * late, 100)), name
+        # silence until the audio starts (its AAC priming lies in the second before)
+        assert np.abs(audio[:max(late - 1, 0)]).max(initial=0) < 0.01, name
+        assert all(np.abs(frames[t].astype(int) - colour(t)).max() <= 8 for t in range(10))
+
+
+@pytest.mark.ave
+@pytest.mark.slow
+@needs_ffmpeg
+def test_ave_raw_h264_without_a_duration_is_judged_by_what_is_decoded(ave, tmp_path):
+    for name in ("A", "tiny"):  # 10 s and 0.6 s
+        subprocess.run(["ffmpeg", "-v", "error", "-i", str(ave[0] / "AVE" / f"{name}.mp4"),
+                        "-c:v", "copy", "-bsf:v", "h264_mp4toannexb", "-an", "-f", "h264",
+                        str(tmp_path / f"{name}.mp4")], check=True)
+    notes = data.prepare_video(str(tmp_path / "A.mp4"), str(tmp_path / "A.npz"), image_size=16)
+    assert notes == ["silent"]  # not padded
+    with np.load(tmp_path / "A.npz") as f:
+        assert all(np.abs(f["frames"][t].astype(int) - colour(t)).max() <= 8 for t in range(10))
+    with pytest.raises(RuntimeError, match="shorter than 1 s"):
+        data.prepare_video(str(tmp_path / "tiny.mp4"), str(tmp_path / "tiny.npz"), image_size=16)
+
+
+@pytest.mark.ave
+@pytest.mark.slow
+@needs_ffmpeg
 def test_ave_rerun_skips_prepared_and_redoes_interrupted(ave):
     root, out, _, _ = ave
     mtime = os.path.getmtime(out / "B.npz")
@@ -1767,6 +1894,23 @@ def test_ave_rerun_skips_prepared_and_redoes_interrupted(ave):
     assert os.path.getmtime(out / "B.npz") == mtime and not (out / "A.npz.tmp").exists()
     with np.load(out / "A.npz") as f:
         assert np.abs(f["frames"][5].reshape(-1, 3).astype(int) - colour(5)).max() <= 8
+
+
+@pytest.mark.ave
+@pytest.mark.slow
+@needs_ffmpeg
+def test_ave_another_image_size_is_refused_without_overwrite(ave, tmp_path):
+    root, out = ave[0], tmp_path / "prepared"
+    shutil.copytree(ave[1], out)
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    assert prepare_fails(root, out, "--image_size", "16") == (
+        f"error: the clips in {out} were prepared at 32 px: pass --image_size 32 to add to them, "
+        "or --overwrite to redo them")
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    with contextlib.redirect_stdout(io.StringIO()):
+        report = data.prepare_ave(str(root), str(out), image_size=16, overwrite=True)
+    assert sorted(report["prepared"]) == ["-short4", "A", "B", "noaudio"]
+    assert all(data.check_prepared(out / f, 16, whole=True) == 16 for f in os.listdir(out))
 
 
 @pytest.mark.ave
@@ -1850,6 +1994,24 @@ def test_ave_dataset_resizes_frames_like_torchvision(tmp_path):
                     interpolation=TF.InterpolationMode.BILINEAR, antialias=True)  # (10, 3, 16, 16)
     mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
     assert (x - (ref - mean) / std).abs().max() < 1e-5
+
+
+@pytest.mark.ave
+def test_ave_split_rows_not_in_annotations_are_named_apart_from_those_not_prepared(tmp_path,
+                                                                                  capsys):
+    root, prepared = tmp_path / "root", tmp_path / "prepared"
+    root.mkdir(), prepared.mkdir()
+    rows = ["Bus&vid1&good&0&10", "Bus&later&good&0&10"]
+    write(root / "Annotations.txt", rows)
+    ghosts = ["Bus&ghost0&good&1&2"] + [f"Bus&ghost{i}&good&0&10" for i in range(7)]
+    write(root / "trainSet.txt", rows + ghosts)
+    np.savez(prepared / "vid1.npz", frames=np.zeros((10, 16, 16, 3), np.uint8),
+             audio=np.zeros(160000, np.float32))
+    assert len(data.AVEDataset(prepared, root, "train", num_mel_bins=32)) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "AVE train: dropped the rows of 7 videos not in Annotations.txt: "
+        "ghost0 ghost1 ghost2 ghost3 ghost4 ...",
+        "AVE train: dropped 1 of 2 rows whose video was not prepared"]
 
 
 @pytest.mark.ave
