@@ -14,11 +14,12 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import zipfile
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -198,9 +199,19 @@ def draw_all(job, args, workers, what):
     if workers == 1:
         with single_thread():
             return [progress(job(*a)) for a in args]
-    with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        return [progress(c) for c in pool.map(job, *zip(*args), chunksize=16)]
+    # A Pool, whose exit (Ctrl-C, SIGTERM) terminates the workers at once: none outlives the run.
+    with multiprocessing.get_context("spawn").Pool(workers, quiet_worker) as pool:
+        return [progress(c) for c in pool.imap(functools.partial(call, job), args, chunksize=16)]
+
+
+def quiet_worker():
+    """A drawing process: one torch thread; Ctrl-C is the main process's to handle."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def call(job, args):
+    return job(*args)
 
 
 def generate(sizes, seed, num_classes, image_size, num_mel_bins, workers=1):
@@ -625,6 +636,9 @@ class FeatureCache:
             self.states = {(m, name): torch.from_numpy(np.lib.format.open_memmap(
                 f"{path}_{m}_{name}.npy", "w+", np.float16, shape))
                 for (m, name), shape in shapes.items()}
+            for (m, name) in shapes:  # POSIX: mapped until the process ends, never left on disk
+                with contextlib.suppress(OSError):
+                    os.remove(f"{path}_{m}_{name}.npy")
         progress = Progress(f"caching the frozen backbone states of {len(ds)} clips", len(ds),
                             show=show)
         pos = 0
@@ -676,14 +690,23 @@ class Progress:
 
 def write_atomic(path, content):
     """Text, or anything torch.save takes, whole or not at all (each process through its own
-    temporary file)."""
+    temporary file). A failed write (a full disk, a file-size limit) leaves the earlier file intact
+    and no temporary file behind, and is an OSError naming the file."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    if isinstance(content, str):
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            f.write(content)
-    else:
-        torch.save(content, tmp)
-    os.replace(tmp, path)
+    try:
+        if isinstance(content, str):
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                f.write(content)
+        else:
+            torch.save(content, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if not isinstance(e, (OSError, RuntimeError)):  # torch.save's full disk is a RuntimeError
+            raise
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:100]
+        raise OSError(f"could not write {path} ({reason}): free some space and rerun") from None
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ computed by hand; their failures name the equation and show expected against act
 tests: resume, torchrun, metrics.json and the report, the real AVE pipeline on clips made with ffmpeg, bad input."""
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import io
 import json
@@ -19,6 +20,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import warnings
 import zipfile
 from functools import partial
@@ -2868,6 +2870,49 @@ def test_processes_writing_one_cache_file_at_once_never_collide(tmp_path):
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors
     assert torch.load(tmp_path / "shared.pt", weights_only=True) == {"x": list(range(20000))}
+
+
+@pytest.mark.run_dir
+def test_a_failed_write_names_the_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    (tmp_path / "ckpt.pt").write_text("the earlier checkpoint")
+
+    def full_disk(obj, f):  # what torch.save raises when the disk fills up, after writing a part
+        open(f, "wb").write(b"part")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(data.torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"could not write .*ckpt\.pt \(\[enforce fail"):
+        data.write_atomic(str(tmp_path / "ckpt.pt"), {"x": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    assert (tmp_path / "ckpt.pt").read_text() == "the earlier checkpoint"
+
+
+@pytest.mark.run_dir
+@pytest.mark.slow
+@pytest.mark.skipif(os.name != "posix", reason="SIGTERM and /proc")
+def test_sigterm_while_drawing_stops_the_workers_and_says_so(tmp_path):
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = subprocess.Popen([sys.executable, "train.py", *args(tmp_path, "--workers=2", "--train_clips=3000")],
+                         cwd=here, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def children():
+        kids = []
+        for status in glob.glob("/proc/[0-9]*/status"):
+            with contextlib.suppress(OSError):
+                if f"\nPPid:\t{p.pid}\n" in open(status).read():
+                    kids.append(int(status.split("/")[2]))
+        return kids
+    for _ in range(600):  # the two drawing processes (and the resource tracker) have started
+        if len(children()) >= 2:
+            break
+        time.sleep(0.1)
+    kids = children()
+    time.sleep(1)
+    p.terminate()
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and err.strip().splitlines()[-1].startswith("interrupted: no epoch had finished")
+    time.sleep(1)
+    assert not [k for k in kids if os.path.exists(f"/proc/{k}") and "zombie" not in
+                open(f"/proc/{k}/status").read()], "a drawing process outlived the run"
 
 
 @pytest.mark.run_dir
