@@ -247,8 +247,8 @@ def final_report(cfg, model, ds, loader, device, cache, run):
     needs both, and token redundancy is MoLT's."""
     test = evaluate(model, loader, device, cache)
     both = len(model.mods) == 2
-    audio_removed = evaluate(model, loader, device, cache, remove="a") if both else None
-    frames_removed = evaluate(model, loader, device, cache, remove="v") if both else None
+    audio_removed, frames_removed = [evaluate(model, loader, device, cache, remove=m) if both
+                                     else None for m in "av"]
     counts = param_counts(model)
     metrics = {
         "test_acc": test["acc"], "val_acc": run.best_val,
@@ -261,7 +261,7 @@ def final_report(cfg, model, ds, loader, device, cache, run):
                            "audio_removed": audio_removed["router"] if both else {}},
         "layer_weights": test["alpha"],
         "token_redundancy": test["orth"] if cfg.mode == "molt" else None,
-        "confusion": test["confusion"], "history": run.history, "config": dataclasses.asdict(cfg)}
+        "confusion": test["confusion"], "history": run.history}
     run.finish(metrics,
                lambda path: write_report(path, cfg, model, ds, metrics, test, audio_removed))
     print(f"test acc {test['acc']:.3f} (val {run.best_val:.3f}); audio removed "
@@ -318,17 +318,16 @@ def stage0(cfg, todo, paths):
     epochs = {"ViT": cfg.vit_epochs, "AST": cfg.ast_epochs}
     # built here, in order: weight init draws from the global RNG, which threads would interleave
     jobs = []
-    if "ViT" in todo:
-        torch.manual_seed(cfg.seed)
-        vit = ViT(cfg.image_size, 8, cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim)
-        jobs.append((vit, nn.Linear(cfg.dim, len(data.SHAPES) + 1), frames, shape, paths["ViT"], "",
-                     epochs["ViT"]))
-    if "AST" in todo:
-        torch.manual_seed(cfg.seed + 1)
-        ast = AST(cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride, cfg.dim,
-                  cfg.depth, cfg.heads, 4 * cfg.dim)
-        jobs.append((ast, nn.Linear(cfg.dim, len(data.TIMBRES) + 1), fbanks, timbre, paths["AST"],
-                     "module.v.", epochs["AST"]))
+    for seed, (name, classes, x, y, prefix) in enumerate((("ViT", data.SHAPES, frames, shape, ""),
+                                                          ("AST", data.TIMBRES, fbanks, timbre,
+                                                           "module.v."))):
+        if name in todo:
+            torch.manual_seed(cfg.seed + seed)
+            enc = AST(cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride, cfg.dim,
+                      cfg.depth, cfg.heads, 4 * cfg.dim) if name == "AST" else \
+                ViT(cfg.image_size, 8, cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim)
+            jobs.append((enc, nn.Linear(cfg.dim, len(classes) + 1), x, y, paths[name], prefix,
+                         epochs[name]))
     steps = sum(epochs[name] for name in todo) * math.ceil(cfg.pretrain_samples / PRETRAIN_BATCH)
     progress = data.Progress(f"stage 0: pre-training the {' and '.join(todo)} (steps)", steps)
     stop = threading.Event()
@@ -462,11 +461,11 @@ class Run:
 
     def __init__(self, cfg, tool=None):
         self.cfg, self.tool, self.t0, self.seconds = cfg, tool, time.time(), {}
-        self.path = os.path.join(cfg.out_dir, f"{tool}_seed{cfg.seed}.json" if tool else "ckpt.pt")
+        self.path = self.file(f"{tool}_seed{cfg.seed}.json" if tool else "ckpt.pt")
         self.epoch, self.best_val, self.best, self.history, self.busy = 0, -1.0, None, [], 0.0
         self.saved, self.ck, self.created, self.lock, self.handlers = False, None, [], None, {}
         self.identity = {"kind": tool or "train"}
-        outputs = [self.path] if tool else [os.path.join(cfg.out_dir, f) for f in RUN_FILES]
+        outputs = [self.path] if tool else [self.file(f) for f in RUN_FILES]
         self.earlier = [p for p in outputs if os.path.lexists(p)]
         try:
             folders = [p for p in self.earlier if os.path.isdir(p)]
@@ -483,7 +482,7 @@ class Run:
                                  "--overwrite=true to replace it, or choose another --out_dir")
             if cfg.resume and self.path in self.earlier:
                 self.ck = read_checkpoint(self.path)
-                finished = os.path.join(cfg.out_dir, "metrics.json") in self.earlier
+                finished = self.file("metrics.json") in self.earlier
                 # as many: it would only rewrite the results
                 if cfg.epochs < self.ck["epoch"] + finished:
                     raise ValueError(f"{self.path} holds {self.ck['epoch']} finished epochs"
@@ -496,13 +495,17 @@ class Run:
             self.release()
             raise
 
+    def file(self, name):
+        """A file in the run folder."""
+        return os.path.join(self.cfg.out_dir, name)
+
     def take_folder(self):
         """Creates out_dir if needed and takes its lock (rank 0; POSIX flock, dropped when the
         process ends, even a crashed one)."""
         if not os.path.isdir(self.cfg.out_dir):
             self.created.append(self.cfg.out_dir)
         os.makedirs(self.cfg.out_dir, exist_ok=True)
-        lock = os.path.join(self.cfg.out_dir, "run.lock")
+        lock = self.file("run.lock")
         if RANK or os.name != "posix":
             return
         import fcntl  # POSIX only
@@ -594,7 +597,7 @@ class Run:
             columns = ("epoch", "train_loss", "val_acc", "seconds")
             rows = [columns] + [[h[k] for k in columns] for h in self.history]
             text = "".join(",".join(map(str, r)) + "\r\n" for r in rows)
-            data.write_atomic(os.path.join(self.cfg.out_dir, "log.csv"), text)
+            data.write_atomic(self.file("log.csv"), text)
 
     def save(self, checkpoint):
         """The checkpoint, atomically; the first one of this process also removes what it makes
@@ -605,20 +608,22 @@ class Run:
             stale = RUN_FILES[1:] if self.cfg.overwrite else ("metrics.json", "report.html")
             for name in stale:
                 with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(self.cfg.out_dir, name))
+                    os.remove(self.file(name))
             self.saved = True
 
     def finish(self, results, write_page=None):
         """The final files: report.html (write_page(path)), then metrics.json, whose presence marks
-        a finished run; or a tool's result file. Both record the run's identity and times."""
+        a finished run; or a tool's result file. Both record the settings, the run's identity and
+        times."""
         seconds = time.time() - self.t0
         phases = {k: round(v, 1) for k, v in self.seconds.items()}
         rest = max(0.0, seconds - sum(self.seconds.values()))  # the test, the report and setting up
-        results.update(identity=self.identity, seconds=round(seconds, 1),
+        results.update(config=dataclasses.asdict(self.cfg), identity=self.identity,
+                       seconds=round(seconds, 1),
                        phase_seconds=dict(phases, **{"test and report": round(rest, 1)}))
         if write_page:
-            write_page(os.path.join(self.cfg.out_dir, "report.html"))
-        data.write_atomic(os.path.join(self.cfg.out_dir, "metrics.json") if not self.tool
+            write_page(self.file("report.html"))
+        data.write_atomic(self.file("metrics.json") if not self.tool
                           else self.path, json.dumps(results, indent=1))
 
     def kept(self):
@@ -705,17 +710,18 @@ def read_checkpoint(path):
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # nothing of a bad file is used
         reason = str(e).splitlines()[0][:200] if str(e) else "no detail"
-        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {reason}): delete it or run "
-                         "with --overwrite=true instead of --resume") from None
-    if not isinstance(ck, dict) or not {"config", "epoch", "model", "optimizer", "best"} <= set(ck):
-        raise ValueError(f"{path} was not written by train.py: run with --overwrite=true instead "
-                         "of --resume")
-    if "identity" not in ck:
-        raise ValueError(f"{path} was written by an earlier version of train.py, which recorded no "
-                         "run identity: start afresh with --overwrite=true")
-    if not all(t.isfinite().all() for t in [*ck["model"].values(), *ck["best"].values()]):
-        raise ValueError(f"{path} holds NaN or Inf weights: run with --overwrite=true instead of "
-                         "--resume")
+        why = f"is unreadable ({type(e).__name__}: {reason}): delete it or"
+    else:
+        why = ("was not written by train.py:"
+               if not isinstance(ck, dict) or not {"config", "epoch", "model", "optimizer",
+                                                   "best"} <= set(ck) else
+               "was written by an earlier version of train.py, which recorded no run identity:"
+               if "identity" not in ck else
+               "holds NaN or Inf weights:"
+               if not all(t.isfinite().all() for t in [*ck["model"].values(), *ck["best"].values()])
+               else None)
+    if why:
+        raise ValueError(f"{path} {why} run with --overwrite=true instead of --resume")
     return ck
 
 
@@ -815,13 +821,13 @@ def check(cfg):
     """Every setting that can be checked before any work; ValueError names the flag and what to
     do."""
     check_config(cfg, CHOICES | RUN_CHOICES)
-    for key in AT_LEAST_ONE:
-        if not 1 <= getattr(cfg, key) <= 10 ** 9:  # a bound that keeps timedelta and sizes finite
-            raise ValueError(f"--{key} must be at least 1 (and at most 10 ** 9), "
-                             f"not {getattr(cfg, key)}")
-    for key in AT_LEAST_ZERO:
-        if not 0 <= getattr(cfg, key) < math.inf or (key == "lr" and cfg.lr == 0):
-            raise ValueError(f"--{key}={getattr(cfg, key)} must be "
+    for key in AT_LEAST_ONE + AT_LEAST_ZERO:
+        value = getattr(cfg, key)
+        # a bound that keeps timedelta and sizes finite
+        if key in AT_LEAST_ONE and not 1 <= value <= 10 ** 9:
+            raise ValueError(f"--{key} must be at least 1 (and at most 10 ** 9), not {value}")
+        if key in AT_LEAST_ZERO and not (0 <= value < math.inf and (key != "lr" or value)):
+            raise ValueError(f"--{key}={value} must be "
                              f"{'positive' if key == 'lr' else 'at least 0'}")
     if not 0 <= cfg.seed < 2 ** 32:
         raise ValueError(f"--seed={cfg.seed}: a seed is between 0 and {2 ** 32 - 1}")
@@ -925,7 +931,7 @@ def probe(cfg, max_clips=1000):
             table[STREAMS[m]] = ridge_probe(*xy[0], *xy[1])
             print(f"{STREAMS[m]:6} linear probe accuracy by layer: " +
                   "  ".join(f"{i + 1}: {a:.3f}" for i, a in enumerate(table[STREAMS[m]])))
-        run.finish({"probe": table, "config": dataclasses.asdict(cfg)})
+        run.finish({"probe": table})
     return table
 
 
@@ -1091,7 +1097,7 @@ def bench(cfg, paper_scale=True):
                 for k in ("adapter_params", "saved_bytes", "step_seconds")}
             print(f"{scale + ' MoLT / AVMoE':24}{ratio['adapter_params']:>16.3f}"
                   f"{ratio['saved_bytes']:>20.3f}{ratio['step_seconds']:>12.3f}   ({about})")
-        run.finish({"bench": results, "config": dataclasses.asdict(cfg)})
+        run.finish({"bench": results})
 
 
 # -------------------------------------------------------------- report.html, for a class to look at
@@ -1218,12 +1224,12 @@ def clip_table(ds, i, preds, names, mods):
             f"<table class=clip>{body}</table>")
 
 
-def headline(cfg, labels, metrics, both, stats):
+def headline(cfg, labels, metrics, stats):
     """The accuracies beside always-background and the one-modality ceilings, the parameters, the
     wall time."""
     cards = [("test accuracy", metrics["test_acc"]),
-             ("audio removed", metrics["test_acc_audio_removed"] if both else None),
-             ("frames removed", metrics["test_acc_frames_removed"] if both else None),
+             ("audio removed", metrics["test_acc_audio_removed"]),
+             ("frames removed", metrics["test_acc_frames_removed"]),
              ("always background", (labels == cfg.num_classes).float().mean().item()),
              ("best with audio only", stats.get("audio_only_ceiling")),
              ("best with frames only", stats.get("visual_only_ceiling"))]
@@ -1275,8 +1281,7 @@ def write_report(path, cfg, model, ds, metrics, test, audio_removed):
         ("Headline", "Test clips chose neither the weights nor the epoch. Audio-visual fusion "
          "should beat always answering background and the best one modality can do alone, and "
          "fall back when an input is removed.",
-         headline(cfg, labels, metrics, both,
-                  data.label_stats(split, cfg.num_classes) if split else {})),
+         headline(cfg, labels, metrics, data.label_stats(split, cfg.num_classes) if split else {})),
         ("Training curves", "The loss should fall and the validation accuracy rise, then level "
          "off. The dashed line marks the epoch with the best validation accuracy: its weights are "
          "the ones tested.",
@@ -1311,12 +1316,10 @@ def write_report(path, cfg, model, ds, metrics, test, audio_removed):
 if __name__ == "__main__":
     try:
         tool = next((t for t in ("summary", "bench", "probe") if f"--{t}" in sys.argv), None)
+        args = [a for a in sys.argv[1:] if a != f"--{tool}"]
         if tool == "summary":  # the other arguments are run folders or their files
-            summary([a for a in sys.argv[1:] if a != "--summary"])
-        elif tool:  # --bench or --probe: one result file each, never a checkpoint
-            {"bench": bench, "probe": probe}[tool](
-                parse_config([a for a in sys.argv[1:] if a != f"--{tool}"], tool))
-        else:
-            main(parse_config(sys.argv[1:]))
+            summary(args)
+        else:  # --bench or --probe: one result file each, never a checkpoint
+            {"bench": bench, "probe": probe, None: main}[tool](parse_config(args, tool))
     except (ValueError, OSError) as e:  # bad input found while working, a full disk
         sys.exit(f"error: {e}" if RANK == 0 else 1)  # under torchrun, the line once
