@@ -5,7 +5,8 @@ end-to-end runs are marked slow: `pytest -m "not slow"` is the fast lane. The se
 guide. Equation tests compare with an independent reference: torchvision's ViT and EncoderBlock, torchaudio's
 kaldi fbank, PyTorch's scaled_dot_product_attention, forwards written by hand from the papers' equations, or values
 computed by hand; their failures name the equation and show expected against actual. The slow ones are contract
-tests: resume, torchrun, metrics.json and the report, the real AVE pipeline on clips made with ffmpeg, bad input."""
+tests: resume, torchrun, metrics.json and the report, the real AVE pipeline on clips made with ffmpeg, bad input.
+To hand out an exercise: `python test_model.py --handout NAME [NAME ...]` (end of this file)."""
 import contextlib
 import dataclasses
 import glob
