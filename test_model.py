@@ -2417,7 +2417,8 @@ def test_resume_gives_the_same_result_and_checks_the_config(tmp_path):
     a, b = (torch.load(p / "ckpt.pt", weights_only=True)["model"] for p in (tmp_path / "a", tmp_path / "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SystemExit, match=r"settings\.lr=0\.003 there, 0\.001 now"):
-        run_train(tmp_path / "b", "--mode=avmoe", "--modality_dropout=0.2", "--lr_step=1", "--resume", "--lr=0.001")
+        run_train(tmp_path / "b", "--mode=avmoe", "--modality_dropout=0.2", "--lr_step=1", "--resume",
+                  "--lr=0.001", "--epochs=3")
 
 
 @pytest.mark.slow
@@ -2430,7 +2431,7 @@ def test_checkpoint_writes_are_atomic_and_nan_stops_the_run(tmp_path, monkeypatc
             f.write(b"half")
         raise OSError("disk full")
     monkeypatch.setattr(train.torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit, match="error: could not write .*ckpt.pt"):
         run_train(tmp_path, "--epochs=2", "--resume")
     monkeypatch.undo()
     assert (tmp_path / "ckpt.pt").read_bytes() == good
@@ -2628,10 +2629,10 @@ def test_train_on_prepared_real_ave(ave, tmp_path, monkeypatch):
     assert m["config"]["num_classes"] == 3 and 0 <= m["test_acc"] <= 1
     page = (tmp_path / "report.html").read_text()
     assert "Race car, auto racing" in page and "synthetic run" not in page and "best with audio only" not in page
-    cached = np.load(tmp_path / "features_rank0_train_v_late.npy", mmap_mode="r")  # MoLT's states, fp16 on disk
-    assert cached.dtype == np.float16 and cached.shape[0] == 4 * 10 and "feature cache" in printed
+    assert "feature cache" in printed  # MoLT's states in fp16 files, unlinked once mapped: none left behind
+    assert not list(tmp_path.glob("features_rank*"))
     monkeypatch.setattr(data.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(ValueError, match="free"):
+    with pytest.raises(SystemExit, match="free"):  # found before any training
         run_train(tmp_path / "full_disk", *args)
 
 
