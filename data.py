@@ -622,7 +622,7 @@ class FeatureCache:
         removed = remove_inputs(frames[None], fbank[None], {"a": every, "v": every})
         self.removed_states = {k: s[:1] for k, s in states(*removed).items()}
         shapes = {k: (len(ds) * SECONDS, *s.shape[1:]) for k, s in self.removed_states.items()}
-        if path is None:
+        if not path:
             self.states = {k: torch.empty(shape) for k, shape in shapes.items()}
         else:  # fp16 tensors mapped onto .npy files, if the disk has room
             need = sum(2 * math.prod(shape) for shape in shapes.values())

@@ -38,7 +38,6 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -55,23 +54,18 @@ class Config(AVConfig, data.SynthConfig):
     data_root: str = ""  # real AVE: the folder with Annotations.txt and the split files
     prepared_dir: str = ""  # real AVE: the output of data.py --prepare_ave
     workers: int = 2  # processes drawing the synthetic set
-    vit_ckpt: str = ""  # timm or torchvision ViT weights (.pth, .safetensors); empty: pre-train one
-                        # in stage 0
+    vit_ckpt: str = ""  # timm or torchvision ViT weights (.pth, .safetensors); empty: stage 0's
     ast_ckpt: str = ""  # AST-repo or Hugging Face AST weights; empty: pre-train one in stage 0
     vit_heads: int = 0  # attention heads of --vit_ckpt; 0: D // 64
     ast_heads: int = 0  # attention heads of --ast_ckpt; 0: D // 64
-    fstride: int = 16  # AST patch stride along frequency; 16: no overlap, half the cost (the
-                       # released AST: 10)
-    tstride: int = 16  # AST patch stride along time (the released AudioSet AST: 10, as its weights
-                       # need)
+    fstride: int = 16  # AST patch stride along frequency; 16: no overlap (the released AST: 10)
+    tstride: int = 16  # AST patch stride along time (the released AudioSet AST: 10)
     dim: int = 64  # stage-0 backbones: width
     depth: int = 4  # stage-0 backbones: layers
     heads: int = 4  # stage-0 backbones: attention heads
     pretrain_samples: int = 4000  # stage-0 training images and sounds
-    vit_epochs: int = 14  # stage-0 epochs of the ViT: until it names about 98 % of its training
-                          # images
-    ast_epochs: int = 7  # stage-0 epochs of the AST, which learns faster (the two train at once, a
-                         # core each)
+    vit_epochs: int = 14  # stage-0 epochs of the ViT: until it names ~98 % of its training images
+    ast_epochs: int = 7  # stage-0 epochs of the AST, which learns faster (both train at once)
     epochs: int = 10  # training epochs; the epoch with the best val accuracy is kept
     batch_size: int = 32  # clips of 10 segments per step (per process under torchrun)
     lr: float = 3e-3  # AdamW learning rate
@@ -79,17 +73,14 @@ class Config(AVConfig, data.SynthConfig):
     weight_decay: float = 0.01  # AdamW weight decay
     lambda_orth: float = 0.1  # weight of MoLT's orthogonality loss
     lambda_balance: float = 0.01  # weight of the routers' load-balance loss
-    modality_dropout: float = 0.0  # training: remove a segment's audio, or its frames, with this
-                                   # probability each
+    modality_dropout: float = 0.0  # training: remove a segment's audio, or its frames, at this rate
     cache_features: bool = True  # MoLT / frozen: compute the frozen backbone states once per run
     out_dir: str = "out"  # this run's checkpoint, log, metrics and report
     cache_dir: str = "out"  # generated data and stage-0 backbones, shared by runs
     resume: bool = False  # continue the run in out_dir from its ckpt.pt
-    overwrite: bool = False  # start afresh in an out_dir that holds another run (or --probe/--bench
-                             # result)
+    overwrite: bool = False  # replace the run (or --probe/--bench result) out_dir holds
     device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, mps or cpu
-    dist_timeout: int = 600  # torchrun: seconds a process waits for the others before it stops with
-                             # an error
+    dist_timeout: int = 600  # torchrun: seconds a process waits for the others, then stops
 
 
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -147,10 +138,10 @@ def inputs(cfg, model, sets):
     run_batch then gives the model the cached states of those clips (forward's states=), and the
     backbones never run again."""
     caching = cfg.cache_features and cfg.mode != "avmoe"
-    big = cfg.data == "ave"  # real AVE: fp16 files in out_dir, removed when the run ends
-    caches = {s: data.FeatureCache(model, ds,
-                                   os.path.join(cfg.out_dir, f"features_rank{RANK}_{s}") if big
-                                   else None, show=RANK == 0)
+    # real AVE: fp16 files in out_dir, unlinked once mapped
+    caches = {s: data.FeatureCache(model, ds, cfg.data == "ave" and
+                                   os.path.join(cfg.out_dir, f"features_rank{RANK}_{s}"),
+                                   show=RANK == 0)
               if caching and (s == "train" or RANK == 0) else None  # only rank 0 evaluates
               for s, ds in sets.items()}
     items = {s: torch.utils.data.TensorDataset(torch.arange(len(ds)), torch.stack(list(ds.labels)))
@@ -282,8 +273,7 @@ def percent(x):
 def pretrain(enc, head, x, y, path, prefix, epochs, cfg, progress, stop):
     """Supervised pre-training of one backbone on single frames or 1 s fbanks (shape / timbre, never
     the AV task) for epochs passes in batches of PRETRAIN_BATCH, saved in the timm layout (prefix
-    "module.v.": the AST repo's). Returns early, saving nothing, once stop is set (Ctrl-C in the
-    main thread)."""
+    "module.v.": the AST repo's). Returns early, saving nothing, once stop is set (Ctrl-C)."""
     steps = epochs * math.ceil(len(x) / PRETRAIN_BATCH)
     opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=2e-3, weight_decay=0.05)
     # warm-up
@@ -307,8 +297,7 @@ def pretrain(enc, head, x, y, path, prefix, epochs, cfg, progress, stop):
 
 
 def stage0(cfg, todo, paths):
-    """Pre-trains the backbones named in todo at once, a thread and a core each, and caches them at
-    paths."""
+    """Pre-trains the backbones named in todo at once, a thread each, and caches them at paths."""
     log(f"stage 0: pre-training small backbones ({' and '.join(todo)}: shapes for the ViT, "
         "timbres for the AST)")
     frames, fbanks, shape, timbre = data.generate_pretraining(cfg.seed + 7, cfg.pretrain_samples,
@@ -343,7 +332,7 @@ def stage0(cfg, todo, paths):
 def user_backbones(cfg, run=None):
     """The user's --vit_ckpt / --ast_ckpt of the modalities used, read and checked before any data
     work, and their content recorded in the run's identity -> {name: backbone}."""
-    given = {name: getattr(cfg, flag) for name, (m, flag, _, _) in BACKBONES.items()
+    given = {name: getattr(cfg, flag) for name, (m, flag, *_) in BACKBONES.items()
              if m in cfg.modalities and getattr(cfg, flag)}
     if run:
         run.check(weights={name: sha256(path) for name, path in given.items()})
@@ -352,14 +341,13 @@ def user_backbones(cfg, run=None):
 
 def backbones(cfg, run=None, loaded=None):
     """The frozen ViT and AST of the modalities used: the user's (loaded), else stage 0's, trained
-    once and cached in cache_dir; the cached files' content joins the run's identity -> (ViT or
-    None, AST or None)."""
+    once and cached in cache_dir, whose files' content joins the run's identity -> (ViT, AST)."""
     key = f"s{cfg.seed}_d{cfg.dim}x{cfg.depth}h{cfg.heads}_{cfg.image_size}px_" \
           f"{cfg.num_mel_bins}mel_f{cfg.fstride}t{cfg.tstride}_" \
           f"{cfg.pretrain_samples}x{cfg.vit_epochs}-{cfg.ast_epochs}_" \
           f"{data.GENERATOR}"
     paths = {name: os.path.join(cfg.cache_dir, "backbones", f"{stem}_{key}.pth")
-             for name, (m, _, _, stem) in BACKBONES.items()
+             for name, (m, *_, stem) in BACKBONES.items()
              if m in cfg.modalities and name not in (loaded or {})}
     todo = [name for name, path in paths.items() if not os.path.exists(path)]
     if RANK == 0 and todo:
@@ -375,8 +363,7 @@ def backbones(cfg, run=None, loaded=None):
 
 def load_backbone(name, path, cfg):
     """The ViT or AST at path. Heads cannot be read from weights: ours are known, a user's are given
-    or guessed. A stage-0 cache file that cannot be read is ours, broken: say so, not a user's
-    advice."""
+    or guessed. A stage-0 cache file that cannot be read is ours, broken: say so."""
     _, flag, heads_flag, _ = BACKBONES[name]
     given = path == getattr(cfg, flag)
     heads = getattr(cfg, heads_flag) or None if given else cfg.heads
@@ -389,21 +376,22 @@ def load_backbone(name, path, cfg):
     except ValueError as e:
         if given:
             raise ValueError(f"--{flag}: {e}") from None
-        raise ValueError(f"the stage-0 cache file {path} is broken ({e}): delete it and rerun, "
-                         "which trains it again") from None
-    if cfg.reduction > enc.dim:
-        raise ValueError(f"--reduction={cfg.reduction} is more than the {name}'s width {enc.dim}: "
-                         "the bottleneck D / reduction would be empty")
-    if cfg.mode == "molt" and cfg.late_layers > len(enc.blocks):
-        raise ValueError(f"--late_layers={cfg.late_layers} is more than the {name}'s "
-                         f"{len(enc.blocks)} layers")
+        raise ValueError(f"the stage-0 cache file {path} is broken (not a backbone we can read): "
+                         "delete it and rerun, which trains it again") from None
+    check_fits(cfg, f"{name}'s", enc.dim, len(enc.blocks))
     return enc
+
+
+def check_fits(cfg, whose, width, depth):
+    """--reduction within a backbone's width (else an empty bottleneck), --late_layers its depth."""
+    if cfg.reduction > width or cfg.mode == "molt" and cfg.late_layers > depth:
+        raise ValueError(f"--reduction={cfg.reduction} and --late_layers={cfg.late_layers} must be "
+                         f"at most the {whose} width {width} and depth {depth}")
 
 
 def datasets(cfg, run=None):
     """{split: dataset}; the data joins the run's identity: class names in order, and per split the
-    clips and a digest of their ids and labels (real AVE: also the size the frames were prepared
-    at)."""
+    clips and a digest of their ids and labels (real AVE: also the frames' prepared size)."""
     if cfg.data == "synthetic":
         cache = os.path.join(cfg.cache_dir, "data")
         # one process draws
@@ -424,8 +412,7 @@ def datasets(cfg, run=None):
                                 torch.stack(list(ds.labels)).numpy().tobytes())
         record[s] = {"clips": len(ds), "sha256": digest.hexdigest()}
     if cfg.data == "ave":
-        with np.load(sets["train"].files[0]) as f:
-            record["prepared_px"] = f["frames"].shape[1]
+        record["prepared_px"] = data.check_prepared(sets["train"].files[0])
     if run:
         run.check(data=record)
     return sets
@@ -470,8 +457,8 @@ class Run:
         try:
             folders = [p for p in self.earlier if os.path.isdir(p)]
             if folders:
-                raise ValueError(f"{folders[0]} is a folder, not a run's file: move it away or "
-                                 "choose another --out_dir")
+                raise ValueError(f"{folders[0]} is a folder, not a run's file: move it or choose "
+                                 "another --out_dir")
             self.take_folder()
             if (self.earlier and not cfg.overwrite and
                     not (cfg.resume and self.path in self.earlier)):
@@ -519,8 +506,7 @@ class Run:
                              "use another --out_dir") from None
 
     def check(self, **parts):
-        """Adds parts to the run's identity; on --resume each must equal what the checkpoint
-        recorded."""
+        """Adds parts to the run's identity; on --resume each must equal the checkpoint's."""
         for part, record in parts.items():
             self.identity.setdefault(part, {}).update(record)
             old = self.ck["identity"].get(part, {}) if self.ck else record
@@ -548,15 +534,14 @@ class Run:
         free = shutil.disk_usage(self.cfg.out_dir).free
         if RANK == 0 and free < 2 * need:  # the new checkpoint is written beside the old one
             raise ValueError(f"{self.cfg.out_dir} has {free / 1e6:.0f} MB free, the checkpoints "
-                             f"need about {2 * need / 1e6:.0f} MB: free some space or choose "
-                             "another --out_dir")
+                             f"need {2 * need / 1e6:.0f} MB: free some or choose another --out_dir")
         ck, self.best = self.ck, state
         if ck is None:
             return
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         if {k: tuple(v.shape) for k, v in ck["model"].items()} != shapes:
-            raise ValueError(f"--resume: {self.path} holds other trainable tensors than this "
-                             "model: start afresh with --overwrite=true")
+            raise ValueError(f"--resume: {self.path} holds another model's tensors: start afresh "
+                             "with --overwrite=true")
         # the trainable part; the backbones are frozen
         model.load_state_dict(ck["model"], strict=False)
         opt.load_state_dict(ck["optimizer"])
@@ -574,12 +559,12 @@ class Run:
         log(f"resumed from {self.path} after epoch {self.epoch}")
 
     def end_epoch(self, model, opt, sched, loss, val_acc):
-        """Keeps the weights if val accuracy is the best so far, then saves the checkpoint and
-        log.csv."""
+        """Keeps the weights if val accuracy is the best so far; saves the checkpoint, log.csv."""
         busy = self.seconds.get("training", 0) + self.seconds.get("validation", 0)
         t, self.busy = busy - self.busy, busy  # this epoch's training and validation
+        state = trainable_state(model)
         if val_acc > self.best_val:  # model selection on val, never on test
-            self.best_val, self.best = val_acc, trainable_state(model)
+            self.best_val, self.best = val_acc, state
         self.epoch += 1
         self.history.append({"epoch": self.epoch, "train_loss": round(loss, 4),
                              "val_acc": round(val_acc, 4), "seconds": round(t, 2)})
@@ -589,7 +574,7 @@ class Run:
         with self.phase("checkpoints"):
             self.save({"identity": self.identity, "epoch": self.epoch, "best_val": self.best_val,
                        "best": self.best, "history": self.history, "seconds": self.seconds,
-                       "elapsed": time.time() - self.t0, "model": trainable_state(model),
+                       "elapsed": time.time() - self.t0, "model": state,
                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                        "config": dataclasses.asdict(self.cfg), "rng": torch.get_rng_state(),
                        **({"cuda_rng": torch.cuda.get_rng_state_all()}
@@ -601,8 +586,7 @@ class Run:
 
     def save(self, checkpoint):
         """The checkpoint, atomically; the first one of this process also removes what it makes
-        stale: the earlier run's files (--overwrite) or the results of a run resumed to more
-        epochs."""
+        stale: the earlier run's files (--overwrite), or a resumed run's results."""
         data.write_atomic(self.path, checkpoint)
         if not self.saved:
             stale = RUN_FILES[1:] if self.cfg.overwrite else ("metrics.json", "report.html")
@@ -613,8 +597,7 @@ class Run:
 
     def finish(self, results, write_page=None):
         """The final files: report.html (write_page(path)), then metrics.json, whose presence marks
-        a finished run; or a tool's result file. Both record the settings, the run's identity and
-        times."""
+        a finished run; or a tool's result file. Both record settings, identity and times."""
         seconds = time.time() - self.t0
         phases = {k: round(v, 1) for k, v in self.seconds.items()}
         rest = max(0.0, seconds - sum(self.seconds.values()))  # the test, the report and setting up
@@ -704,8 +687,7 @@ def short(value):
 
 
 def read_checkpoint(path):
-    """train.py's checkpoint, or ValueError saying why not (truncated, empty, foreign, unsafe,
-    older)."""
+    """train.py's checkpoint, or ValueError saying why not (broken, foreign, unsafe, older)."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # nothing of a bad file is used
@@ -805,8 +787,8 @@ def parse_config(argv, tool=None):
         given.add(key)
     try:
         if tool and "resume" in given or tool == "bench" and "mode" in given:
-            raise ValueError(f"--{tool} takes no --resume, and --bench no --mode (it compares "
-                             "AVMoE and MoLT): drop it")
+            raise ValueError(f"--{tool} takes no --resume, --bench no --mode (it runs both): "
+                             "drop it")
         if (cfg.data == "ave" and cfg.vit_ckpt and "image_size" not in given and
                 os.path.isfile(cfg.vit_ckpt)):
             vit = load_vit(cfg.vit_ckpt, num_heads=cfg.vit_heads or None)  # at its own size
@@ -818,8 +800,7 @@ def parse_config(argv, tool=None):
 
 
 def check(cfg):
-    """Every setting that can be checked before any work; ValueError names the flag and what to
-    do."""
+    """Every setting that can be checked before any work; ValueError names the flag and fix."""
     check_config(cfg, CHOICES | RUN_CHOICES)
     for key in AT_LEAST_ONE + AT_LEAST_ZERO:
         value = getattr(cfg, key)
@@ -835,27 +816,20 @@ def check(cfg):
         raise ValueError("--resume and --overwrite contradict each other: pick one")
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(cfg.device, True):
-        raise ValueError(f"--device={cfg.device}: this machine has no {cfg.device} device; use "
-                         "--device=cpu or auto")
+        raise ValueError(f"--device={cfg.device}: this machine has none; use --device=cpu or auto")
     if cfg.modality_dropout > 0.5:
-        raise ValueError("--modality_dropout must be at most 0.5 (audio and frames are never "
-                         "removed together)")
+        raise ValueError("--modality_dropout must be at most 0.5 (audio and frames: never both)")
     if cfg.num_mel_bins < 16 or (not cfg.vit_ckpt and cfg.image_size % 8):
-        raise ValueError("--num_mel_bins must be at least the AST's 16 x 16 patch, and "
-                         "--image_size a multiple of the stage-0 ViT's 8 px patch "
-                         f"(got {cfg.num_mel_bins} and {cfg.image_size})")
-    if cfg.dim % cfg.heads or cfg.num_classes < 2 or cfg.reduction > cfg.dim:
-        raise ValueError(f"--dim={cfg.dim} must be divisible by --heads={cfg.heads} and at least "
-                         f"--reduction={cfg.reduction}, and --num_classes at least 2")
+        raise ValueError(f"--num_mel_bins={cfg.num_mel_bins} must be at least 16 (the AST's "
+                         f"patch), --image_size={cfg.image_size} a multiple of 8 (stage 0's ViT's)")
+    if cfg.dim % cfg.heads or cfg.num_classes < 2:
+        raise ValueError(f"--dim={cfg.dim} must be divisible by --heads={cfg.heads}, and "
+                         "--num_classes at least 2")
     if cfg.data == "synthetic" and cfg.num_classes > len(data.CLASS_SHAPES):
-        raise ValueError(f"--num_classes: the synthetic AVE has at most {len(data.CLASS_SHAPES)} "
-                         "classes")
-    stage0 = [name for name, (m, flag, _, _) in BACKBONES.items()
-              if m in cfg.modalities and not getattr(cfg, flag)]
-    if stage0 and cfg.mode == "molt" and cfg.late_layers > cfg.depth:
-        raise ValueError(f"--late_layers={cfg.late_layers} is more than the stage-0 backbones' "
-                         f"{cfg.depth} layers")
-    for name, (m, flag, _, _) in BACKBONES.items():
+        raise ValueError(f"--num_classes: the synthetic AVE has {len(data.CLASS_SHAPES)} at most")
+    if any(m in cfg.modalities and not getattr(cfg, flag) for m, flag, *_ in BACKBONES.values()):
+        check_fits(cfg, "stage-0 backbones'", cfg.dim, cfg.depth)
+    for m, flag, *_ in BACKBONES.values():
         path = getattr(cfg, flag)
         if path and m not in cfg.modalities:
             raise ValueError(f"--{flag} is for a modality that --modalities={cfg.modalities} does "
@@ -867,9 +841,8 @@ def check(cfg):
     if cfg.data == "synthetic" and (cfg.data_root or cfg.prepared_dir):
         raise ValueError("--data_root and --prepared_dir are for real AVE: add --data=ave")
     if cfg.data == "ave" and not (os.path.isdir(cfg.data_root) and os.path.isdir(cfg.prepared_dir)):
-        raise ValueError("--data=ave needs --data_root=DIR (Annotations.txt, split files) and "
-                         "--prepared_dir=DIR (made by: python data.py --prepare_ave DIR --out "
-                         "PREPARED), both existing folders")
+        raise ValueError("--data=ave needs the folders --data_root (Annotations.txt, split files) "
+                         "and --prepared_dir (python data.py --prepare_ave ROOT --out DIR)")
     check_memory(cfg)
     for folder in (cfg.out_dir, cfg.cache_dir):
         existing = os.path.abspath(folder)
@@ -880,20 +853,16 @@ def check(cfg):
 
 
 def check_memory(cfg):
-    """The sizes that obviously cannot fit: the synthetic set and the stage-0 samples held in
-    memory."""
-    # uint8 + fp16
+    """The sizes that obviously cannot fit: the synthetic clips (uint8 frames, fp16 fbanks) and the
+    stage-0 samples (float32), each held twice (stored, then used)."""
     segment = 3 * cfg.image_size ** 2 + 2 * data.FRAMES_PER_SEGMENT * cfg.num_mel_bins
-    clips = cfg.train_clips + cfg.val_clips + cfg.test_clips if cfg.data == "synthetic" else 0
-    # stored, then used
-    need = 2 * clips * data.SECONDS * segment + 2 * cfg.pretrain_samples * 4 * segment
-    total = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf")
-             else math.inf)
+    clips = (cfg.train_clips + cfg.val_clips + cfg.test_clips) * (cfg.data == "synthetic")
+    need = 2 * (clips * data.SECONDS + 4 * cfg.pretrain_samples) * segment
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if os.name == "posix" else need
     if need > total:
-        raise ValueError(f"the synthetic data would need about {need / 1e9:.0f} GB of memory, this "
-                         f"machine has {total / 1e9:.0f} GB: lower "
-                         "--train_clips/--val_clips/--test_clips, --pretrain_samples, --image_size "
-                         "or --num_mel_bins")
+        raise ValueError(f"the synthetic data needs {need / 1e9:.0f} GB of memory of "
+                         f"{total / 1e9:.0f}: lower the clips, --pretrain_samples, --image_size or "
+                         "--num_mel_bins")
 
 
 # -------------------------------------------------------------- --probe, --summary and --bench
@@ -956,8 +925,7 @@ SUMMARY_KEYS = ("test_acc", "test_acc_audio_removed", "test_acc_frames_removed",
 
 def summary(paths):
     """Mean +- sample std over runs that differ in their seed alone: run folders (their
-    metrics.json), or metrics.json / probe_seed*.json files. Everything is checked before a row is
-    printed."""
+    metrics.json), or metrics.json / probe_seed*.json files; all checked before a row prints."""
     paths = [os.fspath(p) for p in paths]
     if not paths or any(p.startswith("--") for p in paths):
         raise ValueError("--summary takes run folders or their metrics.json / probe_seed*.json "
@@ -978,7 +946,7 @@ def summary(paths):
         first, first_record = next(iter(runs.values()), (path, record))
         free = {"settings.seed"} | {f"data.{s}.sha256" for s in ("train", "val", "test")
                                     if record["config"]["data"] == "synthetic"} | {
-            f"weights.{name}" for name, (_, flag, _, _) in BACKBONES.items()
+            f"weights.{name}" for name, (_, flag, *_) in BACKBONES.items()
             if not record["config"][flag]}
         diff = differences(dict(first_record["identity"], epochs=first_record["config"]["epochs"]),
                            # seed products free
@@ -1022,8 +990,7 @@ def summary_numbers(record):
 
 
 def expert_names(cfg, both):
-    """The experts of a mixture, in the order of the router weights: CMA first (none with one
-    modality)."""
+    """A mixture's experts in its router weights' order: CMA first (none with one modality)."""
     return [f"CMA {e + 1}" for e in range(cfg["n_cma"] if both else 0)] + \
         [f"UA {e + 1}" for e in range(cfg["n_ua"])]
 
@@ -1086,17 +1053,14 @@ def bench(cfg, paper_scale=True):
                 model = AVModel(dataclasses.replace(cfg, mode=mode, reduction=reduction),
                                 vit, ast).to(device)
                 results[f"{scale} {mode}"] = measure(model, b, device, steps, cfg)
-        print(f"{'':24}{'adapter params':>16}{'saved for backward':>20}{'step time':>12}")
-        for scale, (*_, about) in scales.items():
-            for mode, name in (("avmoe", "AVMoE"), ("molt", "MoLT")):
-                r = results[f"{scale} {mode}"]
-                print(f"{scale + ' ' + name:24}{r['adapter_params']:>16,}"
-                      f"{r['saved_bytes'] / 1e6:>17.1f} MB{r['step_seconds']:>11.3f}s")
-            ratio = results[f"{scale} molt / avmoe"] = {
-                k: results[f"{scale} molt"][k] / results[f"{scale} avmoe"][k]
-                for k in ("adapter_params", "saved_bytes", "step_seconds")}
-            print(f"{scale + ' MoLT / AVMoE':24}{ratio['adapter_params']:>16.3f}"
-                  f"{ratio['saved_bytes']:>20.3f}{ratio['step_seconds']:>12.3f}   ({about})")
+            results[f"{scale} molt / avmoe"] = {k: v / results[f"{scale} avmoe"][k]
+                                                for k, v in results[f"{scale} molt"].items()}
+        print(f"{'':24}{'adapter params':>16}{'saved for backward (MB)':>25}{'step time (s)':>15}")
+        for name, r in results.items():  # a ratio: 3 decimals for all three
+            ratio = "/" in name
+            print(f"{name:24}{r['adapter_params']:>16{'.3f' if ratio else ','}}"
+                  f"{r['saved_bytes'] / (1 if ratio else 1e6):>25.3f}{r['step_seconds']:>15.3f}")
+        print("; ".join(f"{scale}: {about}" for scale, (*_, about) in scales.items()))
         run.finish({"bench": results})
 
 
@@ -1116,8 +1080,7 @@ td img{display:block;width:100%;image-rendering:pixelated} \
 
 
 def command(cfg):
-    """The command line that makes this run, pasteable into a shell: the settings that differ from
-    the defaults."""
+    """The command line that makes this run, pasteable into a shell: settings not at default."""
     default = Config()
     launcher = f"torchrun --nproc_per_node={WORLD} train.py" if WORLD > 1 else "python train.py"
     # found at run time, not chosen
@@ -1129,8 +1092,7 @@ def command(cfg):
 
 
 def png(img):
-    """uint8 (C, H, W), C = 1 or 3 -> <img> with a PNG inline, written here (torchvision's encoder
-    is deprecated)."""
+    """uint8 (C, H, W), C = 1 or 3 -> <img>, a PNG written here (torchvision's is deprecated)."""
     def chunk(kind, body):  # length, type, body, CRC of type and body
         return (struct.pack(">I", len(body)) + kind + body +
                 struct.pack(">I", zlib.crc32(kind + body)))
@@ -1156,8 +1118,7 @@ def svg(w, h, title, parts):
 
 
 def line_chart(title, ys, axis, best, fmt):
-    """One value per epoch on axes from zero; a dashed line and a dot mark the selected epoch
-    (1-based)."""
+    """One value per epoch on axes from zero; a dashed line and a dot mark the selected epoch."""
     left, top, pw, ph, hi = 90, 70, 500, 240, max(ys) or 1
     px, py = (lambda i: left + pw * i / max(len(ys) - 1, 1)), (lambda v: top + ph * (1 - v / hi))
     bx, right = px(best - 1), best - 1 > (len(ys) - 1) / 2
@@ -1198,8 +1159,7 @@ def heatmap(title, rows, cols, values):
 
 
 def clip_table(ds, i, preds, names, mods):
-    """Test clip i, a column per second: frame, fbank, true label, synthetic role, predictions
-    (wrong: bold, x)."""
+    """Test clip i, a column per second: frame, fbank, label, synthetic role, predictions (x)."""
     frames, fb, labels = ds[i]
     mean, std = (torch.tensor(data.IMAGENET_MEAN)[:, None, None],
                  torch.tensor(data.IMAGENET_STD)[:, None, None])
@@ -1225,8 +1185,7 @@ def clip_table(ds, i, preds, names, mods):
 
 
 def headline(cfg, labels, metrics, stats):
-    """The accuracies beside always-background and the one-modality ceilings, the parameters, the
-    wall time."""
+    """Accuracies beside always-background and the one-modality ceilings; parameters; wall time."""
     cards = [("test accuracy", metrics["test_acc"]),
              ("audio removed", metrics["test_acc_audio_removed"]),
              ("frames removed", metrics["test_acc_frames_removed"]),
