@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -3001,6 +3002,29 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, monkeypatch):
         train.main(train.parse_config(args(tmp_path / "a", "--overwrite")))
     assert e.value.code == f"interrupted: the earlier run in {tmp_path / 'a'} is untouched"
     assert before == {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir() if f.is_file()}
+    monkeypatch.setattr(train, "backbones", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as e:  # in stage 0
+        train.main(train.parse_config(args(tmp_path / "a", "--resume", "--epochs=3")))
+    assert e.value.code.startswith(f"interrupted: {tmp_path / 'a' / 'ckpt.pt'} keeps epoch 2 of 3")
+
+
+@pytest.mark.stage0
+@pytest.mark.skipif(os.name != "posix", reason="SIGINT sent by os.kill")
+def test_ctrl_c_in_stage0_stops_the_other_backbones_training_at_its_next_step(tmp_path, monkeypatch):
+    real, steps = train.pretrain, []
+
+    def pretrain(enc, head, x, y, path, prefix, epochs, cfg, progress, stop):
+        if type(enc).__name__ == "AST":  # Ctrl-C reaches the main thread while the ViT trains
+            while not steps:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGINT)  # as a terminal's Ctrl-C does
+            return
+        return real(enc, head, x, y, path, prefix, 1000, cfg, lambda: steps.append(1), stop)
+    monkeypatch.setattr(train, "pretrain", pretrain)
+    cfg = train.parse_config(args(tmp_path))
+    with pytest.raises(KeyboardInterrupt), contextlib.redirect_stdout(io.StringIO()):
+        train.backbones(cfg)
+    assert 0 < len(steps) < 100 and not list((tmp_path / "backbones").iterdir())  # of 1000 epochs
 
 
 @pytest.mark.report

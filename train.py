@@ -469,6 +469,7 @@ class Run:
                                  "--overwrite=true to replace it, or choose another --out_dir")
             if cfg.resume and self.path in self.earlier:
                 self.ck = read_checkpoint(self.path)
+                self.epoch = self.ck["epoch"]  # what a Ctrl-C before restore() leaves
                 finished = self.file("metrics.json") in self.earlier
                 # as many: it would only rewrite the results
                 if cfg.epochs < self.ck["epoch"] + finished:
@@ -881,10 +882,11 @@ def probe(cfg, max_clips=1000):
     heard / seen, or none; real AVE: the segment label). Written to out_dir/probe_seed{seed}.json
     with the run's identity."""
     with Run(cfg, "probe") as run:
-        sets = datasets(cfg, run)
         both = dataclasses.replace(cfg, modalities="av")  # both backbones, whatever the run uses
+        given = user_backbones(both, run)  # read before any data work
+        sets = datasets(cfg, run)
         table = {}
-        for m, enc in zip("va", backbones(both, run, user_backbones(both, run))):
+        for m, enc in zip("va", backbones(both, run, given)):
             xy = []
             for split in ("train", "test"):
                 ds = torch.utils.data.Subset(sets[split], range(min(max_clips, len(sets[split]))))
@@ -1030,9 +1032,10 @@ def bench(cfg, paper_scale=True):
     scale. Written to out_dir/bench_seed{seed}.json with the run's identity."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with Run(cfg, "bench") as run:
+        given = user_backbones(cfg, run)  # read before any data work
         sets = datasets(cfg, run)
         batch = next(iter(torch.utils.data.DataLoader(sets["train"], batch_size=cfg.batch_size)))
-        vit, ast = backbones(cfg, run, user_backbones(cfg, run))
+        vit, ast = backbones(cfg, run, given)
         scales = {"demo": (vit, ast, batch, 5, cfg.reduction,
                            f"{len(batch[-1])} clips x 10 segments")}
         # ViT-B/16 at 192 px and AST-base on a 1 s segment, random weights, 1 clip of 2 s
