@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import shlex
 import shutil
 import signal
@@ -631,7 +632,8 @@ class Run:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.handlers = {s: signal.signal(s, interrupt) for s in SIGNALS}
+            # SIGTERM and SIGHUP (a closed terminal or ssh connection) act as Ctrl-C
+            self.handlers = {s: signal.signal(s, signal.default_int_handler) for s in SIGNALS}
         return self
 
     def __exit__(self, kind, error, tb):
@@ -653,11 +655,6 @@ RUN_FILES = ("ckpt.pt", "log.csv", "metrics.json", "report.html")  # what a run 
 SIGNALS = [getattr(signal, s) for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s)]
 
 
-def interrupt(signum, frame):
-    """SIGTERM and SIGHUP (a closed terminal or ssh connection) act as Ctrl-C."""
-    raise KeyboardInterrupt
-
-
 def settings(cfg):
     """The settings that make a run what it is, and the number of processes (torchrun: the effective
     batch). Real AVE: the classes come from the data."""
@@ -670,7 +667,8 @@ def differences(old, new, free=()):
     """Where two identities differ: [(key, old value, new value)], nested keys joined by dots,
     values shortened for a message."""
     old, new = flat(old), flat(new)
-    return [(k, short(old.get(k)), short(new.get(k))) for k in sorted(old.keys() | new.keys())
+    return [(k, reprlib.repr(old.get(k)), reprlib.repr(new.get(k)))
+            for k in sorted(old.keys() | new.keys())
             if old.get(k) != new.get(k) and k not in free]
 
 
@@ -682,11 +680,6 @@ def flat(record, prefix=""):
     return out
 
 
-def short(value):
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def read_checkpoint(path):
     """train.py's checkpoint, or ValueError saying why not (broken, foreign, unsafe, older)."""
     try:
@@ -695,13 +688,12 @@ def read_checkpoint(path):
         reason = str(e).splitlines()[0][:200] if str(e) else "no detail"
         why = f"is unreadable ({type(e).__name__}: {reason}): delete it or"
     else:
-        why = ("was not written by train.py:"
-               if not isinstance(ck, dict) or not {"config", "epoch", "model", "optimizer",
-                                                   "best"} <= set(ck) else
+        ours = isinstance(ck, dict) and {"config", "epoch", "model", "optimizer", "best"} <= set(ck)
+        weights = [*ck["model"].values(), *ck["best"].values()] if ours else []
+        why = ("was not written by train.py:" if not ours else
                "was written by an earlier version of train.py, which recorded no run identity:"
                if "identity" not in ck else
-               "holds NaN or Inf weights:"
-               if not all(t.isfinite().all() for t in [*ck["model"].values(), *ck["best"].values()])
+               "holds NaN or Inf weights:" if not all(t.isfinite().all() for t in weights)
                else None)
     if why:
         raise ValueError(f"{path} {why} run with --overwrite=true instead of --resume")
@@ -811,23 +803,32 @@ def check(cfg):
         if key in AT_LEAST_ZERO and not (0 <= value < math.inf and (key != "lr" or value)):
             raise ValueError(f"--{key}={value} must be "
                              f"{'positive' if key == 'lr' else 'at least 0'}")
-    if not 0 <= cfg.seed < 2 ** 32:
-        raise ValueError(f"--seed={cfg.seed}: a seed is between 0 and {2 ** 32 - 1}")
-    if cfg.resume and cfg.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other: pick one")
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(cfg.device, True):
-        raise ValueError(f"--device={cfg.device}: this machine has none; use --device=cpu or auto")
-    if cfg.modality_dropout > 0.5:
-        raise ValueError("--modality_dropout must be at most 0.5 (audio and frames: never both)")
-    if cfg.num_mel_bins < 16 or (not cfg.vit_ckpt and cfg.image_size % 8):
-        raise ValueError(f"--num_mel_bins={cfg.num_mel_bins} must be at least 16 (the AST's "
-                         f"patch), --image_size={cfg.image_size} a multiple of 8 (stage 0's ViT's)")
-    if cfg.dim % cfg.heads or cfg.num_classes < 2:
-        raise ValueError(f"--dim={cfg.dim} must be divisible by --heads={cfg.heads}, and "
-                         "--num_classes at least 2")
-    if cfg.data == "synthetic" and cfg.num_classes > len(data.CLASS_SHAPES):
-        raise ValueError(f"--num_classes: the synthetic AVE has {len(data.CLASS_SHAPES)} at most")
+    for broken, message in (  # checked in this order
+            (not 0 <= cfg.seed < 2 ** 32,
+             f"--seed={cfg.seed}: a seed is between 0 and {2 ** 32 - 1}"),
+            (cfg.resume and cfg.overwrite,
+             "--resume and --overwrite contradict each other: pick one"),
+            (not available.get(cfg.device, True),
+             f"--device={cfg.device}: this machine has none; use --device=cpu or auto"),
+            (cfg.modality_dropout > 0.5,
+             "--modality_dropout must be at most 0.5 (audio and frames: never both)"),
+            (cfg.num_mel_bins < 16 or (not cfg.vit_ckpt and cfg.image_size % 8),
+             f"--num_mel_bins={cfg.num_mel_bins} must be at least 16 (the AST's patch), "
+             f"--image_size={cfg.image_size} a multiple of 8 (stage 0's ViT's)"),
+            (cfg.dim % cfg.heads or cfg.num_classes < 2,
+             f"--dim={cfg.dim} must be divisible by --heads={cfg.heads}, and --num_classes at "
+             "least 2"),
+            (cfg.data == "synthetic" and cfg.num_classes > len(data.CLASS_SHAPES),
+             f"--num_classes: the synthetic AVE has {len(data.CLASS_SHAPES)} at most"),
+            (cfg.data == "synthetic" and (cfg.data_root or cfg.prepared_dir),
+             "--data_root and --prepared_dir are for real AVE: add --data=ave"),
+            (cfg.data == "ave" and not (os.path.isdir(cfg.data_root) and
+                                        os.path.isdir(cfg.prepared_dir)),
+             "--data=ave needs the folders --data_root (Annotations.txt, split files) and "
+             "--prepared_dir (python data.py --prepare_ave ROOT --out DIR)")):
+        if broken:
+            raise ValueError(message)
     if any(m in cfg.modalities and not getattr(cfg, flag) for m, flag, *_ in BACKBONES.values()):
         check_fits(cfg, "stage-0 backbones'", cfg.dim, cfg.depth)
     for m, flag, *_ in BACKBONES.values():
@@ -839,11 +840,6 @@ def check(cfg):
             raise ValueError(f"--{flag}={path} "
                              f"{'is a folder' if os.path.isdir(path) else 'not found'}: "
                              "give a file")
-    if cfg.data == "synthetic" and (cfg.data_root or cfg.prepared_dir):
-        raise ValueError("--data_root and --prepared_dir are for real AVE: add --data=ave")
-    if cfg.data == "ave" and not (os.path.isdir(cfg.data_root) and os.path.isdir(cfg.prepared_dir)):
-        raise ValueError("--data=ave needs the folders --data_root (Annotations.txt, split files) "
-                         "and --prepared_dir (python data.py --prepare_ave ROOT --out DIR)")
     check_memory(cfg)
     for folder in (cfg.out_dir, cfg.cache_dir):
         existing = os.path.abspath(folder)
@@ -1278,10 +1274,10 @@ def write_report(path, cfg, model, ds, metrics, test, audio_removed):
 if __name__ == "__main__":
     try:
         tool = next((t for t in ("summary", "bench", "probe") if f"--{t}" in sys.argv), None)
-        args = [a for a in sys.argv[1:] if a != f"--{tool}"]
-        if tool == "summary":  # the other arguments are run folders or their files
+        args = [a for a in sys.argv[1:] if a != f"--{tool}"]  # the flags, or --summary's files
+        if tool == "summary":
             summary(args)
-        else:  # --bench or --probe: one result file each, never a checkpoint
+        else:  # a run, or --bench / --probe: one result file each, never a checkpoint
             {"bench": bench, "probe": probe, None: main}[tool](parse_config(args, tool))
     except (ValueError, OSError) as e:  # bad input found while working, a full disk
         sys.exit(f"error: {e}" if RANK == 0 else 1)  # under torchrun, the line once
