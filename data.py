@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchaudio
 
 # AudioSet statistics used by the released AST checkpoints (AST repo, HF ASTFeatureExtractor).
@@ -48,13 +49,13 @@ def fbank(wave, sample_rate=16000, num_mel_bins=128, target_length=1024):
     if sample_rate != 16000:
         wave = torchaudio.functional.resample(wave, sample_rate, 16000)
     if wave.numel() < 400:  # kaldi.fbank asserts on less than one 25 ms window
-        wave = torch.nn.functional.pad(wave, (0, 400 - wave.numel()))
+        wave = F.pad(wave, (0, 400 - wave.numel()))
     wave = wave - wave.mean()
     fb = torchaudio.compliance.kaldi.fbank(  # (frames, mels)
         wave[None], htk_compat=True, sample_frequency=16000, use_energy=False,
         window_type="hanning", num_mel_bins=num_mel_bins, dither=0.0, frame_shift=10)
     pad = target_length - fb.shape[0]
-    fb = torch.nn.functional.pad(fb, (0, 0, 0, pad)) if pad > 0 else fb[:target_length]
+    fb = F.pad(fb, (0, 0, 0, pad)) if pad > 0 else fb[:target_length]
     return (fb - FBANK_MEAN) / (FBANK_STD * 2)
 
 
@@ -290,7 +291,7 @@ def synthetic_splits(cfg, cache_dir, workers=2):
             return torch.load(path, weights_only=True)
         except Exception as e:  # truncated or empty: a killed copy, a full disk
             raise ValueError(f"the data cache file {path} is broken ({type(e).__name__}): delete "
-                             "it and rerun, which draws it again") from None
+                             "it and rerun") from None
     splits = generate(sizes, cfg.seed, cfg.num_classes, cfg.image_size, cfg.num_mel_bins, workers)
     os.makedirs(cache_dir, exist_ok=True)
     write_atomic(path, splits)
@@ -330,8 +331,8 @@ def read_annotations(path):
     """Rows of an AVE annotation/split file (UTF-8, a BOM is dropped):
     `Category&VideoID&Quality&StartTime&EndTime`, optional header."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: an AVE folder holds Annotations.txt, "
-                                "trainSet.txt, valSet.txt, testSet.txt and AVE/<VideoID>.mp4")
+        raise FileNotFoundError(f"{path} not found: the AVE folder must hold Annotations.txt, "
+                                "{train,val,test}Set.txt and AVE/")
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -361,11 +362,11 @@ def read_annotations(path):
     return rows
 
 
-def class_map(annotations_path):
+def class_map(annotations):
     """Category -> index, in order of first appearance in Annotations.txt (Church bell = 0 ...
-    Mandolin = 27)."""
-    return {c: i for i, c in enumerate(dict.fromkeys(
-        r.category for r in read_annotations(annotations_path)))}
+    Mandolin = 27), given as its path or as its rows (AVEDataset reads the file once)."""
+    rows = annotations if isinstance(annotations, list) else read_annotations(annotations)
+    return {c: i for i, c in enumerate(dict.fromkeys(r.category for r in rows))}
 
 
 def segment_labels(row, classes):
@@ -373,8 +374,7 @@ def segment_labels(row, classes):
     len(classes)."""
     if row.category not in classes:
         raise ValueError(f"category {row.category!r} of video {row.video_id} is not in "
-                         f"Annotations.txt ({len(classes)} classes): use the split files that came "
-                         "with that Annotations.txt")
+                         "Annotations.txt: use the split files that came with it")
     t = torch.arange(SECONDS)
     return torch.where((row.start <= t) & (t < row.end), classes[row.category], len(classes))
 
@@ -478,11 +478,11 @@ def prepare_ave(root, out, image_size=224, workers=2, overwrite=False, timeout=1
         raise ValueError(f"--out {out} is a file: pass a folder")
     for tool in ("ffmpeg", "ffprobe"):
         if shutil.which(tool) is None:
-            raise ValueError(f"{tool} not found on PATH: install the ffmpeg command-line tools "
-                             "(Debian/Ubuntu: apt-get install -y ffmpeg), then rerun")
+            raise ValueError(f"{tool} not found on PATH: install ffmpeg (Debian/Ubuntu: apt-get "
+                             "install -y ffmpeg)")
     videos = os.path.join(root, "AVE")
     if not os.path.isdir(videos):
-        raise ValueError(f"{videos} not found: the videos must be at ROOT/AVE/<VideoID>.mp4")
+        raise ValueError(f"{videos} not found: put the videos in ROOT/AVE/<VideoID>.mp4")
     rows = read_annotations(os.path.join(root, "Annotations.txt"))
     dst = {v: os.path.join(out, v + ".npz") for v in dict.fromkeys(r.video_id for r in rows)}
     todo = [v for v in dst if not os.path.exists(dst[v])]
@@ -534,8 +534,8 @@ class AVEDataset(torch.utils.data.Dataset):
 
     def __init__(self, prepared_dir, root, split, image_size=None, num_mel_bins=128):
         assert split in ("train", "val", "test"), f"split must be train, val or test, not {split!r}"
-        annotations = os.path.join(root, "Annotations.txt")
-        classes, known = class_map(annotations), {r.video_id for r in read_annotations(annotations)}
+        annotated = read_annotations(os.path.join(root, "Annotations.txt"))
+        classes, known = class_map(annotated), {r.video_id for r in annotated}
         rows = read_annotations(os.path.join(root, f"{split}Set.txt"))
         unknown = list(dict.fromkeys(r.video_id for r in rows if r.video_id not in known))
         if unknown:  # never prepared: prepare_ave reads Annotations.txt
@@ -544,19 +544,18 @@ class AVEDataset(torch.utils.data.Dataset):
         pairs = [(os.path.join(prepared_dir, r.video_id + ".npz"), segment_labels(r, classes))
                  for r in rows if r.video_id in known]
         keep = [(f, y) for f, y in pairs if os.path.exists(f)]
+        prepare = f"python data.py --prepare_ave {root} --out {prepared_dir}"
         if not keep:
             raise FileNotFoundError(
                 f"{split}Set.txt in {root} lists no video" if not rows else
-                f"no prepared clip of the {split} split in {prepared_dir}: run `python data.py "
-                f"--prepare_ave {root} --out {prepared_dir}` first")
+                f"no prepared clip of the {split} split in {prepared_dir}: run `{prepare}` first")
         if len(keep) < len(pairs):  # listed as skipped when preparing, or still to prepare
             print(f"AVE {split}: dropped {len(pairs) - len(keep)} of {len(pairs)} rows whose video "
                   "was not prepared")
         self.files, self.labels = [f for f, _ in keep], [y for _, y in keep]
         self.class_names, self.num_classes = list(classes), len(classes)
         self.image_size, self.num_mel_bins = image_size, num_mel_bins
-        self.redo = (f"rerun `python data.py --prepare_ave {root} --out {prepared_dir}`, which "
-                     "redoes broken files")
+        self.redo = f"rerun `{prepare}`, which redoes broken files"
         # before any training: a broken file would otherwise stop a long run halfway
         for f in self.files:
             try:
@@ -576,7 +575,7 @@ class AVEDataset(torch.utils.data.Dataset):
             raise ValueError(f"{self.files[i]} is broken ({e}): {self.redo}") from None
         x = frames.permute(0, 3, 1, 2).float() / 255  # (10,3,H,W) in [0, 1]
         if self.image_size and self.image_size != x.shape[-1]:
-            x = torch.nn.functional.interpolate(x, size=(self.image_size,) * 2, mode="bilinear",
+            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bilinear",
                                                 antialias=True)
         x = imagenet_normalise(x)
         fb = torch.stack([fbank(seg, num_mel_bins=self.num_mel_bins,
@@ -626,19 +625,21 @@ class FeatureCache:
             self.states = {k: torch.empty(shape) for k, shape in shapes.items()}
         else:  # fp16 tensors mapped onto .npy files, if the disk has room
             need = sum(2 * math.prod(shape) for shape in shapes.values())
-            free = shutil.disk_usage(os.path.dirname(path) or ".").free
+            folder = os.path.dirname(path) or "."
+            free = shutil.disk_usage(folder).free
             if need > 0.9 * free:
                 raise ValueError(f"the feature cache needs {need / 1e9:.1f} GB, {free / 1e9:.1f} "
-                                 f"GB are free in {os.path.dirname(path)}: free some space or run "
-                                 "with --cache_features=false")
+                                 f"GB are free in {folder}: free some space or run with "
+                                 "--cache_features=false")
             # each process its own
             print(f"feature cache: {need / 1e9:.2f} GB in {path}_*.npy", flush=True)
-            self.states = {(m, name): torch.from_numpy(np.lib.format.open_memmap(
-                f"{path}_{m}_{name}.npy", "w+", np.float16, shape))
-                for (m, name), shape in shapes.items()}
-            for (m, name) in shapes:  # POSIX: mapped until the process ends, never left on disk
-                with contextlib.suppress(OSError):
-                    os.remove(f"{path}_{m}_{name}.npy")
+            self.states = {}
+            for (m, name), shape in shapes.items():
+                file = f"{path}_{m}_{name}.npy"
+                self.states[m, name] = torch.from_numpy(
+                    np.lib.format.open_memmap(file, "w+", np.float16, shape))
+                with contextlib.suppress(OSError):  # POSIX: mapped until the process ends
+                    os.remove(file)  # never left on disk
         progress = Progress(f"caching the frozen backbone states of {len(ds)} clips", len(ds),
                             show=show)
         pos = 0
@@ -674,17 +675,17 @@ class Progress:
 
     def __call__(self, item=None, n=1):
         self.done, now = self.done + n, time.time()
-        tty = sys.stdout.isatty()
-        if self.show and tty and self.done >= self.total and not self.keep:
+        tty, finished = sys.stdout.isatty(), self.done >= self.total
+        if self.show and tty and finished and not self.keep:
             print("\r\033[K", end="", flush=True)  # clear the line for the one that follows
             return item
-        end = self.done >= self.total and self.keep and (tty or self.last > self.t0)
+        end = finished and self.keep and (tty or self.last > self.t0)
         wait = 0.5 if tty else 5 if self.last == self.t0 else 10
         if self.show and (end or now - self.last >= wait):
             self.last, eta = now, (now - self.t0) / self.done * (self.total - self.done)
             print(f"\r{self.what}: {self.done}/{self.total} in {now - self.t0:.0f} s, "
                   f"ETA {eta:.0f} s",
-                  end="\n" if self.done >= self.total or not tty else "", flush=True)
+                  end="\n" if finished or not tty else "", flush=True)
         return item
 
 

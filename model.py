@@ -165,15 +165,13 @@ def check_config(cfg, choices=CHOICES):
     """The model's settings, checked in one place (AVModel and train.check, which adds its own
     choices, call it)."""
     for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise ValueError(f"{key} must be one of {', '.join(allowed)}, "
-                             f"not {getattr(cfg, key)!r}")
+        if (value := getattr(cfg, key)) not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")
     if cfg.molt_layers == "all" and cfg.late_layers:
-        raise ValueError("late_layers does not apply to molt_layers=all (it uses every layer of "
-                         "the shallower backbone): drop one of the two")
+        raise ValueError("late_layers does not apply to molt_layers=all: drop one of the two")
     for key in ("latent_tokens", "reduction", "head_dim"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"{key} must be at least 1, not {getattr(cfg, key)}")
+        if (value := getattr(cfg, key)) < 1:
+            raise ValueError(f"{key} must be at least 1, not {value}")
     if cfg.n_ua < 1 and not (cfg.n_cma >= 1 and cfg.modalities == "av"):
         raise ValueError("a mixture needs an expert: n_ua >= 1, or n_cma >= 1 with both modalities")
     if cfg.n_cma < 0 or cfg.late_layers < 0 or not 0 <= cfg.router_sigma < math.inf:
@@ -400,14 +398,14 @@ _BLOCK_RULES = {
         ("ln_1.", "self_attention.in_proj_", "self_attention.out_proj.", "ln_2.", "mlp.0.",
          "mlp.3."), OUR_BLOCK))),
     "hf": (r"(?:encoder\.)?layers?\.(\d+)\.", {
-        "layernorm_before.": "norm1.", "attention.attention.query.": "attn.q.",
-        "attention.attention.key.": "attn.k.", "attention.attention.value.": "attn.v.",
-        "attention.output.dense.": "attn.proj.", "layernorm_after.": "norm2.",
-        "intermediate.dense.": "mlp.fc1.", "output.dense.": "mlp.fc2.",
-        # transformers 5 in-memory names
-        "attention.q_proj.": "attn.q.", "attention.k_proj.": "attn.k.",
-        "attention.v_proj.": "attn.v.", "attention.o_proj.": "attn.proj.", "mlp.fc1.": "mlp.fc1.",
-        "mlp.fc2.": "mlp.fc2."}),
+        "layernorm_before.": "norm1.", "attention.output.dense.": "attn.proj.",
+        "layernorm_after.": "norm2.", "intermediate.dense.": "mlp.fc1.",
+        "output.dense.": "mlp.fc2.",
+        # attention.attention.query. -> attn.q., and so key -> k, value -> v
+        **{f"attention.attention.{n}.": f"attn.{n[0]}." for n in ("query", "key", "value")},
+        # transformers 5 in-memory names: attention.q_proj. -> attn.q., and so for k and v
+        **{f"attention.{x}_proj.": f"attn.{x}." for x in "qkv"}, "attention.o_proj.": "attn.proj.",
+        "mlp.fc1.": "mlp.fc1.", "mlp.fc2.": "mlp.fc2."}),
 }
 _TOP_RULES = {
     "timm": {"cls_token": "cls_token", "dist_token": "dist_token", "pos_embed": "pos_embed",
@@ -422,9 +420,9 @@ _WRAPPERS = ("state_dict_ema", "state_dict", "model_state_dict", "model")
 # Per kind: train.py's flags for its file and its heads, its distillation token, the layouts read
 _KINDS = {"ViT": ("--vit_ckpt", "--vit_heads", "no", "timm or torchvision ViT"),
           "AST": ("--ast_ckpt", "--ast_heads", "a", "AST-repo or HF AST")}
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_SAFETENSORS_DTYPES = dict(F64=torch.float64, F32=torch.float32, F16=torch.float16,
+                           BF16=torch.bfloat16, I64=torch.int64, I32=torch.int32, I16=torch.int16,
+                           I8=torch.int8, U8=torch.uint8, BOOL=torch.bool)
 
 
 @contextlib.contextmanager
@@ -457,13 +455,12 @@ def read_safetensors(path):
         dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None:
             raise ValueError(f"tensor {name}: dtype {info['dtype']} is not supported here")
-        # dtype.itemsize needs torch 2.1
-        size = torch.empty(0, dtype=dtype).element_size() * math.prod(info["shape"])
-        if not end_of_last <= begin <= end <= len(data) or end - begin != size:
+        empty = torch.empty(0, dtype=dtype)  # its element_size: dtype.itemsize needs torch 2.1
+        if not end_of_last <= begin <= end <= len(data) or \
+                end - begin != empty.element_size() * math.prod(info["shape"]):
             raise ValueError(f"tensor {name}: offsets {begin}..{end} are out of bounds, overlap "
                              f"another tensor or do not match {info['dtype']} x {info['shape']}")
-        flat = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype) if end > begin else \
-            torch.empty(0, dtype=dtype)
+        flat = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype) if end > begin else empty
         state[name], end_of_last = flat.reshape(info["shape"]), end
     return state
 
@@ -478,8 +475,9 @@ def _read_checkpoint(src):
         path = os.fspath(src)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint not found: {path}")
+        size = os.path.getsize(path)
         try:
-            if os.path.getsize(path) == 0:
+            if size == 0:
                 raise ValueError("the file is empty")
             allow = getattr(torch.serialization, "safe_globals", lambda _: contextlib.nullcontext())
             with allow([argparse.Namespace]):  # torch 2.5 and later
@@ -487,9 +485,8 @@ def _read_checkpoint(src):
                     torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated, foreign or unsafe file: say why, in one line
             reason = str(e).split(". ")[0].splitlines()[0][:200] if str(e) else "no detail"
-            if not path.endswith(".safetensors") and os.path.getsize(path) and \
-                    not zipfile.is_zipfile(path):
-                reason = f"not a torch.save zip archive nor a legacy file: {reason}"
+            if size and not path.endswith(".safetensors") and not zipfile.is_zipfile(path):
+                reason = f"not a torch.save zip archive: {reason}"
             raise ValueError(f"unreadable ({type(e).__name__}: {reason}): save "
                              "model.state_dict() with torch.save or as .safetensors") from None
     if not isinstance(top, dict):
@@ -519,7 +516,7 @@ def _detect_layout(state, entries, ckpt, layouts):
         found = sorted(k[:-len(marker)] for k in state if k == marker or k.endswith("." + marker))
         if found:
             return layout, found[0]
-    keys = [f"{k}" if torch.is_tensor(v) else f"{k} ({type(v).__name__})"
+    keys = [k if torch.is_tensor(v) else f"{k} ({type(v).__name__})"
             for k, v in entries.items()]
     raise ValueError(f"unknown checkpoint layout (keys: {', '.join(keys[:8])}"
                      f"{' ...' * (len(keys) > 8)}); {ckpt} takes {layouts} weights")
@@ -544,15 +541,14 @@ def _to_ours(state, layout, prefix, where):
         else:
             out[new] = value
     if unknown:
-        raise ValueError(f"unexpected keys in a {layout} checkpoint, which would change the "
-                         f"output: {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+        raise ValueError(f"unexpected keys in a {layout} checkpoint: {unknown[:8]}"
+                         f"{' ...' * (len(unknown) > 8)}")
     if heads:
         print(f"note: {where}: ignoring {len(heads)} classifier-head tensors ({heads[0]} ...)")
     for key in [k for k in out if ".attn.q." in k]:  # HF: separate q, k, v -> one fused qkv
-        k_key, v_key = key.replace(".attn.q.", ".attn.k."), key.replace(".attn.q.", ".attn.v.")
-        if k_key in out and v_key in out:
-            out[key.replace(".attn.q.", ".attn.qkv.")] = torch.cat(
-                [out.pop(key), out.pop(k_key), out.pop(v_key)])
+        parts = [key.replace(".attn.q.", f".attn.{x}.") for x in "qkv"]
+        if all(part in out for part in parts):
+            out[key.replace(".attn.q.", ".attn.qkv.")] = torch.cat([out.pop(p) for p in parts])
     return out
 
 
@@ -586,13 +582,13 @@ def _read_backbone(src, num_heads, what, where):
     state, entries, top = _read_checkpoint(src)
     ckpt, heads_flag, _, layouts = _KINDS[what]
     if {"config", "history"} <= top.keys():
-        raise ValueError("this is a train.py run checkpoint (adapters and head), not backbone "
-                         f"weights: give {ckpt} a backbone's own file")
+        raise ValueError(f"this is a train.py run checkpoint, not backbone weights: give {ckpt} "
+                         "a backbone's own file")
     layout, prefix = _detect_layout(state, entries, ckpt, layouts)
     state = _to_ours(state, layout, prefix, where)
     for key in ["pos_embed", "patch_embed.weight", "blocks.0.mlp.fc1.weight"]:
         if key not in state:
-            raise ValueError(f"missing tensor {key}, needed to read the {what} size")
+            raise ValueError(f"missing tensor {key}")
     if ("dist_token" in state) != (what == "AST"):
         other = "AST" if what == "ViT" else "ViT"
         raise ValueError(f"wrong kind of checkpoint: {other} weights (it has {_KINDS[other][2]} "
@@ -600,16 +596,25 @@ def _read_backbone(src, num_heads, what, where):
     dim, saved = state["pos_embed"].shape[-1], top.get("num_heads")
     if num_heads and saved and num_heads != saved:
         raise ValueError(f"{heads_flag}={num_heads}, but it was saved with {saved} heads")
-    heads = num_heads or saved or dim // 64
-    if not (num_heads or saved):  # the weights cannot tell
+    heads = num_heads or saved
+    if not heads:  # the weights cannot tell
         if dim % 64:
             raise ValueError(f"width {dim} is not a multiple of 64, so its heads cannot be "
                              f"guessed: pass {heads_flag}")
+        heads = dim // 64
         print(f"note: {where}: {heads} heads guessed (width {dim} // 64); if wrong, pass "
               f"{heads_flag}")
     dims = dict(dim=dim, depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
                 heads=heads, mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0])
     return state, layout, dims, state["patch_embed.weight"].shape[-1]
+
+
+def _resize_positions(state, prefix, rows, resize):
+    """Both loaders: state["pos_embed"] (1, prefix + N, D) -> its N patches as a grid (1, D, rows,
+    N / rows) through resize, back to tokens (1, prefix + N', D) after the prefix tokens, kept."""
+    pos = state["pos_embed"].float()
+    grid = resize(pos[:, prefix:].reshape(1, rows, -1, pos.shape[-1]).permute(0, 3, 1, 2))
+    state["pos_embed"] = torch.cat([pos[:, :prefix], grid.flatten(2).transpose(1, 2)], 1)
 
 
 def load_vit(src, image_size=None, num_heads=None):
@@ -631,12 +636,8 @@ def load_vit(src, image_size=None, num_heads=None):
         if new != old:  # timm resample_abs_pos_embed: bicubic with antialias, prefix kept
             print(f"note: {where}: position grid {old}x{old} resized to {new}x{new} for "
                   f"--image_size={image_size}; {matches}")
-            pos = state["pos_embed"].float()
-            grid = pos[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, D, old, old)
-            grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False,
-                                 antialias=True)
-            # (1, 1+N, D)
-            state["pos_embed"] = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], 1)
+            _resize_positions(state, 1, old, lambda grid: F.interpolate(
+                grid, size=(new, new), mode="bicubic", align_corners=False, antialias=True))
         return _load_into(ViT(image_size, patch, eps=1e-6, **dims), state)
 
 
@@ -646,23 +647,20 @@ def load_ast(src, num_mel_bins=128, target_length=1024, fstride=10, tstride=10, 
         state, layout, dims, patch = _read_backbone(src, num_heads, "AST", where)
         model = AST(num_mel_bins, target_length, fstride, tstride,
                     eps=1e-12 if layout == "hf" else 1e-6, patch_size=patch, **dims)
-        pos = state["pos_embed"].float()
-        f_old, n = (num_mel_bins - patch) // fstride + 1, pos.shape[1] - 2
-        if n % f_old:
-            raise ValueError(f"its {n} position patches are not a multiple of the {f_old} "
-                             f"frequency patches that --num_mel_bins={num_mel_bins} "
-                             f"--fstride={fstride} give: check those flags")
-        grid = pos[:, 2:].reshape(1, f_old, n // f_old, -1).permute(0, 3, 1, 2)  # (1, D, f, t)
-        # AST repo: center-crop each axis when the new one is smaller, else bilinear
-        for axis, new in ((3, model.grid[1]), (2, model.grid[0])):
-            old = grid.shape[axis]
+        # the checkpoint's frequency patches are read with these flags: only its time axis can
+        # differ from ours
+        (f, new), n = model.grid, state["pos_embed"].shape[1] - 2
+        if n % f:
+            raise ValueError(f"its {n} position patches are not a multiple of {f} frequency "
+                             f"patches: check --num_mel_bins={num_mel_bins} --fstride={fstride}")
+
+        def crop_or_stretch(grid):  # AST repo: center-crop a shorter time axis, else bilinear
+            old = grid.shape[3]
             if new < old:
-                grid = grid.narrow(axis, int(old / 2) - int(new / 2), new)
-            elif new > old:
-                size = (grid.shape[2], new) if axis == 3 else (new, grid.shape[3])
-                grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
-        # (1, 2+N, D)
-        state["pos_embed"] = torch.cat([pos[:, :2], grid.flatten(2).transpose(1, 2)], 1)
+                return grid.narrow(3, int(old / 2) - int(new / 2), new)
+            return F.interpolate(grid, size=(f, new), mode="bilinear", align_corners=False) \
+                if new > old else grid
+        _resize_positions(state, 2, f, crop_or_stretch)
         return _load_into(model, state)
 
 
