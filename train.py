@@ -540,8 +540,7 @@ class Run:
         ck, self.best = self.ck, state
         if ck is None:
             return
-        shapes = {k: tuple(v.shape) for k, v in state.items()}
-        if {k: tuple(v.shape) for k, v in ck["model"].items()} != shapes:
+        if {k: v.shape for k, v in ck["model"].items()} != {k: v.shape for k, v in state.items()}:
             raise ValueError(f"--resume: {self.path} holds another model's tensors: start afresh "
                              "with --overwrite=true")
         # the trainable part; the backbones are frozen
@@ -581,8 +580,7 @@ class Run:
                        "config": dataclasses.asdict(self.cfg), "rng": torch.get_rng_state(),
                        **({"cuda_rng": torch.cuda.get_rng_state_all()}
                           if torch.cuda.is_available() else {})})
-            columns = ("epoch", "train_loss", "val_acc", "seconds")
-            rows = [columns] + [[h[k] for k in columns] for h in self.history]
+            rows = [self.history[0].keys()] + [h.values() for h in self.history]  # a header, epochs
             text = "".join(",".join(map(str, r)) + "\r\n" for r in rows)
             data.write_atomic(self.file("log.csv"), text)
 
@@ -963,7 +961,7 @@ def summary(paths):
             rows.setdefault(key, []).append(value)
     for key, values in rows.items():
         v = torch.tensor([x for x in values if x is not None], dtype=torch.float64)
-        print(f"{key:40} " + (f"{v.mean():.3f} +- {v.std() if len(v) > 1 else 0:.3f}   "
+        print(f"{key:48} " + (f"{v.mean():.3f} +- {v.std() if len(v) > 1 else 0:.3f}   "
                               f"({', '.join(f'{x:.3f}' for x in v)})" if len(v) else "-"))
 
 
