@@ -2671,6 +2671,46 @@ def test_stage0_gives_each_backbone_its_own_epochs(tmp_path, monkeypatch):
     assert sorted(p.name.split("_")[-2] for p in (tmp_path / "backbones").iterdir()) == ["100x3-2", "100x3-2"]
 
 
+@pytest.mark.run_dir
+def test_flags_as_people_type_them(tmp_path, monkeypatch):
+    cfg = train.parse_config(["--epochs", "3", "--lr", "0.01", "--resume", "true", "--cache_features",
+                              f"--out_dir={tmp_path}"])
+    assert (cfg.epochs, cfg.lr, cfg.resume, cfg.cache_features) == (3, 0.01, True, True)
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~ as a shell expands it
+    assert train.parse_config(["--out_dir=~/runs/a"]).out_dir == str(tmp_path / "runs" / "a")
+
+    @dataclasses.dataclass
+    class Edited(train.Config):  # a float default edited to 0: the declared type still rules
+        weight_decay: float = 0
+    monkeypatch.setattr(train, "Config", Edited)
+    assert train.parse_config(args(tmp_path, "--weight_decay=0.05")).weight_decay == 0.05
+    for bad, says in ((f"--out_dir={tmp_path}/\udcff", "expected a value of type str"),  # not UTF-8
+                      ("--dist_timeout=1000000000000000", "at most 10 \\*\\* 9"),
+                      ("--train_clips=100000000", "the synthetic data needs .* GB of memory"),
+                      ("--reduction=17", "--reduction=17 .* at most the stage-0 backbones' width 16")):
+        with pytest.raises(SystemExit, match=says):
+            train.parse_config(args(tmp_path, bad))
+
+
+@pytest.mark.run_dir
+def test_a_run_file_that_is_a_folder_is_refused_before_any_work(tmp_path):
+    (tmp_path / "metrics.json").mkdir()
+    with pytest.raises(ValueError, match="metrics.json is a folder, not a run's file"):
+        start(tmp_path, "--overwrite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+@pytest.mark.run_dir
+def test_checkpoint_checks_hold_under_python_O(tmp_path):
+    torch.save({"config": {}, "epoch": 1, "model": {"w": torch.tensor([float("nan")])},
+                "optimizer": {}, "best": {}, "identity": {}}, tmp_path / "ckpt.pt")
+    code = "import sys, train; train.read_checkpoint(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-O", "-c", code, str(tmp_path / "ckpt.pt")],
+                          cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                          text=True)
+    assert done.returncode != 0 and "holds NaN or Inf weights" in done.stderr, done.stderr
+
+
 def test_flags_are_checked_before_any_work(tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
     for bad in ("--cache_features=flase", "--mode=moe", "--epochs=ten", "--modalities=x", "--no_such_flag=1",
