@@ -922,31 +922,29 @@ SUMMARY_KEYS = ("test_acc", "test_acc_audio_removed", "test_acc_frames_removed",
 def summary(paths):
     """Mean +- sample std over runs that differ in their seed alone: run folders (their
     metrics.json), or metrics.json / probe_seed*.json files; all checked before a row prints."""
-    paths = [os.fspath(p) for p in paths]
+    paths = [os.path.join(p, "metrics.json") if os.path.isdir(p) else os.fspath(p) for p in paths]
     if not paths or any(p.startswith("--") for p in paths):
         raise ValueError("--summary takes run folders or their metrics.json / probe_seed*.json "
                          "files, e.g. --summary runs/s0 runs/s1 runs/s2"
                          f"{', not ' + min(paths) if paths else ''}")
     runs = {}  # seed -> (path, its record)
-    for path in (os.path.join(p, "metrics.json") if os.path.isdir(p) else p for p in paths):
+    for path in paths:
         try:
             with open(path, encoding="utf-8") as f:
                 record = json.load(f)
-            identity, seed = record["identity"], record["config"]["seed"]
+            identity, config, seed = record["identity"], record["config"], record["config"]["seed"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            why = ("it records no run identity: written by an earlier version of train.py, rerun it"
-                   if isinstance(e, KeyError)
-                   else f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}")
-            raise ValueError(f"{path}: not a finished run's metrics.json or a --probe file "
-                             f"({why})") from None
+            raise ValueError(f"{path}: not a finished run's metrics.json or a --probe file, or one "
+                             "written by an earlier version of train.py, which recorded no run "
+                             f"identity ({type(e).__name__}: {e})") from None
         first, first_record = next(iter(runs.values()), (path, record))
-        free = {"settings.seed"} | {f"data.{s}.sha256" for s in ("train", "val", "test")
-                                    if record["config"]["data"] == "synthetic"} | {
-            f"weights.{name}" for name, (_, flag, *_) in BACKBONES.items()
-            if not record["config"][flag]}
+        # what the seed alone produces may differ: its synthetic data, its stage-0 backbones
+        free = {"settings.seed", *(f"data.{s}.sha256" for s in ("train", "val", "test")
+                                   if config["data"] == "synthetic"),
+                *(f"weights.{name}" for name, (_, flag, *_) in BACKBONES.items()
+                  if not config[flag])}
         diff = differences(dict(first_record["identity"], epochs=first_record["config"]["epochs"]),
-                           # seed products free
-                           dict(identity, epochs=record["config"]["epochs"]), free)
+                           dict(identity, epochs=config["epochs"]), free)
         if diff:
             key, a, b = diff[0]
             raise ValueError(f"{first} and {path} differ in {key} ({a} against {b}): --summary "
