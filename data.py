@@ -335,11 +335,14 @@ def read_annotations(path):
                                 "{train,val,test}Set.txt and AVE/")
     with open(path, "rb") as f:
         raw = f.read()
+    start = raw.find(b"\0")  # UTF-16 without a BOM: a NUL beside each ASCII letter
     try:
         text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:  # Latin-1 or UTF-16, say: name the line, not a byte offset
-        line = raw[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}, line {line}: not UTF-8: save the file as UTF-8") from None
+    except UnicodeDecodeError as e:  # Latin-1 or UTF-16, say
+        start = e.start if start < 0 else min(start, e.start)
+    if start >= 0:  # name the line, not a byte offset
+        line = raw[:start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8: save the file as UTF-8")
     lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     rows, alike = [], {}
     for k, (n, line) in enumerate(lines):
@@ -379,17 +382,25 @@ def segment_labels(row, classes):
     return torch.where((row.start <= t) & (t < row.end), classes[row.category], len(classes))
 
 
+RUNNING = set()  # the ffmpeg processes of prepare_ave's threads: killed when it is interrupted
+
+
 def _run(cmd, timeout):
     """stdout of a ffmpeg/ffprobe command; RuntimeError with ffmpeg's own last message if it fails
     or hangs."""
-    try:
-        p = subprocess.run(cmd, capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"{cmd[0]} timed out after {timeout} s") from None
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
+        RUNNING.add(p)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise RuntimeError(f"{cmd[0]} timed out after {timeout} s") from None
+        finally:
+            RUNNING.discard(p)
     if p.returncode:
-        msg = p.stderr.decode(errors="replace").strip().splitlines()
+        msg = err.decode(errors="replace").strip().splitlines()
         raise RuntimeError(f"{cmd[0]} failed: {msg[-1] if msg else f'exit code {p.returncode}'}")
-    return p.stdout
+    return out
 
 
 def prepare_video(src, dst, image_size=224, timeout=120):
@@ -515,7 +526,9 @@ def prepare_ave(root, out, image_size=224, workers=2, overwrite=False, timeout=1
                 except Exception as e:  # a failure (missing, undecodable, timeout) skips the video
                     report["skipped"][v] = str(e)
                 progress()
-        finally:  # on Ctrl-C, drop the queued videos instead of decoding them all before exiting
+        finally:  # on Ctrl-C, drop the queued videos and stop the running ones before exiting
+            for p in list(RUNNING):
+                p.kill()
             pool.shutdown(cancel_futures=True)
     for v, why in sorted(report["skipped"].items()):
         print(f"skipped {v}: {why}")
@@ -721,6 +734,9 @@ def single_thread():
 
 
 def main(argv=None):
+    for name in ("SIGTERM", "SIGHUP"):  # kill or a closed terminal acts as Ctrl-C (clips are kept)
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.default_int_handler)
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stats", action="store_true",

@@ -1679,7 +1679,8 @@ def test_ave_annotations_not_in_utf8_are_named_with_their_line(tmp_path):
     assert rows[1].category == "Café, bistro"
     (tmp_path / "b.txt").write_bytes("\n".join(lines).encode("latin-1"))
     (tmp_path / "c.txt").write_bytes("\r\n".join(lines).encode("utf-16"))  # with a BOM
-    for name, line in [("b.txt", 3), ("c.txt", 1)]:
+    (tmp_path / "d.txt").write_bytes("\r\n".join(lines).encode("utf-16-le"))  # without one
+    for name, line in [("b.txt", 3), ("c.txt", 1), ("d.txt", 1)]:
         with pytest.raises(ValueError) as e:
             data.read_annotations(tmp_path / name)
         assert str(e.value) == f"{tmp_path / name}, line {line}: not UTF-8: save the file as UTF-8"
@@ -1758,6 +1759,37 @@ def test_ave_prepare_names_other_files_of_a_missing_mp4_and_ctrl_c_says_what_is_
     monkeypatch.setattr(data, "prepare_video", interrupted)
     assert prepare_fails(root, out) == (
         f"interrupted: the clips prepared in {out} are kept: rerun to resume")
+
+
+@pytest.mark.ave
+@pytest.mark.slow
+@pytest.mark.skipif(os.name != "posix", reason="SIGTERM and a shell script as ffmpeg")
+def test_ave_prepare_sigterm_says_what_is_kept_and_stops_its_ffmpeg(tmp_path):
+    bin_dir, root, out = tmp_path / "bin", tmp_path / "root", tmp_path / "out"
+    for d in (bin_dir, root / "AVE"):
+        d.mkdir(parents=True)
+    for tool in ("ffmpeg", "ffprobe"):  # a decoder that never ends, and says it started
+        (bin_dir / tool).write_text(f"#!/bin/sh\necho $$ >> {tmp_path}/pids\nexec sleep 60\n")
+        (bin_dir / tool).chmod(0o755)
+    write(root / "Annotations.txt", ["Bus&a&good&0&10", "Bus&b&good&0&10"])
+    for v in "ab":
+        (root / "AVE" / f"{v}.mp4").write_bytes(b"x")
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    p = subprocess.Popen([sys.executable, "data.py", "--prepare_ave", str(root), "--out", str(out)],
+                         cwd=os.path.dirname(os.path.abspath(__file__)), env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for _ in range(600):
+        if (tmp_path / "pids").exists():
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)
+    p.terminate()
+    _, err = p.communicate(timeout=30)  # not the 60 s the fake decoders sleep
+    assert err.strip() == f"interrupted: the clips prepared in {out} are kept: rerun to resume"
+    time.sleep(0.5)
+    alive = [pid for pid in (tmp_path / "pids").read_text().split() if os.path.exists(f"/proc/{pid}")
+             and "zombie" not in open(f"/proc/{pid}/status").read()]
+    assert not alive, "a decoder outlived data.py"
 
 
 def colour(second):
@@ -2605,8 +2637,10 @@ def test_torchrun_two_processes_and_exact_resume(tmp_path):
                "--modality_dropout=0.3", f"--out_dir={out}", f"--cache_dir={out}", *extra]
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
                            timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        assert p.returncode == 0, p.stderr[-2000:]
-        return p.stdout
+        assert (p.returncode == 0) == ("--epochs=1.5" not in extra), p.stderr[-2000:]
+        return p.stdout + p.stderr
+    said = torchrun(tmp_path / "bad", "--epochs=1.5")  # an error: the script's line once, not per rank
+    assert said.count("--epochs=1.5: expected a value of type int") == 1, said[-2000:]
     printed = torchrun(tmp_path / "a")
     assert printed.count("test acc") == 1 and (tmp_path / "a" / "metrics.json").exists()  # rank 0 alone reports
     torchrun(tmp_path / "b", "--epochs=1")
@@ -2684,10 +2718,12 @@ def test_flags_as_people_type_them(tmp_path, monkeypatch):
         weight_decay: float = 0
     monkeypatch.setattr(train, "Config", Edited)
     assert train.parse_config(args(tmp_path, "--weight_decay=0.05")).weight_decay == 0.05
-    for bad, says in ((f"--out_dir={tmp_path}/\udcff", "expected a value of type str"),  # not UTF-8
+    for bad, says in ((f"--out_dir={tmp_path}/\udcff", "--out_dir: the name is not valid UTF-8"),
                       ("--dist_timeout=1000000000000000", "at most 10 \\*\\* 9"),
-                      ("--train_clips=100000000", "the synthetic data needs .* GB of memory"),
-                      ("--reduction=17", "--reduction=17 .* at most the stage-0 backbones' width 16")):
+                      ("--train_clips=100000000", "the data and the models need .* GB of memory"),
+                      ("--dim=100000", "need .* GB of memory"), ("--head_dim=10000000", "GB of memory"),
+                      ("--latent_tokens=100000000", "GB of memory"), ("--num_mel_bins=300", "to 256"),
+                      ("--reduction=17", "--reduction=17 is more than the stage-0 backbones' width 16")):
         with pytest.raises(SystemExit, match=says):
             train.parse_config(args(tmp_path, bad))
 
@@ -2968,7 +3004,7 @@ def test_probe_and_bench_leave_the_run_folder_alone(tmp_path):
         with pytest.raises(SystemExit, match=f"--{tool} takes no --resume"):
             train.parse_config(args(tmp_path, "--resume"), tool)
     assert (tmp_path / "ckpt.pt").read_bytes() == b"a run's"
-    with pytest.raises(SystemExit, match="--bench no --mode"):
+    with pytest.raises(SystemExit, match="--bench takes no --mode: drop it"):
         train.parse_config(args(tmp_path, "--mode=avmoe"), "bench")
     (tmp_path / "probe_seed0.json").write_text("an earlier probe")
     with pytest.raises(ValueError, match="holds an earlier probe \\(probe_seed0.json\\): pass --overwrite"):

@@ -385,9 +385,10 @@ def load_backbone(name, path, cfg):
 
 def check_fits(cfg, whose, width, depth):
     """--reduction within a backbone's width (else an empty bottleneck), --late_layers its depth."""
-    if cfg.reduction > width or cfg.mode == "molt" and cfg.late_layers > depth:
-        raise ValueError(f"--reduction={cfg.reduction} and --late_layers={cfg.late_layers} must be "
-                         f"at most the {whose} width {width} and depth {depth}")
+    if cfg.reduction > width:
+        raise ValueError(f"--reduction={cfg.reduction} is more than the {whose} width {width}")
+    if cfg.mode == "molt" and cfg.late_layers > depth:
+        raise ValueError(f"--late_layers={cfg.late_layers} is more than the {whose} {depth} layers")
 
 
 def datasets(cfg, run=None):
@@ -643,10 +644,10 @@ class Run:
         elif self.lock:
             self.lock.close()
         if kind is KeyboardInterrupt:
-            raise SystemExit(f"interrupted: {self.kept()}") from None
+            raise SystemExit(f"interrupted: {self.kept()}" if RANK == 0 else 1) from None
         if kind is FloatingPointError:
             raise SystemExit(f"error: {error}: stopping; {self.kept()} (or rerun with "
-                             "--overwrite=true and a lower --lr)") from None
+                             "--overwrite=true and a lower --lr)" if RANK == 0 else 1) from None
 
 
 RUN_FILES = ("ckpt.pt", "log.csv", "metrics.json", "report.html")  # what a run writes in out_dir
@@ -750,43 +751,46 @@ def print_help(cfg):
 
 
 def parse_config(argv, tool=None):
-    """--key=value or --key value flags -> Config, checked; a bad flag stops with one line before
-    any work. tool: "probe" or "bench", which take no --resume and compare both modes."""
+    """--key=value or --key value flags -> Config, checked; a bad flag stops with one line (printed
+    once under torchrun) before any work. tool: "probe" or "bench", which take no --resume."""
     cfg, types, given = Config(), {f.name: f.type for f in dataclasses.fields(Config)}, set()
     args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg in ("-h", "--help"):
-            print_help(cfg)
-            sys.exit(0)
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in types:
-            sys.exit(f"unknown argument {arg}: see python train.py --help")
-        kind = types[key]
-        if (not eq and args and not args[0].startswith("--") and
-                (kind is not bool or args[0] in BOOLS)):
-            value = args.pop(0)  # --key value
-        elif not eq and kind is bool:
-            value = "true"  # a bare --resume
-        try:
-            value = BOOLS[value.lower()] if kind is bool else kind(value)
-            if kind is str:
-                value.encode("utf-8")  # a name that is not UTF-8 could not be written in the report
-        except (KeyError, ValueError, UnicodeError):
-            sys.exit(f"--{key}={value}: expected a value of type {kind.__name__}")
-        setattr(cfg, key, os.path.expanduser(value) if key in PATHS else value)
-        given.add(key)
     try:
-        if tool and "resume" in given or tool == "bench" and "mode" in given:
-            raise ValueError(f"--{tool} takes no --resume, --bench no --mode (it runs both): "
-                             "drop it")
+        while args:
+            arg = args.pop(0)
+            if arg in ("-h", "--help"):
+                print_help(cfg)
+                sys.exit(0)
+            key, eq, value = arg.removeprefix("--").partition("=")
+            if not arg.startswith("--") or key not in types:
+                raise ValueError(f"unknown argument {arg}: see python train.py --help")
+            kind = types[key]
+            if (not eq and args and not args[0].startswith("--") and
+                    (kind is not bool or args[0] in BOOLS)):
+                value = args.pop(0)  # --key value
+            elif not eq and kind is bool:
+                value = "true"  # a bare --resume
+            # the command line's bytes that are not UTF-8 arrive as U+DC80..U+DCFF (surrogateescape)
+            if any("\udc80" <= c <= "\udcff" for c in value):
+                raise ValueError(f"--{key}: the name is not valid UTF-8, which the report needs: "
+                                 "choose another")
+            try:
+                value = BOOLS[value.lower()] if kind is bool else kind(value)
+            except (KeyError, ValueError):
+                raise ValueError(f"--{key}={value}: expected a value of type "
+                                 f"{kind.__name__}") from None
+            setattr(cfg, key, os.path.expanduser(value) if key in PATHS else value)
+            given.add(key)
+        refused = {"resume"} | ({"mode"} if tool == "bench" else set())  # --bench runs both modes
+        if tool and refused & given:
+            raise ValueError(f"--{tool} takes no --{min(refused & given)}: drop it")
         if (cfg.data == "ave" and cfg.vit_ckpt and "image_size" not in given and
                 os.path.isfile(cfg.vit_ckpt)):
             vit = load_vit(cfg.vit_ckpt, num_heads=cfg.vit_heads or None)  # at its own size
             cfg.image_size = vit.grid[0] * vit.patch_embed.stride[0]
         check(cfg)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if RANK == 0 else 1)  # under torchrun, the line once
     return cfg
 
 
@@ -811,9 +815,10 @@ def check(cfg):
              f"--device={cfg.device}: this machine has none; use --device=cpu or auto"),
             (cfg.modality_dropout > 0.5,
              "--modality_dropout must be at most 0.5 (audio and frames: never both)"),
-            (cfg.num_mel_bins < 16 or (not cfg.vit_ckpt and cfg.image_size % 8),
-             f"--num_mel_bins={cfg.num_mel_bins} must be at least 16 (the AST's patch), "
-             f"--image_size={cfg.image_size} a multiple of 8 (stage 0's ViT's)"),
+            (not 16 <= cfg.num_mel_bins <= 256 or (not cfg.vit_ckpt and cfg.image_size % 8),
+             f"--num_mel_bins={cfg.num_mel_bins} must be 16 (the AST's patch) to 256 (a 25 ms "
+             f"window has 257 frequencies), --image_size={cfg.image_size} a multiple of 8 (stage "
+             "0's ViT's patch)"),
             (cfg.dim % cfg.heads or cfg.num_classes < 2,
              f"--dim={cfg.dim} must be divisible by --heads={cfg.heads}, and --num_classes at "
              "least 2"),
@@ -849,15 +854,18 @@ def check(cfg):
 
 def check_memory(cfg):
     """The sizes that obviously cannot fit: the synthetic clips (uint8 frames, fp16 fbanks) and the
-    stage-0 samples (float32), each held twice (stored, then used)."""
+    stage-0 samples (float32), each held twice (stored, then used), and the parameters of the
+    stage-0 backbones, the latent tokens and the head, with gradients and Adam's two moments."""
     segment = 3 * cfg.image_size ** 2 + 2 * data.FRAMES_PER_SEGMENT * cfg.num_mel_bins
     clips = (cfg.train_clips + cfg.val_clips + cfg.test_clips) * (cfg.data == "synthetic")
-    need = 2 * (clips * data.SECONDS + 4 * cfg.pretrain_samples) * segment
+    params = (24 * cfg.depth * cfg.dim ** 2 + 3 * cfg.head_dim ** 2 +  # blocks, head's conv
+              4 * cfg.depth * cfg.latent_tokens * cfg.dim * (cfg.n_cma + cfg.n_ua))
+    need = 2 * (clips * data.SECONDS + 4 * cfg.pretrain_samples) * segment + 16 * params
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if os.name == "posix" else need
     if need > total:
-        raise ValueError(f"the synthetic data needs {need / 1e9:.0f} GB of memory of "
-                         f"{total / 1e9:.0f}: lower the clips, --pretrain_samples, --image_size or "
-                         "--num_mel_bins")
+        raise ValueError(f"the data and the models need {need / 1e9:.0f} GB of memory of "
+                         f"{total / 1e9:.0f}: lower the clips, --pretrain_samples, --image_size, "
+                         "--num_mel_bins, --dim, --depth, --head_dim or --latent_tokens")
 
 
 # -------------------------------------------------------------- --probe, --summary and --bench
