@@ -480,8 +480,8 @@ def check_prepared(path, image_size=None, whole=False):
 
 def prepare_ave(root, out, image_size=224, workers=2, overwrite=False, timeout=120):
     """Decode every video of ROOT/Annotations.txt into OUT/<VideoID>.npz; resumable, never stops on
-    a bad clip. The flags, tools and annotations are checked before any file is written or removed;
-    earlier clips of another size are refused (only broken ones may have been removed by then)."""
+    a bad clip. The flags, tools, annotations and earlier clips (another size is refused) are
+    checked before any file is written or removed."""
     for flag, value in (("--image_size", image_size), ("--workers", workers)):
         if value < 1:
             raise ValueError(f"{flag} {value}: it must be at least 1")
@@ -496,18 +496,20 @@ def prepare_ave(root, out, image_size=224, workers=2, overwrite=False, timeout=1
         raise ValueError(f"{videos} not found: put the videos in ROOT/AVE/<VideoID>.mp4")
     rows = read_annotations(os.path.join(root, "Annotations.txt"))
     dst = {v: os.path.join(out, v + ".npz") for v in dict.fromkeys(r.video_id for r in rows)}
-    todo = [v for v in dst if not os.path.exists(dst[v])]
+    todo, broken = [v for v in dst if not os.path.exists(dst[v])], {}
     for v in sorted(set(dst) - set(todo)):
         try:  # reads the data against its CRC-32; with overwrite, another size counts as broken
             side = check_prepared(dst[v], image_size if overwrite else None, whole=True)
         except ValueError as e:
-            os.remove(dst[v])  # if preparing it fails again, the row is dropped, not left broken
-            print(f"{e}: preparing it again")
-            todo.append(v)
+            broken[v] = e
             continue
         if side != image_size:  # found on the first file of a folder prepared at one size
             raise ValueError(f"the clips in {out} were prepared at {side} px: pass --image_size "
                              f"{side} to add to them, or --overwrite to redo them")
+    for v, e in broken.items():
+        os.remove(dst[v])  # if preparing it fails again, the row is dropped, not left broken
+        print(f"{e}: preparing it again")
+        todo.append(v)
     os.makedirs(out, exist_ok=True)
     print(f"{len(dst)} videos, {len(dst) - len(todo)} already in {out}, {len(todo)} to prepare")
     report = dict(prepared=[], skipped={}, padded=[], silent=[])

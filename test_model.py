@@ -1792,6 +1792,22 @@ def test_ave_prepare_sigterm_says_what_is_kept_and_stops_its_ffmpeg(tmp_path):
     assert not alive, "a decoder outlived data.py"
 
 
+@pytest.mark.ave
+def test_ave_prepare_at_another_size_is_refused_before_any_file_is_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(data.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    root, out = tmp_path / "root", tmp_path / "out"
+    (root / "AVE").mkdir(parents=True)
+    out.mkdir()
+    write(root / "Annotations.txt", ["Bus&a&good&0&10", "Bus&b&good&0&10"])
+    (out / "a.npz").write_bytes(b"broken, and sorted first")
+    with open(out / "b.npz", "wb") as f:  # a whole clip prepared at 32 px
+        np.savez(f, frames=np.zeros((10, 32, 32, 3), np.uint8), audio=np.zeros(160000, np.float32))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match="prepared at 32 px: pass --image_size 32"):
+        data.prepare_ave(str(root), str(out), image_size=16)
+    assert before == {p.name: p.read_bytes() for p in out.iterdir()}
+
+
 def colour(second):
     """The colour our clips show at t = second + 0.5: red codes the quarter second (2 = mid), green the second."""
     return np.array([120, 20 * second, 50])
