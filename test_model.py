@@ -2338,6 +2338,7 @@ def test_summary_gives_mean_and_sample_std(tmp_path, capsys):
 
 
 @pytest.mark.summary
+@pytest.mark.slow  # a new interpreter
 def test_summary_flag_anywhere_on_the_command_line(tmp_path):
     runs = [str(fake_run(tmp_path / f"s{i}", i, acc)) for i, acc in enumerate((0.9, 0.7))]
     for argv in (["--summary", *runs], [runs[0], "--summary", runs[1]]):
@@ -2753,6 +2754,7 @@ def test_a_run_file_that_is_a_folder_is_refused_before_any_work(tmp_path):
 
 
 @pytest.mark.run_dir
+@pytest.mark.slow  # a new interpreter
 def test_checkpoint_checks_hold_under_python_O(tmp_path):
     torch.save({"config": {}, "epoch": 1, "model": {"w": torch.tensor([float("nan")])},
                 "optimizer": {}, "best": {}, "identity": {}}, tmp_path / "ckpt.pt")
@@ -2956,6 +2958,7 @@ def test_flags_refuse_real_ave_folders_without_data_ave_and_a_non_finite_router_
 
 
 @pytest.mark.run_dir
+@pytest.mark.slow  # a new interpreter
 def test_processes_writing_one_cache_file_at_once_never_collide(tmp_path):
     """Runs sharing a --cache_dir draw the same data at the same moment: each writes its own temporary file."""
     code = ("import sys, data; sys.path.insert(0, '.'); "
