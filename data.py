@@ -478,6 +478,22 @@ def check_prepared(path, image_size=None, whole=False):
     return got[1]  # the frames' side
 
 
+def earlier_broken(dst, todo, out, image_size, overwrite):
+    """The earlier clips that are broken, {video: why} (with overwrite, another size counts as
+    broken); ValueError if they were prepared at another size."""
+    broken = {}
+    for v in sorted(set(dst) - set(todo)):
+        try:  # reads the data against its CRC-32
+            side = check_prepared(dst[v], image_size if overwrite else None, whole=True)
+        except ValueError as e:
+            broken[v] = e
+            continue
+        if side != image_size:  # found on the first file of a folder prepared at one size
+            raise ValueError(f"the clips in {out} were prepared at {side} px: pass --image_size "
+                             f"{side} to add to them, or --overwrite to redo them")
+    return broken
+
+
 def prepare_ave(root, out, image_size=224, workers=2, overwrite=False, timeout=120):
     """Decode every video of ROOT/Annotations.txt into OUT/<VideoID>.npz; resumable, never stops on
     a bad clip. The flags, tools, annotations and earlier clips (another size is refused) are
@@ -496,17 +512,8 @@ def prepare_ave(root, out, image_size=224, workers=2, overwrite=False, timeout=1
         raise ValueError(f"{videos} not found: put the videos in ROOT/AVE/<VideoID>.mp4")
     rows = read_annotations(os.path.join(root, "Annotations.txt"))
     dst = {v: os.path.join(out, v + ".npz") for v in dict.fromkeys(r.video_id for r in rows)}
-    todo, broken = [v for v in dst if not os.path.exists(dst[v])], {}
-    for v in sorted(set(dst) - set(todo)):
-        try:  # reads the data against its CRC-32; with overwrite, another size counts as broken
-            side = check_prepared(dst[v], image_size if overwrite else None, whole=True)
-        except ValueError as e:
-            broken[v] = e
-            continue
-        if side != image_size:  # found on the first file of a folder prepared at one size
-            raise ValueError(f"the clips in {out} were prepared at {side} px: pass --image_size "
-                             f"{side} to add to them, or --overwrite to redo them")
-    for v, e in broken.items():
+    todo = [v for v in dst if not os.path.exists(dst[v])]
+    for v, e in earlier_broken(dst, todo, out, image_size, overwrite).items():
         os.remove(dst[v])  # if preparing it fails again, the row is dropped, not left broken
         print(f"{e}: preparing it again")
         todo.append(v)
