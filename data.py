@@ -1,7 +1,5 @@
 """Data: the AST fbank, the synthetic AVE default and the real AVE pipeline.
 
-    python data.py --stats                       label statistics and unimodal ceilings of the
-                                                 synthetic set
     python data.py --prepare_ave ROOT --out DIR  decode the real AVE videos once (needs the ffmpeg
                                                  CLI)
 """
@@ -9,7 +7,6 @@ import argparse
 import contextlib
 import functools
 import glob
-import json
 import math
 import multiprocessing
 import os
@@ -254,15 +251,6 @@ def unimodal_ceiling(split, modality):
     # (N, 1)
     k = torch.tensor([len(set(r.tolist()) - {-1}) for r in run]).clamp_min(1)[:, None].float()
     return torch.where(seen, torch.maximum(1 / k, 1 - 1 / k), torch.ones_like(k)).mean().item()
-
-
-def label_stats(split, num_classes):
-    run = split["run"]
-    rates = {"event": run == 0, "audible_only_decoy": run == 1, "visible_only_decoy": run == 2,
-             "nothing": run == -1, "always_background_acc": split["labels"] == num_classes}
-    return {**{k: x.float().mean().item() for k, x in rates.items()},
-            "audio_only_ceiling": unimodal_ceiling(split, "a"),
-            "visual_only_ceiling": unimodal_ceiling(split, "v")}
 
 
 @dataclass
@@ -748,30 +736,18 @@ def main(argv=None):
             signal.signal(getattr(signal, name), signal.default_int_handler)
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stats", action="store_true",
-                   help="label statistics of the default synthetic set")
-    p.add_argument("--prepare_ave", metavar="ROOT",
+    p.add_argument("--prepare_ave", metavar="ROOT", required=True,
                    help="folder with Annotations.txt and AVE/*.mp4")
-    p.add_argument("--out", metavar="DIR", help="where the prepared <VideoID>.npz files go")
+    p.add_argument("--out", metavar="DIR", required=True,
+                   help="where the prepared <VideoID>.npz files go")
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--workers", type=int, default=2, help="parallel ffmpeg processes")
     p.add_argument("--overwrite", action="store_true", help="redo clips of another --image_size")
     a = p.parse_args(argv)
-    if a.prepare_ave and not a.out:
-        p.error("--prepare_ave needs --out DIR")
     try:
-        if a.prepare_ave:
-            prepare_ave(a.prepare_ave, a.out, a.image_size, a.workers, a.overwrite)
-        elif a.stats:
-            cfg = SynthConfig()  # the demo's defaults
-            for name, split in synthetic_splits(cfg, os.path.join("out", "data")).items():
-                print(name, json.dumps({k: round(v, 3) for k, v in
-                                        label_stats(split, cfg.num_classes).items()}))
-        else:
-            p.print_help()
+        prepare_ave(a.prepare_ave, a.out, a.image_size, a.workers, a.overwrite)
     except KeyboardInterrupt:  # clips are written whole, and a rerun prepares only what is missing
-        sys.exit(f"interrupted: the clips prepared in {a.out} are kept: rerun to resume"
-                 if a.prepare_ave else "interrupted")
+        sys.exit(f"interrupted: the clips prepared in {a.out} are kept: rerun to resume")
     except (ValueError, OSError) as e:  # a missing or malformed file, a flag, a full disk
         sys.exit(f"error: {e}")
 

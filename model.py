@@ -417,9 +417,10 @@ _TOP_RULES = {
            "embeddings.patch_embeddings.projection.": "patch_embed."}}
 # Where a saved dict keeps the weights: timm's keys in its order (EMA first), then others'
 _WRAPPERS = ("state_dict_ema", "state_dict", "model_state_dict", "model")
-# Per kind: train.py's flags for its file and its heads, its distillation token, the layouts read
-_KINDS = {"ViT": ("--vit_ckpt", "--vit_heads", "no", "timm or torchvision ViT"),
-          "AST": ("--ast_ckpt", "--ast_heads", "a", "AST-repo or HF AST")}
+# Per backbone: its modality, train.py's flags for its file and its heads, its distillation token,
+# the layouts read
+BACKBONES = {"ViT": ("v", "vit_ckpt", "vit_heads", "no", "timm or torchvision ViT"),
+             "AST": ("a", "ast_ckpt", "ast_heads", "a", "AST-repo or HF AST")}
 _SAFETENSORS_DTYPES = dict(F64=torch.float64, F32=torch.float32, F16=torch.float16,
                            BF16=torch.bfloat16, I64=torch.int64, I32=torch.int32, I16=torch.int16,
                            I8=torch.int8, U8=torch.uint8, BOOL=torch.bool)
@@ -501,13 +502,6 @@ def _read_checkpoint(src):
     return {k[len(cut):]: v for k, v in state.items()}, entries, top
 
 
-def read_state(src):
-    """A path (.pth/.pt/.bin/.pth.tar via torch.load(weights_only=True), .safetensors) or a state
-    dict -> flat state dict, unwrapped from {"state_dict": ...} and other layouts people save."""
-    with _naming(src):
-        return _read_checkpoint(src)[0]
-
-
 def _detect_layout(state, entries, ckpt, layouts):
     """The layout of a state dict and its backbone's key prefix, found by the patch embedding's
     weight (the source key that _TOP_RULES maps to ours)."""
@@ -580,7 +574,8 @@ def _read_backbone(src, num_heads, what, where):
     size). Its kind is checked before its heads, so that a wrong file is named as such; the heads
     come from the caller, else from the file (ours record them), else are guessed with a note."""
     state, entries, top = _read_checkpoint(src)
-    ckpt, heads_flag, _, layouts = _KINDS[what]
+    _, ckpt, heads_flag, _, layouts = BACKBONES[what]
+    ckpt, heads_flag = f"--{ckpt}", f"--{heads_flag}"
     if {"config", "history"} <= top.keys():
         raise ValueError(f"this is a train.py run checkpoint, not backbone weights: give {ckpt} "
                          "a backbone's own file")
@@ -591,8 +586,9 @@ def _read_backbone(src, num_heads, what, where):
             raise ValueError(f"missing tensor {key}")
     if ("dist_token" in state) != (what == "AST"):
         other = "AST" if what == "ViT" else "ViT"
-        raise ValueError(f"wrong kind of checkpoint: {other} weights (it has {_KINDS[other][2]} "
-                         f"distillation token): use load_{other.lower()} ({_KINDS[other][0]})")
+        _, flag, _, token, _ = BACKBONES[other]
+        raise ValueError(f"wrong kind of checkpoint: {other} weights (it has {token} distillation "
+                         f"token): use load_{other.lower()} (--{flag})")
     dim, saved = state["pos_embed"].shape[-1], top.get("num_heads")
     if num_heads and saved and num_heads != saved:
         raise ValueError(f"{heads_flag}={num_heads}, but it was saved with {saved} heads")

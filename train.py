@@ -45,8 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from model import (AST, CHOICES, AVConfig, AVModel, ViT, check_config, load_ast, load_vit,
-                   param_counts, timm_state_dict)
+from model import (AST, BACKBONES, CHOICES, AVConfig, AVModel, ViT, check_config, load_ast,
+                   load_vit, param_counts, timm_state_dict)
 
 
 @dataclasses.dataclass
@@ -86,9 +86,6 @@ class Config(AVConfig, data.SynthConfig):
 
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 STREAMS = {"a": "audio", "v": "visual"}
-# Each backbone's modality, checkpoint flag, heads flag and stage-0 file stem: spelled here once.
-BACKBONES = {"ViT": ("v", "vit_ckpt", "vit_heads", "vit_timm"),
-             "AST": ("a", "ast_ckpt", "ast_heads", "ast_repo")}
 # the synthetic generator's runs (data.make_clip)
 ROLES = {0: "event", 1: "heard only", 2: "seen only", -1: "-"}
 PRETRAIN_BATCH = 64  # stage-0 samples per step
@@ -347,8 +344,8 @@ def backbones(cfg, run=None, loaded=None):
           f"{cfg.num_mel_bins}mel_f{cfg.fstride}t{cfg.tstride}_" \
           f"{cfg.pretrain_samples}x{cfg.vit_epochs}-{cfg.ast_epochs}_" \
           f"{data.GENERATOR}"
-    paths = {name: os.path.join(cfg.cache_dir, "backbones", f"{stem}_{key}.pth")
-             for name, (m, *_, stem) in BACKBONES.items()
+    paths = {name: os.path.join(cfg.cache_dir, "backbones", f"{name.lower()}_{key}.pth")
+             for name, (m, *_) in BACKBONES.items()
              if m in cfg.modalities and name not in (loaded or {})}
     todo = [name for name, path in paths.items() if not os.path.exists(path)]
     if RANK == 0 and todo:
@@ -365,7 +362,7 @@ def backbones(cfg, run=None, loaded=None):
 def load_backbone(name, path, cfg):
     """The ViT or AST at path. Heads cannot be read from weights: ours are known, a user's are given
     or guessed. A stage-0 cache file that cannot be read is ours, broken: say so."""
-    _, flag, heads_flag, _ = BACKBONES[name]
+    _, flag, heads_flag, *_ = BACKBONES[name]
     given = path == getattr(cfg, flag)
     heads = getattr(cfg, heads_flag) or None if given else cfg.heads
     try:
@@ -451,7 +448,7 @@ class Run:
     def __init__(self, cfg, tool=None):
         self.cfg, self.tool, self.t0, self.seconds = cfg, tool, time.time(), {}
         self.path = self.file(f"{tool}_seed{cfg.seed}.json" if tool else "ckpt.pt")
-        self.epoch, self.best_val, self.best, self.history, self.busy = 0, -1.0, None, [], 0.0
+        self.epoch, self.best_val, self.best, self.history, self.last = 0, -1.0, None, [], {}
         self.saved, self.ck, self.created, self.lock, self.handlers = False, None, [], None, {}
         self.identity = {"kind": tool or "train"}
         outputs = [self.path] if tool else [self.file(f) for f in RUN_FILES]
@@ -521,12 +518,14 @@ class Run:
 
     @contextlib.contextmanager
     def phase(self, name):
-        """Adds the wall time of a block to this phase's seconds (metrics.json's phase_seconds)."""
+        """Adds the wall time of a block to this phase's seconds (metrics.json's phase_seconds);
+        self.last[name] is the block's alone."""
         t = time.time()
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0) + time.time() - t
+            self.last[name] = time.time() - t
+            self.seconds[name] = self.seconds.get(name, 0) + self.last[name]
 
     def restore(self, model, opt, sched):
         """Starts afresh, or on --resume restores what the checkpoint holds; checks the disk has
@@ -555,15 +554,12 @@ class Run:
                                                               ck["best"], ck["history"])
         for k, v in ck["seconds"].items():  # a resumed run's times count the earlier processes too
             self.seconds[k] = self.seconds.get(k, 0) + v
-        self.t0 -= ck["elapsed"]
-        self.busy, self.ck = (self.seconds.get("training", 0) +
-                              self.seconds.get("validation", 0), None)
+        self.t0, self.ck = self.t0 - ck["elapsed"], None
         log(f"resumed from {self.path} after epoch {self.epoch}")
 
     def end_epoch(self, model, opt, sched, loss, val_acc):
         """Keeps the weights if val accuracy is the best so far; saves the checkpoint, log.csv."""
-        busy = self.seconds.get("training", 0) + self.seconds.get("validation", 0)
-        t, self.busy = busy - self.busy, busy  # this epoch's training and validation
+        t = self.last["training"] + self.last["validation"]
         state = trainable_state(model)
         if val_acc > self.best_val:  # model selection on val, never on test
             self.best_val, self.best = val_acc, state
@@ -935,35 +931,35 @@ def summary(paths):
         raise ValueError("--summary takes run folders or their metrics.json / probe_seed*.json "
                          "files, e.g. --summary runs/s0 runs/s1 runs/s2"
                          f"{', not ' + min(paths) if paths else ''}")
-    runs = {}  # seed -> (path, its record)
+    runs, first = {}, None  # seed -> (path, its numbers); the first file and what it ran
     for path in paths:
         try:
             with open(path, encoding="utf-8") as f:
                 record = json.load(f)
-            identity, config, seed = record["identity"], record["config"], record["config"]["seed"]
+            config, seed = record["config"], record["config"]["seed"]
+            ran, numbers = dict(record["identity"], epochs=config["epochs"]), summary_numbers(record)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a finished run's metrics.json or a --probe file, or one "
                              "written by an earlier version of train.py, which recorded no run "
                              f"identity ({type(e).__name__}: {e})") from None
-        first, first_record = next(iter(runs.values()), (path, record))
+        first = first or (path, ran)
         # what the seed alone produces may differ: its synthetic data, its stage-0 backbones
         free = {"settings.seed", *(f"data.{s}.sha256" for s in ("train", "val", "test")
                                    if config["data"] == "synthetic"),
                 *(f"weights.{name}" for name, (_, flag, *_) in BACKBONES.items()
                   if not config[flag])}
-        diff = differences(dict(first_record["identity"], epochs=first_record["config"]["epochs"]),
-                           dict(identity, epochs=config["epochs"]), free)
+        diff = differences(first[1], ran, free)
         if diff:
             key, a, b = diff[0]
-            raise ValueError(f"{first} and {path} differ in {key} ({a} against {b}): --summary "
+            raise ValueError(f"{first[0]} and {path} differ in {key} ({a} against {b}): --summary "
                              "averages the seeds of one setting")
         if seed in runs:
             raise ValueError(f"{path} and {runs[seed][0]} are both seed {seed} of one setting: "
                              "each run counts once")
-        runs[seed] = (path, record)
+        runs[seed] = (path, numbers)
     rows = {}
-    for _, record in runs.values():
-        for key, value in summary_numbers(record).items():
+    for _, numbers in runs.values():
+        for key, value in numbers.items():
             rows.setdefault(key, []).append(value)
     for key, values in rows.items():
         v = torch.tensor([x for x in values if x is not None], dtype=torch.float64)
@@ -977,8 +973,6 @@ def summary_numbers(record):
     if "probe" in record:
         return {f"probe {m} layer {i + 1}": a
                 for m, acc in record["probe"].items() for i, a in enumerate(acc)}
-    if "bench" in record:
-        return {f"bench {run} {k}": v for run, r in record["bench"].items() for k, v in r.items()}
     numbers = {key: record[key] for key in SUMMARY_KEYS}
     cfg = record["config"]
     for how, routers in record["router_weights"].items():
@@ -1187,14 +1181,15 @@ def clip_table(ds, i, preds, names, mods):
             f"<table class=clip>{body}</table>")
 
 
-def headline(cfg, labels, metrics, stats):
-    """Accuracies beside always-background and the one-modality ceilings; parameters; wall time."""
+def headline(cfg, labels, metrics, split):
+    """Accuracies beside always-background and the one-modality ceilings (synthetic data: from the
+    generator's record); parameters; wall time."""
     cards = [("test accuracy", metrics["test_acc"]),
              ("audio removed", metrics["test_acc_audio_removed"]),
              ("frames removed", metrics["test_acc_frames_removed"]),
              ("always background", (labels == cfg.num_classes).float().mean().item()),
-             ("best with audio only", stats.get("audio_only_ceiling")),
-             ("best with frames only", stats.get("visual_only_ceiling"))]
+             *[(f"best with {what} only", split and data.unimodal_ceiling(split, m))
+               for m, what in (("a", "audio"), ("v", "frames"))]]
     cards = [(f"{v:.1%}", k) for k, v in cards if v is not None] + [
         (f"{metrics['trainable_params']:,}",
          f"trainable: {metrics['trainable_adapter_params']:,} adapter + "
@@ -1243,7 +1238,7 @@ def write_report(path, cfg, model, ds, metrics, test, audio_removed):
         ("Headline", "Test clips chose neither the weights nor the epoch. Audio-visual fusion "
          "should beat always answering background and the best one modality can do alone, and "
          "fall back when an input is removed.",
-         headline(cfg, labels, metrics, data.label_stats(split, cfg.num_classes) if split else {})),
+         headline(cfg, labels, metrics, split)),
         ("Training curves", "The loss should fall and the validation accuracy rise, then level "
          "off. The dashed line marks the epoch with the best validation accuracy: its weights are "
          "the ones tested.",
