@@ -635,12 +635,8 @@ class FeatureCache:
             self.states = {k: torch.empty(shape) for k, shape in shapes.items()}
         else:  # fp16 tensors mapped onto .npy files, if the disk has room
             need = sum(2 * math.prod(shape) for shape in shapes.values())
-            folder = os.path.dirname(path) or "."
-            free = shutil.disk_usage(folder).free
-            if need > 0.9 * free:
-                raise ValueError(f"the feature cache needs {need / 1e9:.1f} GB, {free / 1e9:.1f} "
-                                 f"GB are free in {folder}: free some space or run with "
-                                 "--cache_features=false")
+            check_room(os.path.dirname(path) or ".", need / 0.9, "the feature cache",
+                       "or run with --cache_features=false")
             # each process its own
             print(f"feature cache: {need / 1e9:.2f} GB in {path}_*.npy", flush=True)
             self.states = {}
@@ -718,6 +714,14 @@ def write_atomic(path, content):
             raise
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:100]
         raise OSError(f"could not write {path} ({reason}): free some space and rerun") from None
+
+
+def check_room(folder, need, what, fix=""):
+    """ValueError unless the disk of folder has need bytes free for what."""
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise ValueError(f"{what} needs {need / 1e6:,.0f} MB, {folder} has {free / 1e6:,.0f} MB "
+                         f"free: free some space {fix or 'or choose another folder'}")
 
 
 @contextlib.contextmanager

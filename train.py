@@ -29,7 +29,6 @@ import os
 import re
 import reprlib
 import shlex
-import shutil
 import signal
 import struct
 import sys
@@ -215,10 +214,8 @@ def evaluate(model, loader, device, cache=None, remove=None):
                                     minlength=n * n).view(n, n)  # (true, predicted)
         orth += aux["orth"].item() * labels.numel() / len(model.mods)
         for m, w in aux["router"].items():  # (B*S, positions, experts)
-            top = F.one_hot(w.argmax(-1), w.shape[-1]).float()
-            r = router.setdefault(m, [0, 0])
-            r[0] = r[0] + w.sum(0).cpu()
-            r[1] = r[1] + top.sum(0).cpu()
+            mean, top1 = router.get(m, (0, 0))
+            router[m] = (mean + w.sum(0).cpu(), top1 + F.one_hot(w.argmax(-1), w.shape[-1]).sum(0))
         for m, a in aux["alpha"].items():
             alpha[m] = alpha.get(m, 0) + a.sum(0).cpu()
     total = confusion.sum().item()
@@ -453,28 +450,26 @@ class Run:
         self.identity = {"kind": tool or "train"}
         outputs = [self.path] if tool else [self.file(f) for f in RUN_FILES]
         self.earlier = [p for p in outputs if os.path.lexists(p)]
+        found = self.path in self.earlier
         try:
-            folders = [p for p in self.earlier if os.path.isdir(p)]
-            if folders:
-                raise ValueError(f"{folders[0]} is a folder, not a run's file: move it or choose "
-                                 "another --out_dir")
+            for p in filter(os.path.isdir, self.earlier):
+                raise ValueError(f"{p} is a folder, not a run's file: move it or choose another "
+                                 "--out_dir")
             self.take_folder()
-            if (self.earlier and not cfg.overwrite and
-                    not (cfg.resume and self.path in self.earlier)):
-                resume = ("pass --resume=true to continue it, "
-                          if self.path in self.earlier and not tool else "")
+            if self.earlier and not cfg.overwrite and not (cfg.resume and found):
+                resume = "pass --resume=true to continue it, " if found and not tool else ""
                 raise ValueError(f"{cfg.out_dir} holds an earlier {tool or 'run'} ("
                                  f"{', '.join(map(os.path.basename, self.earlier))}): {resume}pass "
                                  "--overwrite=true to replace it, or choose another --out_dir")
-            if cfg.resume and self.path in self.earlier:
+            if cfg.resume and found:
                 self.ck = read_checkpoint(self.path)
                 self.epoch = self.ck["epoch"]  # what a Ctrl-C before restore() leaves
                 finished = self.file("metrics.json") in self.earlier
                 # as many: it would only rewrite the results
-                if cfg.epochs < self.ck["epoch"] + finished:
-                    raise ValueError(f"{self.path} holds {self.ck['epoch']} finished epochs"
+                if cfg.epochs < self.epoch + finished:
+                    raise ValueError(f"{self.path} holds {self.epoch} finished epochs"
                                      f"{' and their results' if finished else ''}: resume with "
-                                     f"--epochs={self.ck['epoch'] + finished} or more")
+                                     f"--epochs={self.epoch + finished} or more")
             elif cfg.resume:
                 log(f"--resume: no {self.path} yet, starting from scratch")
             self.check(settings=settings(cfg))
@@ -533,10 +528,8 @@ class Run:
         state = trainable_state(model)
         # weights, best, Adam's two moments
         need = 5 * 4 * sum(t.numel() for t in state.values()) + 2 ** 20
-        free = shutil.disk_usage(self.cfg.out_dir).free
-        if RANK == 0 and free < 2 * need:  # the new checkpoint is written beside the old one
-            raise ValueError(f"{self.cfg.out_dir} has {free / 1e6:.0f} MB free, the checkpoints "
-                             f"need {2 * need / 1e6:.0f} MB: free some or choose another --out_dir")
+        if RANK == 0:  # the new checkpoint is written beside the old one
+            data.check_room(self.cfg.out_dir, 2 * need, "a checkpoint", "or choose another --out_dir")
         ck, self.best = self.ck, state
         if ck is None:
             return
@@ -809,12 +802,12 @@ def check(cfg):
              "--resume and --overwrite contradict each other: pick one"),
             (not available.get(cfg.device, True),
              f"--device={cfg.device}: this machine has none; use --device=cpu or auto"),
-            (cfg.modality_dropout > 0.5,
-             "--modality_dropout must be at most 0.5 (audio and frames: never both)"),
+            # a segment never loses both inputs
+            (cfg.modality_dropout > 0.5, "--modality_dropout must be at most 0.5"),
+            # the AST's patch is 16, a 25 ms window has 257 frequencies, stage 0's ViT's patch is 8
             (not 16 <= cfg.num_mel_bins <= 256 or (not cfg.vit_ckpt and cfg.image_size % 8),
-             f"--num_mel_bins={cfg.num_mel_bins} must be 16 (the AST's patch) to 256 (a 25 ms "
-             f"window has 257 frequencies), --image_size={cfg.image_size} a multiple of 8 (stage "
-             "0's ViT's patch)"),
+             f"--num_mel_bins={cfg.num_mel_bins} must be 16 to 256 and --image_size="
+             f"{cfg.image_size} a multiple of 8"),
             (cfg.dim % cfg.heads or cfg.num_classes < 2,
              f"--dim={cfg.dim} must be divisible by --heads={cfg.heads}, and --num_classes at "
              "least 2"),
@@ -1215,8 +1208,7 @@ def per_class(names, confusion):
 def write_report(path, cfg, model, ds, metrics, test, audio_removed):
     """report.html: what the run did, on one self-contained page (inline SVG and PNG, no script, no
     link). audio_removed: the evaluation with the audio removed, None with one modality."""
-    names = (getattr(ds, "class_names", [f"class {c}" for c in range(cfg.num_classes)]) +
-             ["background"])
+    names = ds.class_names + ["background"]
     labels = torch.stack(list(ds.labels))
     split = getattr(ds, "split", None)
     hist = metrics["history"]
