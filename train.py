@@ -299,20 +299,20 @@ def stage0(cfg, todo, paths):
                                                               cfg.image_size, cfg.num_mel_bins,
                                                               cfg.workers)
     os.makedirs(os.path.join(cfg.cache_dir, "backbones"), exist_ok=True)
-    epochs = {"ViT": cfg.vit_epochs, "AST": cfg.ast_epochs}
-    # built here, in order: weight init draws from the global RNG, which threads would interleave
+    # name: inputs, labels, classes, epochs, key prefix (the AST repo's "module.v.")
+    tasks = {"ViT": (frames, shape, data.SHAPES, cfg.vit_epochs, ""),
+             "AST": (fbanks, timbre, data.TIMBRES, cfg.ast_epochs, "module.v.")}
     jobs = []
-    for seed, (name, classes, x, y, prefix) in enumerate((("ViT", data.SHAPES, frames, shape, ""),
-                                                          ("AST", data.TIMBRES, fbanks, timbre,
-                                                           "module.v."))):
+    # built here, in order: weight init draws from the global RNG, which threads would interleave
+    for seed, (name, (x, y, classes, epochs, prefix)) in enumerate(tasks.items()):
         if name in todo:
             torch.manual_seed(cfg.seed + seed)
             enc = AST(cfg.num_mel_bins, data.FRAMES_PER_SEGMENT, cfg.fstride, cfg.tstride, cfg.dim,
                       cfg.depth, cfg.heads, 4 * cfg.dim) if name == "AST" else \
                 ViT(cfg.image_size, 8, cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim)
             jobs.append((enc, nn.Linear(cfg.dim, len(classes) + 1), x, y, paths[name], prefix,
-                         epochs[name]))
-    steps = sum(epochs[name] for name in todo) * math.ceil(cfg.pretrain_samples / PRETRAIN_BATCH)
+                         epochs))
+    steps = sum(job[-1] for job in jobs) * math.ceil(cfg.pretrain_samples / PRETRAIN_BATCH)
     progress = data.Progress(f"stage 0: pre-training the {' and '.join(todo)} (steps)", steps)
     stop = threading.Event()
     # small models gain little from two cores
@@ -371,8 +371,8 @@ def load_backbone(name, path, cfg):
     except ValueError as e:
         if given:
             raise ValueError(f"--{flag}: {e}") from None
-        raise ValueError(f"the stage-0 cache file {path} is broken (not a backbone we can read): "
-                         "delete it and rerun, which trains it again") from None
+        raise ValueError(f"the stage-0 cache file {path} is broken: delete it and rerun, "
+                         "which trains it again") from None
     check_fits(cfg, f"{name}'s", enc.dim, len(enc.blocks))
     return enc
 
@@ -679,7 +679,7 @@ def read_checkpoint(path):
         ours = isinstance(ck, dict) and {"config", "epoch", "model", "optimizer", "best"} <= set(ck)
         weights = [*ck["model"].values(), *ck["best"].values()] if ours else []
         why = ("was not written by train.py:" if not ours else
-               "was written by an earlier version of train.py, which recorded no run identity:"
+               "is from an earlier train.py, which recorded no run identity:"
                if "identity" not in ck else
                "holds NaN or Inf weights:" if not all(t.isfinite().all() for t in weights)
                else None)
@@ -702,11 +702,9 @@ def log(*args):
 
 BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 RUN_CHOICES = {"data": ("synthetic", "ave"), "device": ("auto", "cuda", "mps", "cpu")}
-AT_LEAST_ONE = ("num_classes", "train_clips", "val_clips", "test_clips", "workers", "dim", "depth",
-                "heads", "pretrain_samples", "vit_epochs", "ast_epochs", "epochs", "batch_size",
-                "lr_step", "dist_timeout", "fstride", "tstride", "image_size")
-# and lr above 0
-AT_LEAST_ZERO = ("lr", "weight_decay", "lambda_orth", "lambda_balance", "modality_dropout")
+# Every number is at least 1, or at least 0 for the floats and these (0: none, or as a file says),
+# and below 2 ** 32: a seed's range, which also keeps timedelta and the sizes finite
+MAY_BE_ZERO = ("seed", "n_cma", "n_ua", "late_layers", "vit_heads", "ast_heads")
 PATHS = ("data_root", "prepared_dir", "vit_ckpt", "ast_ckpt", "out_dir", "cache_dir")  # ~ expanded
 
 
@@ -761,8 +759,7 @@ def parse_config(argv, tool=None):
                 value = "true"  # a bare --resume
             # the command line's bytes that are not UTF-8 arrive as U+DC80..U+DCFF (surrogateescape)
             if any("\udc80" <= c <= "\udcff" for c in value):
-                raise ValueError(f"--{key}: the name is not valid UTF-8, which the report needs: "
-                                 "choose another")
+                raise ValueError(f"--{key}: the name is not valid UTF-8: choose another")
             try:
                 value = BOOLS[value.lower()] if kind is bool else kind(value)
             except (KeyError, ValueError):
@@ -786,18 +783,13 @@ def parse_config(argv, tool=None):
 def check(cfg):
     """Every setting that can be checked before any work; ValueError names the flag and fix."""
     check_config(cfg, CHOICES | RUN_CHOICES)
-    for key in AT_LEAST_ONE + AT_LEAST_ZERO:
-        value = getattr(cfg, key)
-        # a bound that keeps timedelta and sizes finite
-        if key in AT_LEAST_ONE and not 1 <= value <= 10 ** 9:
-            raise ValueError(f"--{key} must be at least 1 (and at most 10 ** 9), not {value}")
-        if key in AT_LEAST_ZERO and not (0 <= value < math.inf and (key != "lr" or value)):
-            raise ValueError(f"--{key}={value} must be "
-                             f"{'positive' if key == 'lr' else 'at least 0'}")
+    for f in dataclasses.fields(cfg):
+        value, least = getattr(cfg, f.name), 0 if f.type is float or f.name in MAY_BE_ZERO else 1
+        if f.type in (int, float) and not least <= value < 2 ** 32:
+            raise ValueError(f"--{f.name}={value} must be at least {least} and below 2 ** 32")
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     for broken, message in (  # checked in this order
-            (not 0 <= cfg.seed < 2 ** 32,
-             f"--seed={cfg.seed}: a seed is between 0 and {2 ** 32 - 1}"),
+            (cfg.lr == 0, "--lr must be above 0"),
             (cfg.resume and cfg.overwrite,
              "--resume and --overwrite contradict each other: pick one"),
             (not available.get(cfg.device, True),
@@ -932,9 +924,9 @@ def summary(paths):
             config, seed = record["config"], record["config"]["seed"]
             ran, numbers = dict(record["identity"], epochs=config["epochs"]), summary_numbers(record)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not a finished run's metrics.json or a --probe file, or one "
-                             "written by an earlier version of train.py, which recorded no run "
-                             f"identity ({type(e).__name__}: {e})") from None
+            raise ValueError(f"{path}: not a finished run's metrics.json or --probe file, or one "
+                             "from an earlier train.py, which recorded no run identity "
+                             f"({type(e).__name__}: {e})") from None
         first = first or (path, ran)
         # what the seed alone produces may differ: its synthetic data, its stage-0 backbones
         free = {"settings.seed", *(f"data.{s}.sha256" for s in ("train", "val", "test")
