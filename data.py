@@ -492,7 +492,7 @@ def prepare_ave(root, out, image_size=224, workers=2, overwrite=False, timeout=1
     if os.path.isfile(out):
         raise ValueError(f"--out {out} is a file: pass a folder")
     for tool in ("ffmpeg", "ffprobe"):
-        if shutil.which(tool) is None:
+        if not shutil.which(tool):
             raise ValueError(f"{tool} not found on PATH: install ffmpeg (Debian/Ubuntu: apt-get "
                              "install -y ffmpeg)")
     videos = os.path.join(root, "AVE")
@@ -515,13 +515,11 @@ def prepare_ave(root, out, image_size=224, workers=2, overwrite=False, timeout=1
                             timeout): v for v in todo}
         try:
             for job in as_completed(jobs):
-                v = jobs[job]
-                try:
-                    for note in job.result():
-                        report[note].append(v)
-                    report["prepared"].append(v)
+                try:  # the notes are known once the video is done
+                    for note in ("prepared", *job.result()):
+                        report[note].append(jobs[job])
                 except Exception as e:  # a failure (missing, undecodable, timeout) skips the video
-                    report["skipped"][v] = str(e)
+                    report["skipped"][jobs[job]] = str(e)
                 progress()
         finally:  # on Ctrl-C, drop the queued videos and stop the running ones before exiting
             for p in list(RUNNING):
@@ -543,7 +541,6 @@ class AVEDataset(torch.utils.data.Dataset):
     (10,))."""
 
     def __init__(self, prepared_dir, root, split, image_size=None, num_mel_bins=128):
-        assert split in ("train", "val", "test"), f"split must be train, val or test, not {split!r}"
         annotated = read_annotations(os.path.join(root, "Annotations.txt"))
         classes, known = class_map(annotated), {r.video_id for r in annotated}
         rows = read_annotations(os.path.join(root, f"{split}Set.txt"))
@@ -562,7 +559,7 @@ class AVEDataset(torch.utils.data.Dataset):
         if len(keep) < len(pairs):  # listed as skipped when preparing, or still to prepare
             print(f"AVE {split}: dropped {len(pairs) - len(keep)} of {len(pairs)} rows whose video "
                   "was not prepared")
-        self.files, self.labels = [f for f, _ in keep], [y for _, y in keep]
+        self.files, self.labels = [f for f, _ in keep], torch.stack([y for _, y in keep])  # (N, 10)
         self.class_names, self.num_classes = list(classes), len(classes)
         self.image_size, self.num_mel_bins = image_size, num_mel_bins
         self.redo = f"rerun `{prepare}`, which redoes broken files"
@@ -716,12 +713,12 @@ def write_atomic(path, content):
         raise OSError(f"could not write {path} ({reason}): free some space and rerun") from None
 
 
-def check_room(folder, need, what, fix=""):
-    """ValueError unless the disk of folder has need bytes free for what."""
+def check_room(folder, need, what, other):
+    """ValueError unless the disk of folder has need bytes free for what; other: the other fix."""
     free = shutil.disk_usage(folder).free
     if need > free:
         raise ValueError(f"{what} needs {need / 1e6:,.0f} MB, {folder} has {free / 1e6:,.0f} MB "
-                         f"free: free some space {fix or 'or choose another folder'}")
+                         f"free: free some space {other}")
 
 
 @contextlib.contextmanager
@@ -734,10 +731,14 @@ def single_thread():
         torch.set_num_threads(n)
 
 
+# SIGTERM and SIGHUP (a closed terminal or ssh connection), where the OS has them: train.py and
+# data.py treat them as Ctrl-C
+SIGNALS = [getattr(signal, s) for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s)]
+
+
 def main(argv=None):
-    for name in ("SIGTERM", "SIGHUP"):  # kill or a closed terminal acts as Ctrl-C (clips are kept)
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.default_int_handler)
+    for s in SIGNALS:  # kill or a closed terminal acts as Ctrl-C (the clips are kept)
+        signal.signal(s, signal.default_int_handler)
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prepare_ave", metavar="ROOT", required=True,

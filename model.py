@@ -8,7 +8,7 @@ import os
 import re
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass
+import dataclasses
 
 import torch
 import torch.nn as nn
@@ -138,7 +138,7 @@ class AST(Encoder):
 # -------------------------------------------------------------- the audio-visual model
 
 
-@dataclass
+@dataclasses.dataclass
 class AVConfig:
     mode: str = "molt"  # "molt" (parallel late-layer tokens), "avmoe" (sequential, every layer),
                         # "frozen" (no adapters)
@@ -159,24 +159,26 @@ class AVConfig:
 
 CHOICES = {"mode": ("molt", "avmoe", "frozen"), "modalities": ("av", "a", "v"),
            "molt_layers": ("late", "early", "all")}
+# Every number is at least 1, or at least 0 for the floats and these (0: none, or as a file says;
+# train.Config adds the seed and the heads flags), and below 2 ** 32: a seed's range, which also
+# keeps timedelta and the sizes finite
+MAY_BE_ZERO = ("seed", "n_cma", "n_ua", "late_layers", "vit_heads", "ast_heads")
 
 
 def check_config(cfg, choices=CHOICES):
-    """The model's settings, checked in one place (AVModel and train.check, which adds its own
-    choices, call it)."""
+    """The settings of cfg, a dataclass, checked in one place (AVModel and train.check, which adds
+    its own choices, call it)."""
     for key, allowed in choices.items():
         if (value := getattr(cfg, key)) not in allowed:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")
+    for f in dataclasses.fields(cfg):
+        value, least = getattr(cfg, f.name), 0 if f.type is float or f.name in MAY_BE_ZERO else 1
+        if f.type in (int, float) and not least <= value < 2 ** 32:
+            raise ValueError(f"{f.name}={value} must be at least {least} and below 2 ** 32")
     if cfg.molt_layers == "all" and cfg.late_layers:
         raise ValueError("late_layers does not apply to molt_layers=all: drop one of the two")
-    for key in ("latent_tokens", "reduction", "head_dim"):
-        if (value := getattr(cfg, key)) < 1:
-            raise ValueError(f"{key} must be at least 1, not {value}")
     if cfg.n_ua < 1 and not (cfg.n_cma >= 1 and cfg.modalities == "av"):
         raise ValueError("a mixture needs an expert: n_ua >= 1, or n_cma >= 1 with both modalities")
-    if cfg.n_cma < 0 or cfg.late_layers < 0 or not 0 <= cfg.router_sigma < math.inf:
-        raise ValueError("n_cma and late_layers cannot be negative, and router_sigma must be a "
-                         "finite value >= 0")
 
 
 def paired_blocks(depths):

@@ -97,11 +97,7 @@ def main(cfg):
     # the run folder: locked, and everything that can refuse the run decided first
     with Run(cfg) as run:
         device = setup(cfg)
-        given = user_backbones(cfg, run)  # the user's checkpoints, read before any data work
-        with run.phase("data"):
-            sets = datasets(cfg, run)
-        with run.phase("stage 0"):
-            vit, ast = backbones(cfg, run, given)  # frozen from here on
+        sets, vit, ast = start(cfg, run)  # the data and the backbones, frozen from here on
         torch.manual_seed(cfg.seed)
         model = AVModel(cfg, vit, ast).to(device)
         ddp = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
@@ -141,7 +137,7 @@ def inputs(cfg, model, sets):
                                    show=RANK == 0)
               if caching and (s == "train" or RANK == 0) else None  # only rank 0 evaluates
               for s, ds in sets.items()}
-    items = {s: torch.utils.data.TensorDataset(torch.arange(len(ds)), torch.stack(list(ds.labels)))
+    items = {s: torch.utils.data.TensorDataset(torch.arange(len(ds)), ds.labels)
              if caching else ds for s, ds in sets.items()}
     loaders = {s: torch.utils.data.DataLoader(items[s], 2 * cfg.batch_size,
                                               generator=torch.Generator())
@@ -182,8 +178,8 @@ def run_batch(model, batch, device, cache=None, remove=None, modality_dropout=0.
     removed = {m: torch.full((B, S), remove == m) for m in "av"}  # (B, S) per modality
     if modality_dropout > 0:
         u = torch.rand(B, S)
-        removed["a"] = removed["a"] | (u < modality_dropout)
-        removed["v"] = removed["v"] | ((u >= modality_dropout) & (u < 2 * modality_dropout))
+        removed["a"] |= u < modality_dropout
+        removed["v"] |= (u >= modality_dropout) & (u < 2 * modality_dropout)
     if cache is not None:
         states = cache.get(batch[0], removed, device)
         logits, aux = model(None, None, states=states, batch_shape=(B, S))
@@ -293,8 +289,6 @@ def pretrain(enc, head, x, y, path, prefix, epochs, cfg, progress, stop):
 
 def stage0(cfg, todo, paths):
     """Pre-trains the backbones named in todo at once, a thread each, and caches them at paths."""
-    log(f"stage 0: pre-training small backbones ({' and '.join(todo)}: shapes for the ViT, "
-        "timbres for the AST)")
     frames, fbanks, shape, timbre = data.generate_pretraining(cfg.seed + 7, cfg.pretrain_samples,
                                                               cfg.image_size, cfg.num_mel_bins,
                                                               cfg.workers)
@@ -313,7 +307,8 @@ def stage0(cfg, todo, paths):
             jobs.append((enc, nn.Linear(cfg.dim, len(classes) + 1), x, y, paths[name], prefix,
                          epochs))
     steps = sum(job[-1] for job in jobs) * math.ceil(cfg.pretrain_samples / PRETRAIN_BATCH)
-    progress = data.Progress(f"stage 0: pre-training the {' and '.join(todo)} (steps)", steps)
+    progress = data.Progress(f"stage 0: pre-training the {' and '.join(todo)} on shapes / timbres "
+                             "(steps)", steps)
     stop = threading.Event()
     # small models gain little from two cores
     with data.single_thread(), ThreadPoolExecutor(2) as pool:
@@ -324,14 +319,23 @@ def stage0(cfg, todo, paths):
             raise
 
 
+def start(cfg, run):
+    """What a run starts from, each part joining its identity as it becomes known: the user's
+    checkpoints (read before any data work), the data, then the frozen backbones (stage 0 trains
+    the missing ones) -> (datasets, ViT, AST)."""
+    given = user_backbones(cfg, run)
+    with run.phase("data"):
+        sets = datasets(cfg, run)
+    with run.phase("stage 0"):
+        return (sets, *backbones(cfg, run, given))
+
+
 def user_backbones(cfg, run=None):
     """The user's --vit_ckpt / --ast_ckpt of the modalities used, read and checked before any data
     work, and their content recorded in the run's identity -> {name: backbone}."""
     given = {name: getattr(cfg, flag) for name, (m, flag, *_) in BACKBONES.items()
              if m in cfg.modalities and getattr(cfg, flag)}
-    if run:
-        run.check(weights={name: sha256(path) for name, path in given.items()})
-    return {name: load_backbone(name, path, cfg) for name, path in given.items()}
+    return read_backbones(cfg, run, given)
 
 
 def backbones(cfg, run=None, loaded=None):
@@ -349,11 +353,15 @@ def backbones(cfg, run=None, loaded=None):
         stage0(cfg, todo, paths)
     if WORLD > 1:
         dist.barrier()
+    loaded = {**(loaded or {}), **read_backbones(cfg, run, paths)}
+    return loaded.get("ViT"), loaded.get("AST")
+
+
+def read_backbones(cfg, run, paths):
+    """{name: path} -> {name: backbone}, the files' content recorded in the run's identity first."""
     if run:
         run.check(weights={name: sha256(path) for name, path in paths.items()})
-    loaded = {**(loaded or {}),
-              **{name: load_backbone(name, path, cfg) for name, path in paths.items()}}
-    return loaded.get("ViT"), loaded.get("AST")
+    return {name: load_backbone(name, path, cfg) for name, path in paths.items()}
 
 
 def load_backbone(name, path, cfg):
@@ -404,8 +412,7 @@ def datasets(cfg, run=None):
     record = {"classes": sets["train"].class_names}
     for s, ds in sets.items():
         ids = [os.path.basename(f) for f in getattr(ds, "files", [])]  # synthetic: the clips' order
-        digest = hashlib.sha256(json.dumps(ids).encode() +
-                                torch.stack(list(ds.labels)).numpy().tobytes())
+        digest = hashlib.sha256(json.dumps(ids).encode() + ds.labels.numpy().tobytes())
         record[s] = {"clips": len(ds), "sha256": digest.hexdigest()}
     if cfg.data == "ave":
         record["prepared_px"] = data.check_prepared(sets["train"].files[0])
@@ -415,11 +422,8 @@ def datasets(cfg, run=None):
 
 
 def sha256(path):
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- the run's record
@@ -526,10 +530,12 @@ class Run:
         """Starts afresh, or on --resume restores what the checkpoint holds; checks the disk has
         room for the checkpoints first."""
         state = trainable_state(model)
-        # weights, best, Adam's two moments
-        need = 5 * 4 * sum(t.numel() for t in state.values()) + 2 ** 20
-        if RANK == 0:  # the new checkpoint is written beside the old one
-            data.check_room(self.cfg.out_dir, 2 * need, "a checkpoint", "or choose another --out_dir")
+        # the new checkpoint is written beside the old one; each holds the weights, the best ones
+        # and Adam's two moments, in float32, and 1 MB more
+        need = 2 * (5 * 4 * sum(t.numel() for t in state.values()) + 2 ** 20)
+        if RANK == 0:
+            data.check_room(self.cfg.out_dir, need, "the checkpoints",
+                            "or choose another --out_dir")
         ck, self.best = self.ck, state
         if ck is None:
             return
@@ -589,11 +595,11 @@ class Run:
         """The final files: report.html (write_page(path)), then metrics.json, whose presence marks
         a finished run; or a tool's result file. Both record settings, identity and times."""
         seconds = time.time() - self.t0
-        phases = {k: round(v, 1) for k, v in self.seconds.items()}
-        rest = max(0.0, seconds - sum(self.seconds.values()))  # the test, the report and setting up
+        # the rest: the test, the report and setting up
+        self.seconds["test and report"] = max(0.0, seconds - sum(self.seconds.values()))
         results.update(config=dataclasses.asdict(self.cfg), identity=self.identity,
                        seconds=round(seconds, 1),
-                       phase_seconds=dict(phases, **{"test and report": round(rest, 1)}))
+                       phase_seconds={k: round(v, 1) for k, v in self.seconds.items()})
         if write_page:
             write_page(self.file("report.html"))
         data.write_atomic(self.file("metrics.json") if not self.tool
@@ -610,8 +616,8 @@ class Run:
         return "no epoch had finished, nothing to resume"
 
     def release(self):
-        """Removes what a refused run created itself (the lock, an empty out_dir) and drops the
-        lock."""
+        """Drops the lock; before the first checkpoint, also removes what this run created itself
+        (the lock file, an empty out_dir)."""
         if self.lock:
             self.lock.close()
         for path in self.created if not self.saved else []:
@@ -621,17 +627,14 @@ class Run:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             # SIGTERM and SIGHUP (a closed terminal or ssh connection) act as Ctrl-C
-            self.handlers = {s: signal.signal(s, signal.default_int_handler) for s in SIGNALS}
+            self.handlers = {s: signal.signal(s, signal.default_int_handler) for s in data.SIGNALS}
         return self
 
     def __exit__(self, kind, error, tb):
         for s, handler in self.handlers.items():
             signal.signal(s, handler)
-        if kind is not None:
-            # a run stopped before its first checkpoint leaves the folder as it found it
-            self.release()
-        elif self.lock:
-            self.lock.close()
+        # a run stopped before its first checkpoint leaves the folder as it found it
+        self.release()
         if kind is KeyboardInterrupt:
             raise SystemExit(f"interrupted: {self.kept()}" if RANK == 0 else 1) from None
         if kind is FloatingPointError:
@@ -640,7 +643,6 @@ class Run:
 
 
 RUN_FILES = ("ckpt.pt", "log.csv", "metrics.json", "report.html")  # what a run writes in out_dir
-SIGNALS = [getattr(signal, s) for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s)]
 
 
 def settings(cfg):
@@ -702,10 +704,6 @@ def log(*args):
 
 BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 RUN_CHOICES = {"data": ("synthetic", "ave"), "device": ("auto", "cuda", "mps", "cpu")}
-# Every number is at least 1, or at least 0 for the floats and these (0: none, or as a file says),
-# and below 2 ** 32: a seed's range, which also keeps timedelta and the sizes finite
-MAY_BE_ZERO = ("seed", "n_cma", "n_ua", "late_layers", "vit_heads", "ast_heads")
-PATHS = ("data_root", "prepared_dir", "vit_ckpt", "ast_ckpt", "out_dir", "cache_dir")  # ~ expanded
 
 
 def setup(cfg):
@@ -720,7 +718,6 @@ def setup(cfg):
     if WORLD > 1:  # a rank that waits longer than dist_timeout for the others stops with an error
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
                                 timeout=timedelta(seconds=cfg.dist_timeout))
-    torch.manual_seed(cfg.seed)
     return device
 
 
@@ -765,7 +762,8 @@ def parse_config(argv, tool=None):
             except (KeyError, ValueError):
                 raise ValueError(f"--{key}={value}: expected a value of type "
                                  f"{kind.__name__}") from None
-            setattr(cfg, key, os.path.expanduser(value) if key in PATHS else value)
+            # ~ expanded as a shell would: a text setting is a path or one of a few choices
+            setattr(cfg, key, os.path.expanduser(value) if kind is str else value)
             given.add(key)
         refused = {"resume"} | ({"mode"} if tool == "bench" else set())  # --bench runs both modes
         if tool and refused & given:
@@ -783,10 +781,6 @@ def parse_config(argv, tool=None):
 def check(cfg):
     """Every setting that can be checked before any work; ValueError names the flag and fix."""
     check_config(cfg, CHOICES | RUN_CHOICES)
-    for f in dataclasses.fields(cfg):
-        value, least = getattr(cfg, f.name), 0 if f.type is float or f.name in MAY_BE_ZERO else 1
-        if f.type in (int, float) and not least <= value < 2 ** 32:
-            raise ValueError(f"--{f.name}={value} must be at least {least} and below 2 ** 32")
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     for broken, message in (  # checked in this order
             (cfg.lr == 0, "--lr must be above 0"),
@@ -813,14 +807,14 @@ def check(cfg):
              "--prepared_dir (python data.py --prepare_ave ROOT --out DIR)")):
         if broken:
             raise ValueError(message)
-    if any(m in cfg.modalities and not getattr(cfg, flag) for m, flag, *_ in BACKBONES.values()):
-        check_fits(cfg, "stage-0 backbones'", cfg.dim, cfg.depth)
     for m, flag, *_ in BACKBONES.values():
         path = getattr(cfg, flag)
-        if path and m not in cfg.modalities:
+        if not path and m in cfg.modalities:
+            check_fits(cfg, "stage-0 backbones'", cfg.dim, cfg.depth)
+        elif path and m not in cfg.modalities:
             raise ValueError(f"--{flag} is for a modality that --modalities={cfg.modalities} does "
                              "not use: drop it")
-        if path and not os.path.isfile(path):
+        elif path and not os.path.isfile(path):
             raise ValueError(f"--{flag}={path} "
                              f"{'is a folder' if os.path.isdir(path) else 'not found'}: "
                              "give a file")
@@ -865,11 +859,10 @@ def probe(cfg, max_clips=1000):
     heard / seen, or none; real AVE: the segment label). Written to out_dir/probe_seed{seed}.json
     with the run's identity."""
     with Run(cfg, "probe") as run:
-        both = dataclasses.replace(cfg, modalities="av")  # both backbones, whatever the run uses
-        given = user_backbones(both, run)  # read before any data work
-        sets = datasets(cfg, run)
+        # both backbones, whatever the run uses
+        sets, *encoders = start(dataclasses.replace(cfg, modalities="av"), run)
         table = {}
-        for m, enc in zip("va", backbones(both, run, given)):
+        for m, enc in zip("va", encoders):
             xy = []
             for split in ("train", "test"):
                 ds = torch.utils.data.Subset(sets[split], range(min(max_clips, len(sets[split]))))
@@ -877,8 +870,7 @@ def probe(cfg, max_clips=1000):
                 x = torch.cat([layer_features(enc, (frames if m == "v" else fbank).flatten(0, 1))
                                for frames, fbank, _ in torch.utils.data.DataLoader(ds, 32)])
                 record = getattr(sets[split], "split", None)
-                y = record["audible" if m == "a" else "visible"] if record \
-                    else torch.stack(list(sets[split].labels))
+                y = record["audible" if m == "a" else "visible"] if record else sets[split].labels
                 # none: last class
                 y = torch.where(y[:len(ds)] < 0, cfg.num_classes, y[:len(ds)]).flatten()
                 xy.append((x, y))
@@ -1011,19 +1003,15 @@ def bench(cfg, paper_scale=True):
     scale. Written to out_dir/bench_seed{seed}.json with the run's identity."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with Run(cfg, "bench") as run:
-        given = user_backbones(cfg, run)  # read before any data work
-        sets = datasets(cfg, run)
+        sets, vit, ast = start(cfg, run)
         batch = next(iter(torch.utils.data.DataLoader(sets["train"], batch_size=cfg.batch_size)))
-        vit, ast = backbones(cfg, run, given)
         scales = {"demo": (vit, ast, batch, 5, cfg.reduction,
                            f"{len(batch[-1])} clips x 10 segments")}
         # ViT-B/16 at 192 px and AST-base on a 1 s segment, random weights, 1 clip of 2 s
         if paper_scale:
             torch.manual_seed(cfg.seed)
-            g, base = (torch.Generator().manual_seed(0),
-                       dict(dim=768, depth=12, heads=12, mlp_dim=3072))
-            big = (torch.randn(1, 2, 3, 192, 192, generator=g),
-                   torch.randn(1, 2, data.FRAMES_PER_SEGMENT, 128, generator=g),
+            base = dict(dim=768, depth=12, heads=12, mlp_dim=3072)
+            big = (torch.randn(1, 2, 3, 192, 192), torch.randn(1, 2, data.FRAMES_PER_SEGMENT, 128),
                    torch.zeros(1, 2, dtype=torch.long))
             scales["paper scale"] = (ViT(image_size=192, patch_size=16, **base),  # the papers' D/8
                                      AST(num_mel_bins=128, target_length=data.FRAMES_PER_SEGMENT,
@@ -1070,7 +1058,7 @@ def command(cfg):
     flags = [f"--{k}={str(v).lower() if isinstance(v, bool) else v}"
              for k, v in dataclasses.asdict(cfg).items()
              if v != getattr(default, k) and k not in found]
-    return " ".join([launcher] + [shlex.quote(flag) for flag in flags])
+    return f"{launcher} {shlex.join(flags)}".strip()
 
 
 def png(img):
@@ -1151,14 +1139,15 @@ def clip_table(ds, i, preds, names, mods):
     fb = (fb.transpose(1, 2).flip(1) - fb.min()) / (fb.max() - fb.min() + 1e-6)
     rows = {"frame": "v" in mods and [png(f) for f in frames],
             "sound": "a" in mods and [png((255 - 255 * x[None]).byte()) for x in fb],  # loud = dark
-            "true": [html.escape(names[y]) for y in labels],
+            "true": [names[y] for y in labels],
             "synthetic run": hasattr(ds, "split") and [ROLES[r]
                                                        for r in ds.split["run"][i].tolist()]}
     for name, pred in preds.items():
-        rows[name] = [html.escape(f"x {names[p]}" if p != y else names[p])
+        rows[name] = [f"x {names[p]}" if p != y else names[p]
                       for p, y in zip(pred[i].tolist(), labels)]
-    cell = lambda c: (f"<td class=wrong>{c}</td>" if c.startswith("x ")  # noqa: E731
-                      else f"<td>{c}</td>")
+    # text escaped (an image is ours); a wrong prediction shaded
+    cell = lambda c: (f"<td{' class=wrong' * c.startswith('x ')}>"  # noqa: E731
+                      f"{c if c.startswith('<img') else html.escape(c)}</td>")
     body = "".join(f"<tr><th>{k}</th>" + "".join(cell(c) for c in v) + "</tr>"
                    for k, v in rows.items() if v)
     right = (preds["predicted"][i] == labels).sum()
@@ -1201,10 +1190,10 @@ def write_report(path, cfg, model, ds, metrics, test, audio_removed):
     """report.html: what the run did, on one self-contained page (inline SVG and PNG, no script, no
     link). audio_removed: the evaluation with the audio removed, None with one modality."""
     names = ds.class_names + ["background"]
-    labels = torch.stack(list(ds.labels))
+    labels = ds.labels  # (clips, S)
     split = getattr(ds, "split", None)
     hist = metrics["history"]
-    best = 1 + max(range(len(hist)), key=lambda e: hist[e]["val_acc"]) if hist else None
+    best = 1 + max(range(len(hist)), key=lambda e: hist[e]["val_acc"])  # the epoch kept
     both = audio_removed is not None
     experts = expert_names(dataclasses.asdict(cfg), both)
     # clips, most seconds right first
@@ -1214,22 +1203,17 @@ def write_report(path, cfg, model, ds, metrics, test, audio_removed):
         preds["predicted, audio removed"] = audio_removed["pred"]
     routers = {"normal input": test["router"],
                "audio removed": audio_removed["router"] if both else {}}
-    significance = [heatmap(STREAMS[m], [f"layer {i}" for i in a["layers"]], ["alpha"],
-                            [[v] for v in a["alpha"]])
-                    for m, a in test["alpha"].items()]
     row = lambda parts: "<div class=row>" + "".join(parts) + "</div>"  # noqa: E731
     sections = [  # (title, what to look for, content or nothing)
-        ("Headline", "Test clips chose neither the weights nor the epoch. Audio-visual fusion "
-         "should beat always answering background and the best one modality can do alone, and "
-         "fall back when an input is removed.",
+        ("Headline", "Test clips chose neither the weights nor the epoch. Fusion should beat "
+         "always-background and the best one modality can do alone, and fall back when an input "
+         "is removed.",
          headline(cfg, labels, metrics, split)),
         ("Training curves", "The loss should fall and the validation accuracy rise, then level "
-         "off. The dashed line marks the epoch with the best validation accuracy: its weights are "
-         "the ones tested.",
-         hist and row([line_chart("Training loss", [e["train_loss"] for e in hist], "loss", best,
-                                  "{:.2f}"),
-                       line_chart("Validation accuracy", [e["val_acc"] for e in hist], "accuracy",
-                                  best, "{:.0%}")])),
+         "off. The dashed line marks the epoch with the best validation accuracy, the one tested.",
+         row([line_chart("Training loss", [e["train_loss"] for e in hist], "loss", best, "{:.2f}"),
+              line_chart("Validation accuracy", [e["val_acc"] for e in hist], "accuracy", best,
+                         "{:.0%}")])),
         ("Router: which experts each layer uses", "Mean router weight per layer position and "
          "expert (a row sums to 1). CMA experts read the other modality, UA experts do not: with "
          "the audio removed, AVMoE's Figure 7 shows the weight moving to UA.",
@@ -1238,7 +1222,10 @@ def write_report(path, cfg, model, ds, metrics, test, audio_removed):
              for m in test["router"] for how, r in routers.items() if r)),
         ("MoLT layer significance", "alpha: the weight MoLT's token fusion gives each layer's "
          "tokens (they sum to 1 per modality). Token redundancy, the mean squared cosine between "
-         f"different layers' tokens: {test['orth']:.3f}.", test["alpha"] and row(significance)),
+         f"different layers' tokens: {test['orth']:.3f}.",
+         test["alpha"] and row(heatmap(STREAMS[m], [f"layer {i}" for i in a["layers"]], ["alpha"],
+                                       [[v] for v in a["alpha"]])
+                               for m, a in test["alpha"].items())),
         ("Clip timelines", "The two test clips the model got most right and the two it got most "
          "wrong. Sound: frequency upward, time to the right, darker = louder. Wrong predictions "
          "are bold, shaded and marked x. On synthetic data only the event (heard and seen) counts, "
