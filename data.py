@@ -56,10 +56,12 @@ def fbank(wave, sample_rate=16000, num_mel_bins=128, target_length=1024):
     return (fb - FBANK_MEAN) / (FBANK_STD * 2)
 
 
-def imagenet_normalise(x):
-    """Images (..., 3, H, W) in [0, 1] -> ImageNet-normalised, as the ViT expects."""
-    return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) \
-        / torch.tensor(IMAGENET_STD)[:, None, None]
+def imagenet_normalise(x, undo=False):
+    """Images (..., 3, H, W) in [0, 1] -> ImageNet-normalised, as the ViT expects; undo=True: the
+    way back."""
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]  # (3, 1, 1)
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    return x * std + mean if undo else (x - mean) / std
 
 
 # ---- Synthetic AVE (the README's "The synthetic AVE" says why it is built so) ----

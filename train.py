@@ -37,6 +37,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -360,7 +361,8 @@ def backbones(cfg, run=None, loaded=None):
 def read_backbones(cfg, run, paths):
     """{name: path} -> {name: backbone}, the files' content recorded in the run's identity first."""
     if run:
-        run.check(weights={name: sha256(path) for name, path in paths.items()})
+        run.check(weights={name: hashlib.sha256(Path(path).read_bytes()).hexdigest()
+                           for name, path in paths.items()})
     return {name: load_backbone(name, path, cfg) for name, path in paths.items()}
 
 
@@ -419,11 +421,6 @@ def datasets(cfg, run=None):
     if run:
         run.check(data=record)
     return sets
-
-
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- the run's record
@@ -913,8 +910,8 @@ def summary(paths):
         try:
             with open(path, encoding="utf-8") as f:
                 record = json.load(f)
-            config, seed = record["config"], record["config"]["seed"]
-            ran, numbers = dict(record["identity"], epochs=config["epochs"]), summary_numbers(record)
+            config, numbers = record["config"], summary_numbers(record)
+            seed, ran = config["seed"], dict(record["identity"], epochs=config["epochs"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a finished run's metrics.json or --probe file, or one "
                              "from an earlier train.py, which recorded no run identity "
@@ -1131,10 +1128,8 @@ def heatmap(title, rows, cols, values):
 def clip_table(ds, i, preds, names, mods):
     """Test clip i, a column per second: frame, fbank, label, synthetic role, predictions (x)."""
     frames, fb, labels = ds[i]
-    mean, std = (torch.tensor(data.IMAGENET_MEAN)[:, None, None],
-                 torch.tensor(data.IMAGENET_STD)[:, None, None])
     # (S, 3, H, W), as the camera saw it
-    frames = ((frames * std + mean) * 255).round().clamp(0, 255).byte()
+    frames = (data.imagenet_normalise(frames, undo=True) * 255).round().clamp(0, 255).byte()
     # (S, F, T): low pitch at the bottom
     fb = (fb.transpose(1, 2).flip(1) - fb.min()) / (fb.max() - fb.min() + 1e-6)
     rows = {"frame": "v" in mods and [png(f) for f in frames],
@@ -1205,12 +1200,13 @@ def write_report(path, cfg, model, ds, metrics, test, audio_removed):
                "audio removed": audio_removed["router"] if both else {}}
     row = lambda parts: "<div class=row>" + "".join(parts) + "</div>"  # noqa: E731
     sections = [  # (title, what to look for, content or nothing)
-        ("Headline", "Test clips chose neither the weights nor the epoch. Fusion should beat "
-         "always-background and the best one modality can do alone, and fall back when an input "
-         "is removed.",
+        ("Headline", "Test clips chose neither the weights nor the epoch. Audio-visual fusion "
+         "should beat always answering background and the best one modality can do alone, and "
+         "fall back when an input is removed.",
          headline(cfg, labels, metrics, split)),
         ("Training curves", "The loss should fall and the validation accuracy rise, then level "
-         "off. The dashed line marks the epoch with the best validation accuracy, the one tested.",
+         "off. The dashed line marks the epoch with the best validation accuracy: its weights are "
+         "the ones tested.",
          row([line_chart("Training loss", [e["train_loss"] for e in hist], "loss", best, "{:.2f}"),
               line_chart("Validation accuracy", [e["val_acc"] for e in hist], "accuracy", best,
                          "{:.0%}")])),
