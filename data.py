@@ -621,7 +621,7 @@ class FeatureCache:
     """The frozen states of every segment, computed once (real AVE: fp16 files), and those of black
     frames, silence."""
 
-    def __init__(self, model, ds, path=None, show=True):
+    def __init__(self, model, ds, path=None):
         def states(frames, fbank):  # {(m, name): (segments, ...)} on the CPU
             st = model.frozen_states(frames, fbank)
             return {(m, name): s.cpu() for m, named in st.items() for name, s in named.items()}
@@ -645,8 +645,7 @@ class FeatureCache:
                     np.lib.format.open_memmap(file, "w+", np.float16, shape))
                 with contextlib.suppress(OSError):  # POSIX: mapped until the process ends
                     os.remove(file)  # never left on disk
-        progress = Progress(f"caching the frozen backbone states of {len(ds)} clips", len(ds),
-                            show=show)
+        progress = Progress(f"caching the frozen backbone states of {len(ds)} clips", len(ds))
         pos = 0
         for frames, fbank, _ in torch.utils.data.DataLoader(ds, 32, generator=torch.Generator()):
             for k, s in states(frames, fbank).items():
@@ -669,24 +668,27 @@ class FeatureCache:
 # ---- Helpers: progress on one line, atomic writes, a thread limit ----
 
 
+SHOW = os.environ.get("RANK", "0") == "0"  # under torchrun, the first process alone shows progress
+
+
 class Progress:
     """A long step's progress and ETA on one line: in place on a terminal, else after 5 s, then
     every 10 s."""
 
     # keep=False: a line that follows says it all
-    def __init__(self, what, total, show=True, keep=True):
-        self.what, self.total, self.show, self.keep, self.done = what, total, show, keep, 0
+    def __init__(self, what, total, keep=True):
+        self.what, self.total, self.keep, self.done = what, total, keep, 0
         self.t0 = self.last = time.time()
 
     def __call__(self, item=None, n=1):
         self.done, now = self.done + n, time.time()
         tty, finished = sys.stdout.isatty(), self.done >= self.total
-        if self.show and tty and finished and not self.keep:
+        if SHOW and tty and finished and not self.keep:
             print("\r\033[K", end="", flush=True)  # clear the line for the one that follows
             return item
         end = finished and self.keep and (tty or self.last > self.t0)
         wait = 0.5 if tty else 5 if self.last == self.t0 else 10
-        if self.show and (end or now - self.last >= wait):
+        if SHOW and (end or now - self.last >= wait):
             self.last, eta = now, (now - self.t0) / self.done * (self.total - self.done)
             print(f"\r{self.what}: {self.done}/{self.total} in {now - self.t0:.0f} s, "
                   f"ETA {eta:.0f} s",

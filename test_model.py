@@ -2389,7 +2389,7 @@ def test_feature_cache_holds_every_clip_past_its_first_batch_of_32():
     vit, ast = small_backbones()
     model = AVModel(AVConfig(mode="molt", num_classes=4, latent_tokens=2), vit, ast).eval()
     frames, fb, labels = clip_batch(b=40, s=10)
-    cache = data.FeatureCache(model, torch.utils.data.TensorDataset(frames, fb, labels), show=False)
+    cache = data.FeatureCache(model, torch.utils.data.TensorDataset(frames, fb, labels))
     idx = torch.tensor([0, 31, 32, 39])  # it is filled 32 clips at a time
     got = cache.get(idx, {m: torch.zeros(4, 10, dtype=torch.bool) for m in "av"}, "cpu")
     expect = model.frozen_states(frames[idx], fb[idx])

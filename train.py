@@ -134,8 +134,7 @@ def inputs(cfg, model, sets):
     caching = cfg.cache_features and cfg.mode != "avmoe"
     # real AVE: fp16 files in out_dir, unlinked once mapped
     caches = {s: data.FeatureCache(model, ds, cfg.data == "ave" and
-                                   os.path.join(cfg.out_dir, f"features_rank{RANK}_{s}"),
-                                   show=RANK == 0)
+                                   os.path.join(cfg.out_dir, f"features_rank{RANK}_{s}"))
               if caching and (s == "train" or RANK == 0) else None  # only rank 0 evaluates
               for s, ds in sets.items()}
     items = {s: torch.utils.data.TensorDataset(torch.arange(len(ds)), ds.labels)
@@ -156,7 +155,7 @@ def train_epoch(ddp, train, opt, cfg, device, cache, epoch):
     loader = torch.utils.data.DataLoader(train, cfg.batch_size, sampler=sampler,
                                          shuffle=sampler is None, generator=g)
     total = 0.0
-    progress = data.Progress(f"  epoch {epoch + 1}", len(loader), show=RANK == 0, keep=False)
+    progress = data.Progress(f"  epoch {epoch + 1}", len(loader), keep=False)
     for step, batch in enumerate(loader):
         logits, aux, labels = run_batch(ddp, batch, device, cache,
                                         modality_dropout=cfg.modality_dropout)
