@@ -634,7 +634,7 @@ class FeatureCache:
             self.states = {k: torch.empty(shape) for k, shape in shapes.items()}
         else:  # fp16 tensors mapped onto .npy files, if the disk has room
             need = sum(2 * math.prod(shape) for shape in shapes.values())
-            check_room(os.path.dirname(path) or ".", need / 0.9, "the feature cache",
+            check_room(os.path.dirname(path) or ".", need / 0.9, "the feature cache needs",
                        "or run with --cache_features=false")
             # each process its own
             print(f"feature cache: {need / 1e9:.2f} GB in {path}_*.npy", flush=True)
@@ -718,11 +718,12 @@ def write_atomic(path, content):
 
 
 def check_room(folder, need, what, other):
-    """ValueError unless the disk of folder has need bytes free for what; other: the other fix."""
+    """ValueError unless the disk of folder has need bytes free; what: who needs them, with the
+    verb ("the checkpoints need"); other: the fix besides freeing space."""
     free = shutil.disk_usage(folder).free
     if need > free:
-        raise ValueError(f"{what} needs {need / 1e6:,.0f} MB, {folder} has {free / 1e6:,.0f} MB "
-                         f"free: free some space {other}")
+        raise ValueError(f"{folder} has {free / 1e6:,.0f} MB free, {what} {need / 1e6:,.0f} MB: "
+                         f"free some space {other}")
 
 
 @contextlib.contextmanager

@@ -530,7 +530,7 @@ class Run:
         # and Adam's two moments, in float32, and 1 MB more
         need = 2 * (5 * 4 * sum(t.numel() for t in state.values()) + 2 ** 20)
         if RANK == 0:
-            data.check_room(self.cfg.out_dir, need, "the checkpoints",
+            data.check_room(self.cfg.out_dir, need, "the checkpoints need",
                             "or choose another --out_dir")
         ck, self.best = self.ck, state
         if ck is None:
