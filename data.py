@@ -16,9 +16,9 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -309,12 +309,8 @@ class SyntheticAVE(torch.utils.data.Dataset):
 # only those files.
 
 
-class AVERow(NamedTuple):
-    category: str
-    video_id: str
-    quality: str
-    start: int  # first labelled second
-    end: int  # one past the last labelled second
+# A row of an annotation file; start: the first labelled second, end: one past the last
+AVERow = namedtuple("AVERow", "category video_id quality start end")
 
 
 def read_annotations(path):
@@ -355,11 +351,10 @@ def read_annotations(path):
     return rows
 
 
-def class_map(annotations):
+def class_map(path):
     """Category -> index, in order of first appearance in Annotations.txt (Church bell = 0 ...
-    Mandolin = 27), given as its path or as its rows (AVEDataset reads the file once)."""
-    rows = annotations if isinstance(annotations, list) else read_annotations(annotations)
-    return {c: i for i, c in enumerate(dict.fromkeys(r.category for r in rows))}
+    Mandolin = 27)."""
+    return {c: i for i, c in enumerate(dict.fromkeys(r.category for r in read_annotations(path)))}
 
 
 def segment_labels(row, classes):
@@ -431,13 +426,10 @@ def prepare_video(src, dst, image_size=224, timeout=120):
     # the last frame repeated, the audio zero-padded
     frames = np.concatenate([frames, frames[-1:].repeat(SECONDS - len(frames), 0)])
     audio = np.pad(audio[:n], (0, n - len(audio[:n])))
-    # written whole, then renamed: an interrupted run never leaves a half file behind
-    tmp = dst + ".tmp"
-    with open(tmp, "wb") as f:
-        # Audio stays float32: exactly what ffmpeg decoded (no int16 rounding, no clipping of peaks
-        # above 1); it is 0.6 MB a clip next to 1.5 MB of frames at 224.
-        np.savez(f, frames=frames, audio=audio)
-    os.replace(tmp, dst)
+    # Audio stays float32: exactly what ffmpeg decoded (no int16 rounding, no clipping of peaks
+    # above 1); it is 0.6 MB a clip next to 1.5 MB of frames at 224. Written whole, then renamed,
+    # through one temporary file per clip, which a rerun replaces after a killed one.
+    write_atomic(dst, lambda f: np.savez(f, frames=frames, audio=audio), dst + ".tmp")
     return notes
 
 
@@ -491,8 +483,7 @@ def prepare_ave(root, out, image_size=224, workers=2, overwrite=False, timeout=1
     for flag, value in (("--image_size", image_size), ("--workers", workers)):
         if value < 1:
             raise ValueError(f"{flag} {value}: it must be at least 1")
-    if os.path.isfile(out):
-        raise ValueError(f"--out {out} is a file: pass a folder")
+    check_folder(out, "--out")
     for tool in ("ffmpeg", "ffprobe"):
         if not shutil.which(tool):
             raise ValueError(f"{tool} not found on PATH: install ffmpeg (Debian/Ubuntu: apt-get "
@@ -520,6 +511,8 @@ def prepare_ave(root, out, image_size=224, workers=2, overwrite=False, timeout=1
                 try:  # the notes are known once the video is done
                     for note in ("prepared", *job.result()):
                         report[note].append(jobs[job])
+                except OSError:  # a full disk: stop (the clips written are kept)
+                    raise
                 except Exception as e:  # a failure (missing, undecodable, timeout) skips the video
                     report["skipped"][jobs[job]] = str(e)
                 progress()
@@ -543,8 +536,9 @@ class AVEDataset(torch.utils.data.Dataset):
     (10,))."""
 
     def __init__(self, prepared_dir, root, split, image_size=None, num_mel_bins=128):
-        annotated = read_annotations(os.path.join(root, "Annotations.txt"))
-        classes, known = class_map(annotated), {r.video_id for r in annotated}
+        annotations = os.path.join(root, "Annotations.txt")
+        classes = class_map(annotations)
+        known = {r.video_id for r in read_annotations(annotations)}
         rows = read_annotations(os.path.join(root, f"{split}Set.txt"))
         unknown = list(dict.fromkeys(r.video_id for r in rows if r.video_id not in known))
         if unknown:  # never prepared: prepare_ave reads Annotations.txt
@@ -696,15 +690,19 @@ class Progress:
         return item
 
 
-def write_atomic(path, content):
-    """Text, or anything torch.save takes, whole or not at all (each process through its own
-    temporary file). A failed write (a full disk, a file-size limit) leaves the earlier file intact
-    and no temporary file behind, and is an OSError naming the file."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+def write_atomic(path, content, tmp=None):
+    """Text, a function that writes to a binary file, or anything torch.save takes, whole or not at
+    all, through the temporary file tmp (default: one per process). A failed write (a full disk, a
+    file-size limit) leaves the earlier file intact and no temporary file behind, and is an OSError
+    naming the file."""
+    tmp = tmp or f"{path}.{os.getpid()}.tmp"
     try:
         if isinstance(content, str):
             with open(tmp, "w", newline="", encoding="utf-8") as f:
                 f.write(content)
+        elif callable(content):
+            with open(tmp, "wb") as f:
+                content(f)
         else:
             torch.save(content, tmp)
         os.replace(tmp, path)
@@ -715,6 +713,15 @@ def write_atomic(path, content):
             raise
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:100]
         raise OSError(f"could not write {path} ({reason}): free some space and rerun") from None
+
+
+def check_folder(folder, flag):
+    """ValueError unless folder is a writable folder, or can be made one."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):  # the folder, or where it would be made
+        existing = os.path.dirname(existing)
+    if not folder or not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder!r} is not a writable folder: choose another")
 
 
 def check_room(folder, need, what, other):

@@ -1710,7 +1710,7 @@ def prepare_fails(root, out, *flags):
 @pytest.mark.ave
 @pytest.mark.parametrize("case", ["no annotations", "latin-1", "bad line", "alike names",
                                   "--workers 0", "--image_size 0", "--image_size -3",
-                                  "out is a file", "no AVE folder"])
+                                  "out is a file", "out under a file", "no AVE folder"])
 def test_ave_prepare_refuses_in_one_line_before_any_work(tmp_path, monkeypatch, case):
     # no ffmpeg call follows
     monkeypatch.setattr(data.shutil, "which", lambda tool: f"/usr/bin/{tool}")
@@ -1723,6 +1723,9 @@ def test_ave_prepare_refuses_in_one_line_before_any_work(tmp_path, monkeypatch, 
         (root / "Annotations.txt").write_bytes("\n".join([HEADER, *lines]).encode("latin-1"))
     if case == "out is a file":
         out.write_text("not a folder")
+    if case == "out under a file":
+        (tmp_path / "afile").write_text("not a folder")
+        out = tmp_path / "afile" / "out"
     if case == "no AVE folder":
         (root / "AVE").rmdir()
     ann = root / "Annotations.txt"
@@ -1733,10 +1736,36 @@ def test_ave_prepare_refuses_in_one_line_before_any_work(tmp_path, monkeypatch, 
                 "--workers 0": "error: --workers 0: it must be at least 1",
                 "--image_size 0": "error: --image_size 0: it must be at least 1",
                 "--image_size -3": "error: --image_size -3: it must be at least 1",
-                "out is a file": f"error: --out {out} is a file: pass a folder",
+                "out is a file": f"error: --out {str(out)!r} is not a writable folder",
+                "out under a file": f"error: --out {str(out)!r} is not a writable folder",
                 "no AVE folder": f"error: {root / 'AVE'} not found"}[case]
     assert prepare_fails(root, out, *flags).startswith(expected)
     assert out.is_file() if case == "out is a file" else not out.exists()
+
+
+@pytest.mark.ave
+def test_ave_prepare_stops_on_a_full_disk_naming_the_file_with_no_tmp_left(tmp_path, monkeypatch):
+    monkeypatch.setattr(data.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    root, out, side = tmp_path / "root", tmp_path / "out", 16
+    (root / "AVE").mkdir(parents=True)
+    write(root / "Annotations.txt", [f"Bus&v{i}&good&0&10" for i in range(6)], header=True)
+
+    def decoded(cmd, timeout):  # what ffprobe and ffmpeg would print for a whole 10 s clip
+        if cmd[0] == "ffprobe":
+            return b"video\naudio\n"
+        return bytes(4 * 160000) if "f32le" in cmd else bytes(10 * side * side * 3)
+
+    def full_disk(f, **arrays):  # part of a clip written, then the disk is full
+        f.write(b"PK part")
+        raise OSError(28, "No space left on device")
+    for i in range(6):
+        (root / "AVE" / f"v{i}.mp4").write_bytes(b"a video")
+    monkeypatch.setattr(data, "_run", decoded)
+    monkeypatch.setattr(data.np, "savez", full_disk)
+    said = prepare_fails(root, out, "--workers", "1", "--image_size", str(side))
+    assert re.fullmatch(rf"error: could not write {re.escape(str(out))}/v\d\.npz \(No space left on "
+                        r"device\): free some space and rerun", said), said
+    assert sorted(p.name for p in out.iterdir()) == []  # no .tmp, no half clip
 
 
 @pytest.mark.ave

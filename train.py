@@ -815,12 +815,8 @@ def check(cfg):
                              f"{'is a folder' if os.path.isdir(path) else 'not found'}: "
                              "give a file")
     check_memory(cfg)
-    for folder in (cfg.out_dir, cfg.cache_dir):
-        existing = os.path.abspath(folder)
-        while not os.path.exists(existing):  # the folder, or where it would be created
-            existing = os.path.dirname(existing)
-        if not folder or not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-            raise ValueError(f"{folder!r} is not a writable folder: see --out_dir/--cache_dir")
+    for flag in ("out_dir", "cache_dir"):
+        data.check_folder(getattr(cfg, flag), f"--{flag}")
 
 
 def check_memory(cfg):
