@@ -124,6 +124,8 @@ def main(cfg):
             model.load_state_dict(run.best, strict=False)  # selected on val, never on test
             with run.phase("test and report"):
                 final_report(cfg, model, sets["test"], loaders["test"], device, caches["test"], run)
+    if WORLD > 1:  # before exit, as NCCL asks; no collective call follows training
+        dist.destroy_process_group()
 
 
 def inputs(cfg, model, sets):
