@@ -573,13 +573,12 @@ class AVEDataset(torch.utils.data.Dataset):
         try:
             with np.load(self.files[i]) as f:
                 frames, audio = torch.from_numpy(f["frames"]), torch.from_numpy(f["audio"])
-        # damaged inside: checked were headers
+        # damaged inside: the check in __init__ read the headers only
         except (OSError, ValueError, zipfile.BadZipFile) as e:
             raise ValueError(f"{self.files[i]} is broken ({e}): {self.redo}") from None
         x = frames.permute(0, 3, 1, 2).float() / 255  # (10,3,H,W) in [0, 1]
         if self.image_size and self.image_size != x.shape[-1]:
-            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bilinear",
-                                                antialias=True)
+            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bilinear", antialias=True)
         x = imagenet_normalise(x)
         fb = torch.stack([fbank(seg, num_mel_bins=self.num_mel_bins,
                                 target_length=FRAMES_PER_SEGMENT)
