@@ -946,9 +946,9 @@ def summary_numbers(record):
                 for m, acc in record["probe"].items() for i, a in enumerate(acc)}
     numbers = {key: record[key] for key in SUMMARY_KEYS}
     cfg = record["config"]
+    names = expert_names(cfg, cfg["modalities"] == "av")
     for how, routers in record["router_weights"].items():
         for m, r in routers.items():
-            names = expert_names(cfg, cfg["modalities"] == "av")
             for pos, mean, top in zip(r["positions"], r["mean"], r["top1"]):
                 for name, w, t in zip(names, mean, top):
                     numbers[f"router {how} {STREAMS[m]} {pos} {name}"] = w
